@@ -1,0 +1,13 @@
+"""Test-wide setup: 8 fake CPU devices so mesh / pmap backends run multi-device on a laptop.
+
+XLA reads the flag when jax initialises its backends, so it must be set before any test
+module touches a device; conftest is imported first.
+"""
+
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
