@@ -1,0 +1,314 @@
+"""Client partitioners: pure, seeded functions (labels, num_clients, seed) -> index arrays.
+
+Each returns one sorted int64 index array per client; no index appears twice and no client is
+empty (checked on every call). Packing shuffles within a client, so the order here is canonical.
+The label-skew schemes follow the papers: `iid` / `label_sorted` (Hilmkil et al.), `majority`
+(Listo Zec et al.), `dirichlet` and `quantity_skew` (FedNLP); `natural` uses a group column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from fedjax_lm.data.errors import DataError
+
+Partition = list[np.ndarray]
+Partitioner = Callable[[np.ndarray, int | None, int], Partition]
+
+
+def _rng(seed: int | np.random.Generator) -> np.random.Generator:
+    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+
+def _check_counts(labels: np.ndarray, num_clients: int | None) -> tuple[np.ndarray, int]:
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise DataError(f"labels must be 1-D, got shape {labels.shape}")
+    if num_clients is None or int(num_clients) < 1:
+        raise DataError(f"num_clients must be >= 1, got {num_clients}")
+    if len(labels) < num_clients:
+        raise DataError(f"fewer examples ({len(labels)}) than clients ({num_clients})")
+    return labels, int(num_clients)
+
+
+def validate_partition(partition: Sequence[np.ndarray], num_examples: int) -> Partition:
+    """Sorted int64 arrays; DataError if a client is empty, an index repeats or is out of range."""
+    out = [np.sort(np.asarray(p, dtype=np.int64)) for p in partition]
+    for c, idx in enumerate(out):
+        if len(idx) == 0:
+            raise DataError(f"client {c} was left with zero examples")
+    flat = np.concatenate(out) if out else np.zeros(0, np.int64)
+    if len(flat) and (flat.min() < 0 or flat.max() >= num_examples):
+        raise DataError(f"partition indices outside [0, {num_examples})")
+    if len(np.unique(flat)) != len(flat):
+        raise DataError("partition puts an example in two clients")
+    return out
+
+
+def iid(labels: np.ndarray, num_clients: int, seed: int | np.random.Generator = 0) -> Partition:
+    """Seeded random equal shards of len // num_clients; the remainder is dropped (paper 1)."""
+    labels, n_c = _check_counts(labels, num_clients)
+    perm = _rng(seed).permutation(len(labels))
+    size = len(labels) // n_c
+    return validate_partition([perm[c * size : (c + 1) * size] for c in range(n_c)], len(labels))
+
+
+def label_sorted(
+    labels: np.ndarray, num_clients: int, seed: int | np.random.Generator = 0
+) -> Partition:
+    """Stable sort by label, then contiguous equal chunks (paper 1's non-IID option).
+
+    Deterministic without the seed; it is accepted for a uniform signature.
+    """
+    labels, n_c = _check_counts(labels, num_clients)
+    order = np.argsort(labels, kind="stable")
+    size = len(labels) // n_c
+    return validate_partition([order[c * size : (c + 1) * size] for c in range(n_c)], len(labels))
+
+
+def _draw_from_pools(
+    pools: list[np.ndarray], counts: np.ndarray, labels_desc: str = "class"
+) -> Partition:
+    """Take counts[c, k] examples of class k for client c from the shuffled per-class pools."""
+    start = np.zeros(len(pools), dtype=np.int64)
+    out = []
+    for row in counts:
+        parts = []
+        for k, m in enumerate(row):
+            if start[k] + m > len(pools[k]):
+                raise DataError(
+                    f"not enough examples of {labels_desc} {k}: need {int(start[k] + m)}, "
+                    f"have {len(pools[k])}; use fewer clients or smaller clients"
+                )
+            parts.append(pools[k][start[k] : start[k] + m])
+            start[k] += m
+        out.append(np.concatenate(parts))
+    return out
+
+
+def _class_pools(
+    labels: np.ndarray, num_classes: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    return [rng.permutation(np.flatnonzero(labels == k)) for k in range(num_classes)]
+
+
+def dirichlet(
+    labels: np.ndarray,
+    num_clients: int,
+    seed: int | np.random.Generator = 0,
+    *,
+    alpha: float,
+    num_classes: int | None = None,
+) -> Partition:
+    """Label skew: client proportions q_c ~ Dir(alpha * global label prior), equal client sizes
+    len // num_clients, examples drawn without replacement (FedNLP).
+
+    Small alpha gives near single-class clients, large alpha the global mix. When a class runs
+    out, the client's remaining draw is renormalised over the classes that still have examples,
+    so later clients can be a little less skewed than their q_c.
+    """
+    if not alpha > 0:
+        raise DataError(f"dirichlet alpha must be > 0, got {alpha}")
+    labels, n_c = _check_counts(labels, num_clients)
+    k = int(num_classes or labels.max() + 1)
+    rng = _rng(seed)
+    prior = np.bincount(labels, minlength=k) / len(labels)
+    remaining = np.bincount(labels, minlength=k).astype(np.int64)
+    size = len(labels) // n_c
+    counts = np.zeros((n_c, k), dtype=np.int64)
+    present = prior > 0
+    for c in range(n_c):
+        q = np.zeros(k)
+        q[present] = rng.dirichlet(alpha * prior[present])
+        need = size
+        while need > 0:
+            p = np.where(remaining > 0, q, 0.0)
+            if p.sum() <= 0:  # q puts (numerically) no mass on what is left: fall back to prior
+                p = np.where(remaining > 0, prior, 0.0)
+            draw = np.minimum(rng.multinomial(need, p / p.sum()), remaining)
+            counts[c] += draw
+            remaining -= draw
+            need -= int(draw.sum())
+    return validate_partition(_draw_from_pools(_class_pools(labels, k, rng), counts), len(labels))
+
+
+def majority(
+    labels: np.ndarray,
+    num_clients: int,
+    seed: int | np.random.Generator = 0,
+    *,
+    p: float,
+    k: int = 2,
+    client_size: int | None = None,
+    num_classes: int | None = None,
+) -> Partition:
+    """Each client: k majority classes holding exactly round(p * n) of its n examples (split as
+    evenly as possible between them), the rest spread evenly over the other classes (paper 2).
+
+    Majority classes are dealt from a seeded class permutation in turn, so every class is a
+    majority class about equally often. `client_size` defaults to len(labels) // num_clients.
+    """
+    labels, n_c = _check_counts(labels, num_clients)
+    n_classes = int(num_classes or labels.max() + 1)
+    if not 0.0 <= p <= 1.0:
+        raise DataError(f"majority p must be in [0, 1], got {p}")
+    if not 1 <= k < n_classes:
+        raise DataError(
+            f"majority k must be in [1, num_classes - 1] = [1, {n_classes - 1}], got {k}"
+        )
+    n = client_size if client_size is not None else len(labels) // n_c
+    if n < 1:
+        raise DataError(f"client_size must be >= 1, got {n}")
+    if n * n_c > len(labels):
+        raise DataError(f"{n_c} clients x {n} examples exceeds the {len(labels)} examples")
+    rng = _rng(seed)
+    order = rng.permutation(n_classes)
+    n_major = int(round(p * n))
+    counts = np.zeros((n_c, n_classes), dtype=np.int64)
+    for c in range(n_c):
+        major = order[(c * k + np.arange(k)) % n_classes]
+        minor = np.setdiff1d(np.arange(n_classes), major)
+        counts[c, major] = n_major // k
+        counts[c, major[: n_major % k]] += 1
+        n_minor = n - n_major
+        counts[c, minor] = n_minor // len(minor)
+        counts[c, rng.choice(minor, n_minor % len(minor), replace=False)] += 1
+    pools = _class_pools(labels, n_classes, rng)
+    return validate_partition(_draw_from_pools(pools, counts), len(labels))
+
+
+def natural(
+    labels: np.ndarray,
+    num_clients: int | None = None,
+    seed: int | np.random.Generator = 0,
+    *,
+    groups: np.ndarray | Sequence[Any],
+) -> Partition:
+    """One client per distinct value of `groups` (e.g. blog author), in sorted group order."""
+    groups = np.asarray(groups)
+    if len(groups) != len(labels):
+        raise DataError(f"groups has {len(groups)} rows, labels has {len(labels)}")
+    values = np.unique(groups)
+    if num_clients is not None and num_clients != len(values):
+        raise DataError(
+            f"natural partition has {len(values)} groups, but num_clients={num_clients}"
+        )
+    return validate_partition([np.flatnonzero(groups == v) for v in values], len(labels))
+
+
+def quantity_skew(
+    labels: np.ndarray,
+    num_clients: int,
+    seed: int | np.random.Generator = 0,
+    *,
+    beta: float,
+) -> Partition:
+    """Client sizes 1 + round(q * (len - N)) with q ~ Dir(beta) (at least 1 each, all examples
+    used), IID labels (FedNLP's quantity skew). Small beta: a few large clients."""
+    if not beta > 0:
+        raise DataError(f"quantity_skew beta must be > 0, got {beta}")
+    labels, n_c = _check_counts(labels, num_clients)
+    rng = _rng(seed)
+    # largest-remainder rounding of q * (n - N): no sampling noise on top of the Dirichlet, so a
+    # large beta gives equal sizes (+-1) and every example is used
+    share = rng.dirichlet(np.full(n_c, float(beta))) * (len(labels) - n_c)
+    extra = np.floor(share).astype(np.int64)
+    short = len(labels) - n_c - int(extra.sum())
+    extra[np.argsort(extra - share, kind="stable")[:short]] += 1
+    sizes = 1 + extra
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    perm = rng.permutation(len(labels))
+    return validate_partition([perm[bounds[c] : bounds[c + 1]] for c in range(n_c)], len(labels))
+
+
+@dataclass(frozen=True)
+class _Spec:
+    fn: Callable[..., Partition]
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+
+
+PARTITIONERS: dict[str, _Spec] = {
+    "iid": _Spec(iid, (), ()),
+    "label_sorted": _Spec(label_sorted, (), ()),
+    "dirichlet": _Spec(dirichlet, ("alpha",), ("num_classes",)),
+    "majority": _Spec(majority, ("p",), ("k", "client_size", "num_classes")),
+    "natural": _Spec(natural, ("groups",), ()),
+    "quantity_skew": _Spec(quantity_skew, ("beta",), ()),
+}
+
+
+def list_partitioners() -> list[str]:
+    return sorted(PARTITIONERS)
+
+
+def make_partitioner(name: str, **params: Any) -> Partitioner:
+    """`partitioner(labels, num_clients, seed)` with `params` bound; checks names and values now,
+    so a bad sweep config fails before any data is loaded."""
+    if name not in PARTITIONERS:
+        raise DataError(f"unknown partitioner {name!r}; valid: {', '.join(list_partitioners())}")
+    spec = PARTITIONERS[name]
+    missing = [p for p in spec.required if p not in params]
+    unknown = [p for p in params if p not in spec.required + spec.optional]
+    if missing or unknown:
+        raise DataError(
+            f"partitioner {name!r}: missing {missing}, unknown {unknown}; "
+            f"takes {list(spec.required)} (required) and {list(spec.optional)} (optional)"
+        )
+    checks = {
+        "alpha": lambda v: v > 0,
+        "beta": lambda v: v > 0,
+        "p": lambda v: 0.0 <= v <= 1.0,
+        "k": lambda v: int(v) == v and v >= 1,
+        "client_size": lambda v: v is None or (int(v) == v and v >= 1),
+        "num_classes": lambda v: v is None or (int(v) == v and v >= 2),
+    }
+    for key, value in params.items():
+        if key in checks and not checks[key](value):
+            raise DataError(f"partitioner {name!r}: invalid {key}={value!r}")
+    return partial(spec.fn, **params)
+
+
+@dataclass(frozen=True)
+class ClientSplits:
+    """Per-client train / validation / test index arrays (into the same split as the partition)."""
+
+    train: Partition
+    val: Partition
+    test: Partition
+
+
+def split_clients(
+    partition: Sequence[np.ndarray],
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+) -> ClientSplits:
+    """Split each client's examples into train / val / test (seeded, per client) for
+    personalisation (local validation for early stopping, local test for the client's own
+    distribution). The global test set is separate and untouched."""
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= f < 1.0:
+            raise DataError(f"{name} must be in [0, 1), got {f}")
+    if val_fraction + test_fraction >= 1.0:
+        raise DataError(
+            f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}"
+        )
+    train, val, test = [], [], []
+    for c, idx in enumerate(partition):
+        perm = np.random.default_rng((seed, c)).permutation(np.asarray(idx, dtype=np.int64))
+        n_val, n_test = int(round(val_fraction * len(perm))), int(round(test_fraction * len(perm)))
+        if len(perm) - n_val - n_test < 1:
+            raise DataError(
+                f"client {c} was left with zero training examples ({len(perm)} examples, "
+                f"{n_val} val, {n_test} test)"
+            )
+        val.append(np.sort(perm[:n_val]))
+        test.append(np.sort(perm[n_val : n_val + n_test]))
+        train.append(np.sort(perm[n_val + n_test :]))
+    return ClientSplits(train, val, test)

@@ -1,0 +1,186 @@
+"""Small CIFAR CNNs (papers 2 and 3) as NNX modules, exposed through the pure model interface.
+
+The federated engine only sees plain params pytrees and pure functions, so `make_cnn_model`
+wraps a module class into `init(rng) -> params` / `apply(params, batch, *, train, rng)`, and
+`image_classification_loss` turns that into the engine's `loss_fn(params, batch, rng)`.
+Dropout draws its masks from the explicit `rng` argument, so everything jits and vmaps over a
+leading client axis of params, batches and keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from fedjax_lm.models.activations import make_activation
+
+Params = Any  # nested dict of jax arrays
+Batch = dict[str, jax.Array]
+
+
+def _dropout(x: jax.Array, rate: float, train: bool, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout; identity outside training so evaluation is deterministic."""
+    if not train or rate == 0.0:
+        return x
+    if rng is None:
+        raise ValueError("dropout in training needs an rng")
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def _max_pool(x: jax.Array, window: int, stride: int, padding: str) -> jax.Array:
+    return nnx.max_pool(x, (window, window), strides=(stride, stride), padding=padding)
+
+
+class LeNetCifar(nnx.Module):
+    """Paper 2's CIFAR CNN (the PyTorch-tutorial LeNet): 'VALID' convs, 2x2 max pools.
+
+    32→conv5→28→pool→14→conv5→10→pool→5, so fc1 sees 5·5·16 = 400 features.
+    """
+
+    def __init__(self, num_classes: int, activation: str = "relu", *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(3, 6, (5, 5), padding="VALID", rngs=rngs)
+        self.act1 = make_activation(activation, rngs=rngs)
+        self.conv2 = nnx.Conv(6, 16, (5, 5), padding="VALID", rngs=rngs)
+        self.act2 = make_activation(activation, rngs=rngs)
+        self.fc1 = nnx.Linear(5 * 5 * 16, 120, rngs=rngs)
+        self.act3 = make_activation(activation, rngs=rngs)
+        self.fc2 = nnx.Linear(120, 84, rngs=rngs)
+        self.act4 = make_activation(activation, rngs=rngs)
+        self.fc3 = nnx.Linear(84, num_classes, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None
+    ) -> jax.Array:
+        del train, rng  # no dropout in this network
+        x = _max_pool(self.act1(self.conv1(x)), 2, 2, "VALID")
+        x = _max_pool(self.act2(self.conv2(x)), 2, 2, "VALID")
+        x = x.reshape(x.shape[0], -1)
+        x = self.act3(self.fc1(x))
+        x = self.act4(self.fc2(x))
+        return self.fc3(x)
+
+
+class SMCN(nnx.Module):
+    """Paper 3's "smcn": 4 'SAME' convs, two 3/2 max pools, 3 dropouts, fc384 → fc192 → fc(C).
+
+    Each layer has its own activation module, so ABU blend weights are per layer.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        activation: str = "relu",
+        *,
+        dropout_rate: float = 0.5,
+        rngs: nnx.Rngs,
+    ):
+        self.dropout_rate = dropout_rate
+        self.conv1 = nnx.Conv(3, 64, (5, 5), padding="SAME", rngs=rngs)
+        self.act1 = make_activation(activation, rngs=rngs)
+        self.conv2 = nnx.Conv(64, 64, (3, 3), padding="SAME", rngs=rngs)
+        self.act2 = make_activation(activation, rngs=rngs)
+        self.conv3 = nnx.Conv(64, 64, (1, 1), padding="SAME", rngs=rngs)
+        self.act3 = make_activation(activation, rngs=rngs)
+        self.conv4 = nnx.Conv(64, 64, (5, 5), padding="SAME", rngs=rngs)
+        self.act4 = make_activation(activation, rngs=rngs)
+        # 32 → pool → 16 → pool → 8.
+        self.fc1 = nnx.Linear(8 * 8 * 64, 384, rngs=rngs)
+        self.act5 = make_activation(activation, rngs=rngs)
+        self.fc2 = nnx.Linear(384, 192, rngs=rngs)
+        self.act6 = make_activation(activation, rngs=rngs)
+        self.fc3 = nnx.Linear(192, num_classes, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None
+    ) -> jax.Array:
+        keys = jax.random.split(rng, 3) if rng is not None else (None, None, None)
+        drop = lambda h, i: _dropout(h, self.dropout_rate, train, keys[i])
+        x = drop(self.act1(self.conv1(x)), 0)
+        x = _max_pool(self.act2(self.conv2(x)), 3, 2, "SAME")
+        x = drop(self.act3(self.conv3(x)), 1)
+        x = _max_pool(self.act4(self.conv4(x)), 3, 2, "SAME")
+        x = x.reshape(x.shape[0], -1)
+        x = drop(self.act5(self.fc1(x)), 2)
+        x = self.act6(self.fc2(x))
+        return self.fc3(x)
+
+
+CNN_MODELS: dict[str, type[nnx.Module]] = {"lenet": LeNetCifar, "smcn": SMCN}
+
+
+@dataclass(frozen=True)
+class CnnModel:
+    """Pure wrapper of an NNX CNN: params are a plain nested dict of arrays."""
+
+    module_fn: Callable[[nnx.Rngs], nnx.Module]
+    graphdef: Any
+    abstract_state: Any
+
+    def init(self, rng: jax.Array) -> Params:
+        """Fresh params from `rng` (jittable)."""
+        _, state = nnx.split(self.module_fn(nnx.Rngs(params=rng)))
+        return nnx.to_pure_dict(state)
+
+    def apply(
+        self, params: Params, batch: Batch, *, train: bool, rng: jax.Array | None = None
+    ) -> jax.Array:
+        """Logits [B, num_classes] for `batch["image"]` ([B, 32, 32, 3] float32)."""
+        # Copy the abstract state: replace_by_pure_dict fills it in place.
+        state = jax.tree.map(lambda v: v, self.abstract_state)
+        nnx.replace_by_pure_dict(state, params)
+        module = nnx.merge(self.graphdef, state)
+        return module(batch["image"], train=train, rng=rng)
+
+
+def make_cnn_model(
+    name: str, num_classes: int, activation: str = "relu", *, dropout_rate: float = 0.5
+) -> CnnModel:
+    """Build the pure model for `name` in {"lenet", "smcn"}; `dropout_rate` applies to smcn."""
+    if name not in CNN_MODELS:
+        raise ValueError(f"unknown CNN {name!r}; valid: {', '.join(CNN_MODELS)}")
+    if name == "smcn":
+        module_fn = lambda rngs: SMCN(num_classes, activation, dropout_rate=dropout_rate, rngs=rngs)
+    else:
+        module_fn = lambda rngs: LeNetCifar(num_classes, activation, rngs=rngs)
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: module_fn(nnx.Rngs(0))))
+    return CnnModel(module_fn, graphdef, abstract_state)
+
+
+def _classification_aux(logits: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Masked mean cross-entropy and its sums over real examples (padding contributes 0)."""
+    mask = batch["mask"].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["label"])
+    count = jnp.sum(mask)
+    loss_sum = jnp.sum(mask * ce)
+    correct = jnp.sum(mask * (jnp.argmax(logits, axis=-1) == batch["label"]))
+    aux = {"loss_sum": loss_sum, "correct": correct.astype(jnp.float32), "count": count}
+    return loss_sum / jnp.maximum(count, 1.0), aux
+
+
+def image_classification_loss(
+    model: CnnModel,
+) -> Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]:
+    """The engine's `loss_fn(params, batch, rng) -> (loss, aux)` in training mode."""
+
+    def loss_fn(params: Params, batch: Batch, rng: jax.Array):
+        return _classification_aux(model.apply(params, batch, train=True, rng=rng), batch)
+
+    return loss_fn
+
+
+def image_classification_eval(
+    model: CnnModel,
+) -> Callable[[Params, Batch], dict[str, jax.Array]]:
+    """`eval_fn(params, batch) -> aux` (sums over real examples) in inference mode."""
+
+    def eval_fn(params: Params, batch: Batch):
+        return _classification_aux(model.apply(params, batch, train=False), batch)[1]
+
+    return eval_fn

@@ -1,0 +1,201 @@
+"""Every bad input is one DataError whose message names the file / column / row / value."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedjax_lm.data import (
+    DataError,
+    iid,
+    load_task,
+    majority,
+    make_partitioner,
+    pack_clients,
+    split_clients,
+    validate_partition,
+)
+
+
+def _csv(tmp_path: Path, body: str, name: str = "train.csv") -> str:
+    path = tmp_path / name
+    path.write_text(body)
+    return str(path)
+
+
+def test_data_error_is_value_error() -> None:
+    assert issubclass(DataError, ValueError)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(DataError, match=f"missing file: {re.escape(str(missing))}"):
+        load_task("csv", train_file=str(missing))
+    with pytest.raises(DataError, match=r"missing file: .*imdb/imdb_50k\.parquet"):
+        load_task("imdb", tmp_path)  # data dir without the expected layout
+
+
+def test_missing_data_dir(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="data directory .*does-not-exist does not exist"):
+        load_task("imdb", tmp_path / "does-not-exist")
+
+
+def test_missing_text_column_lists_columns(tmp_path: Path) -> None:
+    path = _csv(tmp_path, "review,label\ngood,1\nbad,0\n")
+    with pytest.raises(DataError) as e:
+        load_task("csv", train_file=path)
+    msg = str(e.value)
+    assert path in msg and "no text column 'text'" in msg and "['label', 'review']" in msg
+
+
+def test_missing_label_column_lists_columns(tmp_path: Path) -> None:
+    path = _csv(tmp_path, "text,stars\ngood,1\nbad,0\n")
+    with pytest.raises(DataError, match=r"no label column 'target'.*\['stars', 'text'\]"):
+        load_task("csv", train_file=path, label_column="target")
+
+
+def test_empty_text_names_row(tmp_path: Path) -> None:
+    path = _csv(tmp_path, 'text,label\ngood,1\n"   ",0\nfine,1\n')
+    with pytest.raises(DataError, match=r"train\.csv column 'text': empty text in row 1"):
+        load_task("csv", train_file=path)
+    path = _csv(tmp_path, "text,label\ngood,1\n,0\n", "missing.csv")
+    with pytest.raises(DataError, match="empty text in row 1"):
+        load_task("csv", train_file=path)
+
+
+def test_label_not_integer_names_value(tmp_path: Path) -> None:
+    path = _csv(tmp_path, "text,label\na,0\nb,1.5\nc,1\n")
+    with pytest.raises(DataError, match=r"train\.csv: label 1\.5 in row 1 is not an integer"):
+        load_task("csv", train_file=path)
+
+
+def test_label_out_of_range_names_value(tmp_path: Path) -> None:
+    path = _csv(tmp_path, "text,label\na,0\nb,1\nc,7\n")
+    with pytest.raises(DataError, match=r"label 7 in row 2 is out of range \[0, 1\]"):
+        load_task("csv", train_file=path, num_classes=2)
+    path = _csv(tmp_path, "text,label\na,0\nb,-1\n", "neg.csv")
+    with pytest.raises(DataError, match=r"neg\.csv: label -1 in row 1 is out of range"):
+        load_task("csv", train_file=path)
+
+
+def test_missing_label_names_row(tmp_path: Path) -> None:
+    path = _csv(tmp_path, "text,label\na,0\nb,\nc,1\n")
+    with pytest.raises(DataError, match="missing label in row 1"):
+        load_task("csv", train_file=path)
+
+
+def test_not_utf8_names_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("text,label\nok,0\ncaf\u00e9,1\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.csv is not valid UTF-8 \(byte 19, line 3\)"):
+        load_task("csv", train_file=str(path))
+
+
+def test_unsupported_extension(tmp_path: Path) -> None:
+    path = _csv(tmp_path, "x", "data.xlsx")
+    with pytest.raises(DataError, match=r"unsupported file type 'data\.xlsx'; use one of"):
+        load_task("csv", train_file=path)
+
+
+def test_unreadable_file_is_wrapped(tmp_path: Path) -> None:
+    path = _csv(tmp_path, "", "empty.csv")
+    with pytest.raises(DataError, match=r"could not read .*empty\.csv"):
+        load_task("csv", train_file=path)
+
+
+def test_unknown_task_lists_valid() -> None:
+    with pytest.raises(DataError, match=r"unknown task 'imbd'; valid tasks: 20news, ag_news, .*"):
+        load_task("imbd")
+
+
+def test_unknown_task_option() -> None:
+    with pytest.raises(DataError, match="task 'synthetic'.*unexpected keyword.*colour"):
+        load_task("synthetic", colour="red")
+
+
+def test_unknown_partitioner_lists_valid() -> None:
+    with pytest.raises(DataError, match=r"unknown partitioner 'diriclet'; valid: dirichlet, iid"):
+        make_partitioner("diriclet", alpha=1.0)
+
+
+@pytest.mark.parametrize(
+    "name,params,pattern",
+    [
+        ("dirichlet", {"alpha": 0.0}, r"invalid alpha=0\.0"),
+        ("dirichlet", {"alpha": -1.0}, r"invalid alpha=-1\.0"),
+        ("dirichlet", {}, r"missing \['alpha'\]"),
+        ("majority", {"p": 1.5}, r"invalid p=1\.5"),
+        ("majority", {"p": -0.1}, r"invalid p=-0\.1"),
+        ("majority", {"p": 0.5, "k": 0}, r"invalid k=0"),
+        ("quantity_skew", {"beta": 0}, r"invalid beta=0"),
+        ("iid", {"alpha": 1.0}, r"unknown \['alpha'\]"),
+    ],
+)
+def test_invalid_partitioner_params(name: str, params: dict, pattern: str) -> None:
+    with pytest.raises(DataError, match=pattern):
+        make_partitioner(name, **params)
+
+
+def test_invalid_params_in_direct_calls() -> None:
+    y = np.repeat(np.arange(3), 10)
+    with pytest.raises(DataError, match=r"k must be in \[1, num_classes - 1\] = \[1, 2\], got 3"):
+        majority(y, 3, p=0.5, k=3)
+    with pytest.raises(DataError, match=r"p must be in \[0, 1\], got 2"):
+        majority(y, 3, p=2, k=1)
+    with pytest.raises(DataError, match="not enough examples of class"):
+        majority(y, 4, p=1.0, k=1, client_size=6)  # 4th client reuses a class: 12 > 10
+    with pytest.raises(DataError, match=r"val_fraction \+ test_fraction must be < 1"):
+        split_clients([np.arange(5)], 0.5, 0.5)
+
+
+def test_fewer_examples_than_clients() -> None:
+    with pytest.raises(DataError, match=r"fewer examples \(5\) than clients \(8\)"):
+        iid(np.zeros(5, np.int32), 8)
+    with pytest.raises(DataError, match=r"fewer examples \(5\) than clients \(8\)"):
+        make_partitioner("dirichlet", alpha=1.0)(np.zeros(5, np.int32), 8, 0)
+
+
+def test_client_left_with_zero_examples() -> None:
+    with pytest.raises(DataError, match="client 1 was left with zero examples"):
+        validate_partition([np.arange(3), np.array([], np.int64)], 3)
+    with pytest.raises(DataError, match="client 0 was left with zero training examples"):
+        split_clients([np.arange(2), np.arange(2, 12)], 0.5, 0.4)
+    feats = {"label": np.zeros(4, np.int32)}
+    with pytest.raises(DataError, match="client 1 has zero examples"):
+        pack_clients(
+            feats, [np.arange(4), np.array([], np.int64)], batch_size=2, seed=0, round_idx=0,
+            num_epochs=1,
+        )  # fmt: skip
+
+
+def test_partition_overlap_detected() -> None:
+    with pytest.raises(DataError, match="example in two clients"):
+        validate_partition([np.arange(3), np.arange(2, 5)], 5)
+
+
+def test_bad_pack_parameters() -> None:
+    feats = {"label": np.zeros(10, np.int32)}
+    part = [np.arange(5), np.arange(5, 10)]
+    kw = dict(seed=0, round_idx=0)
+    with pytest.raises(DataError, match="exactly one of num_epochs"):
+        pack_clients(feats, part, batch_size=2, num_epochs=1, num_steps=2, **kw)
+    with pytest.raises(DataError, match="batch_size must be >= 1, got 0"):
+        pack_clients(feats, part, batch_size=0, num_epochs=1, **kw)
+    with pytest.raises(DataError, match=r"client 0 has 5 examples < batch_size 8"):
+        pack_clients(feats, part, batch_size=8, num_epochs=1, drop_last=True, **kw)
+    with pytest.raises(DataError, match=r"client ids must be in \[0, 2\)"):
+        pack_clients(feats, part, batch_size=2, num_epochs=1, client_ids=[2], **kw)
+    with pytest.raises(DataError, match="pad_steps_to=1 < the 3 steps"):
+        pack_clients(feats, part, batch_size=2, num_epochs=1, pad_steps_to=1, **kw)
+
+
+def test_bad_task_options(shared_data: Path, cache_dir: Path) -> None:
+    with pytest.raises(DataError, match="per_class must be positive, got 0"):
+        load_task("cifar10", shared_data, cache_dir=cache_dir, per_class=0)
+    with pytest.raises(DataError, match=r"label_noise must be in \[0, 1\), got 1\.5"):
+        load_task("synthetic", label_noise=1.5)
+    with pytest.raises(DataError, match="task 'csv' needs train_file"):
+        load_task("csv")

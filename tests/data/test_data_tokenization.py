@@ -1,0 +1,77 @@
+"""Tokenisation with a real WordPiece tokenizer, and its on-disk cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedjax_lm.data import DataError, tokenize_split, tokenize_task, tokenizer_fingerprint
+
+
+def test_truncate_pad_masks(imdb_fixture, tokenizer, tmp_path: Path) -> None:
+    out = tokenize_task(imdb_fixture, tokenizer, 64, cache_dir=tmp_path)
+    tr = out["train"].features
+    assert set(tr) == {"input_ids", "attention_mask", "token_type_ids", "label"}
+    assert tr["input_ids"].shape == (200, 64) and tr["input_ids"].dtype == np.int32
+    assert out["test"].features["input_ids"].shape == (100, 64)
+    cls, sep, pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+    assert (tr["input_ids"][:, 0] == cls).all()
+    lengths = tr["attention_mask"].sum(1)
+    # every review is longer than 64 tokens except short ones; long ones end in [SEP] at 63
+    long = lengths == 64
+    assert long.any() and (tr["input_ids"][long, 63] == sep).all()
+    short = np.flatnonzero(~long)
+    for i in short:  # padded: [SEP] then pad ids where the mask is 0
+        assert tr["input_ids"][i, lengths[i] - 1] == sep
+        assert (tr["input_ids"][i, lengths[i] :] == pad).all()
+    assert ((tr["attention_mask"] == 0) == (tr["input_ids"] == pad)).all()
+    assert (tr["token_type_ids"] == 0).all()
+    assert np.array_equal(tr["label"], imdb_fixture.train.labels)
+    # matches the tokenizer called directly
+    direct = tokenizer(imdb_fixture.train.texts[5], truncation=True, max_length=64)["input_ids"]
+    assert tr["input_ids"][5, : len(direct)].tolist() == direct
+
+
+def test_cache_hit_on_second_call(blog_fixture, tokenizer, tmp_path: Path) -> None:
+    kw = dict(task="blog10", split_name="train", cache_dir=tmp_path)
+    first = tokenize_split(blog_fixture.train, tokenizer, 32, **kw)
+    second = tokenize_split(blog_fixture.train, tokenizer, 32, **kw)
+    assert not first.cache_hit and second.cache_hit
+    assert first.cache_path == second.cache_path and second.cache_path.is_file()
+    for key, value in first.features.items():
+        assert np.array_equal(value, second.features[key])
+    assert not list(tmp_path.rglob("*.tmp"))  # atomic write left nothing behind
+    # any change of max length or data is a different entry
+    other_len = tokenize_split(blog_fixture.train, tokenizer, 48, **kw)
+    subset = tokenize_split(blog_fixture.train.select(range(50)), tokenizer, 32, **kw)
+    assert not other_len.cache_hit and not subset.cache_hit
+    assert len({first.cache_path, other_len.cache_path, subset.cache_path}) == 3
+
+
+def test_cache_dir_from_env(
+    blog_fixture, tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDJAX_LM_CACHE_DIR", str(tmp_path / "env_cache"))
+    out = tokenize_split(blog_fixture.test, tokenizer, 16, task="blog10", split_name="test")
+    assert out.cache_path.parent == tmp_path / "env_cache" / "tokenized"
+
+
+def test_tokenizer_fingerprint_tracks_behaviour(tokenizer) -> None:
+    import copy
+
+    fp = tokenizer_fingerprint(tokenizer)
+    assert fp == tokenizer_fingerprint(copy.deepcopy(tokenizer))
+    other = copy.deepcopy(tokenizer)
+    other.padding_side = "left"
+    assert tokenizer_fingerprint(other) != fp
+
+
+def test_image_task_is_not_tokenised(tokenizer) -> None:
+    from fedjax_lm.data import Split, TaskData
+
+    split = Split(labels=np.zeros(2, np.int32), images=np.zeros((2, 32, 32, 3), np.uint8))
+    task = TaskData("img", split, split, 2, ("a", "b"), modality="image")
+    with pytest.raises(DataError, match="image, not text"):
+        tokenize_task(task, tokenizer, 16)
