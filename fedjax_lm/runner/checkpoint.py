@@ -1,0 +1,55 @@
+"""Orbax checkpoints of everything a round depends on: server state, carried client
+states and the round index. Data order and client sampling are pure functions of
+(seed, round), so restoring these makes a resumed run bitwise identical."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from fedjax_lm.federated import ServerState
+
+
+def _to_saveable(state: ServerState, client_states: Any) -> dict:
+    # Typed PRNG keys are stored as their raw key data.
+    return {
+        "server": state.replace(rng=jax.random.key_data(state.rng)),
+        "client_states": client_states if client_states is not None else {},
+    }
+
+
+class Checkpointer:
+    def __init__(self, directory: Path, *, max_to_keep: int = 2):
+        self._manager = ocp.CheckpointManager(
+            Path(directory).absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        )
+
+    def latest_round(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, round_index: int, state: ServerState, client_states: Any = None) -> None:
+        self._manager.save(
+            round_index, args=ocp.args.StandardSave(_to_saveable(state, client_states))
+        )
+
+    def restore(self, template_state: ServerState, template_clients: Any = None):
+        """Restore the latest checkpoint into the structure (and shardings) of the templates."""
+        step = self._manager.latest_step()
+        target = jax.tree.map(
+            ocp.utils.to_shape_dtype_struct, _to_saveable(template_state, template_clients)
+        )
+        restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+        server = restored["server"]
+        server = server.replace(rng=jax.random.wrap_key_data(server.rng))
+        clients = restored["client_states"] if template_clients is not None else None
+        return step, server, clients
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

@@ -1,0 +1,228 @@
+"""Typed run configuration: YAML presets + command-line overrides → one frozen `RunConfig`.
+
+Every field that varies between runs lives here, so a run directory's `config.yaml` is
+enough to reproduce or resume the run. Bad configs fail here, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: unknown field, wrong type or impossible value."""
+
+
+CLIENT_OPTIMIZERS = ("sgd", "adam", "adamw")
+HEAD_INITS = ("shared", "per_client")
+NONFINITE_POLICIES = ("fail", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One federated fine-tuning run (one cell of a sweep)."""
+
+    # -- data
+    task: str = "synthetic"
+    data_dir: str | None = None  # else $FEDJAX_LM_DATA_DIR, else the hub
+    train_file: str | None = None  # task "csv": the user's own data
+    test_file: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    max_train_examples: int | None = None  # seeded subset, for CPU-scale runs
+    max_test_examples: int | None = None
+    max_length: int = 128
+    # -- model
+    model: str = "minilm"  # minilm | minilm-distil | local folder | hub id | preset:<tiny|mini|…>
+    model_type: str = "bert"  # for preset:<size> models: bert | distilbert | albert
+    head_init: str = "shared"  # shared: server inits the head; per_client: paper 1's code
+    attend_to_padding: bool = False  # paper 1's code passed no attention mask
+    hidden_act: str | None = None  # override the FFN activation (e.g. abu_n)
+    # -- federation
+    clients: int = 4
+    cohort_size: int | None = None  # clients per round; None = all
+    partition: str = "iid"
+    alpha: float = 1.0  # dirichlet concentration
+    p: float = 0.8  # majority fraction
+    k: int = 2  # majority classes
+    beta: float = 1.0  # quantity_skew concentration
+    rounds: int = 3
+    local_epochs: int | None = 2
+    local_steps: int | None = None  # set to use S local steps instead of epochs
+    batch_size: int = 32
+    drop_last: bool = True
+    client_optimizer: str = "sgd"
+    lr: float = 2e-5
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    server_optimizer: str = "fedavg"
+    server_lr: float = 1.0
+    prox_mu: float = 0.0
+    weighting: str = "examples"
+    carry_client_state: bool = False
+    # -- execution
+    backend: str = "vmap"
+    clients_per_chunk: int | None = None
+    # -- run
+    seed: int = 0
+    eval_every: int = 1
+    eval_batch_size: int = 64
+    checkpoint_every: int = 1
+    nonfinite: str = "fail"  # fail: stop with a clear message; skip: drop the client
+    target_accuracy: float | None = None  # for "rounds to reach" in summaries
+    out: str = "runs/train"
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return from_dict({**dataclasses.asdict(self), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_HINTS = typing.get_type_hints(RunConfig)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert YAML / command-line values to the field's declared type, or explain why not."""
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    optional = isinstance(hint, types.UnionType) and type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{name} may not be empty")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{name} must be {getattr(base, '__name__', base)}, got {value!r}"
+        ) from None
+
+
+def _check(cfg: RunConfig) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(cfg.clients >= 1, f"clients must be >= 1, got {cfg.clients}")
+    need(cfg.cohort_size is None or 1 <= cfg.cohort_size <= cfg.clients,
+         f"cohort_size must be in [1, clients={cfg.clients}], got {cfg.cohort_size}")
+    need(cfg.rounds >= 1, f"rounds must be >= 1, got {cfg.rounds}")
+    need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
+    need(cfg.max_length >= 2, f"max_length must be >= 2, got {cfg.max_length}")
+    need((cfg.local_epochs is None) != (cfg.local_steps is None),
+         "set exactly one of local_epochs / local_steps "
+         f"(got local_epochs={cfg.local_epochs}, local_steps={cfg.local_steps})")
+    need(cfg.local_epochs is None or cfg.local_epochs >= 1, "local_epochs must be >= 1")
+    need(cfg.local_steps is None or cfg.local_steps >= 1, "local_steps must be >= 1")
+    need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    need(cfg.server_lr > 0, f"server_lr must be > 0, got {cfg.server_lr}")
+    need(cfg.prox_mu >= 0, f"prox_mu must be >= 0, got {cfg.prox_mu}")
+    need(cfg.alpha > 0, f"alpha must be > 0, got {cfg.alpha}")
+    need(0.0 <= cfg.p <= 1.0, f"p must be in [0, 1], got {cfg.p}")
+    need(cfg.eval_every >= 1, "eval_every must be >= 1")
+    need(cfg.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0 = never)")
+    need(cfg.client_optimizer in CLIENT_OPTIMIZERS,
+         f"client_optimizer must be one of {CLIENT_OPTIMIZERS}, got {cfg.client_optimizer!r}")
+    need(cfg.head_init in HEAD_INITS, f"head_init must be one of {HEAD_INITS}")
+    need(cfg.nonfinite in NONFINITE_POLICIES, f"nonfinite must be one of {NONFINITE_POLICIES}")
+    need(cfg.target_accuracy is None or 0 < cfg.target_accuracy <= 1,
+         "target_accuracy must be in (0, 1]")
+    need(cfg.clients_per_chunk is None or cfg.clients_per_chunk >= 1,
+         "clients_per_chunk must be >= 1")
+    # Names checked against the registries of the layers that own them.
+    from fedjax_lm.federated import BACKENDS, SERVER_OPTIMIZERS
+
+    need(cfg.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {cfg.backend!r}")
+    need(cfg.server_optimizer in SERVER_OPTIMIZERS,
+         f"server_optimizer must be one of {SERVER_OPTIMIZERS}, got {cfg.server_optimizer!r}")
+    need(cfg.weighting in ("examples", "uniform"), "weighting must be examples or uniform")
+    from fedjax_lm.data import PARTITIONERS, TASKS
+
+    need(cfg.task in TASKS, f"unknown task {cfg.task!r}; valid tasks: {', '.join(sorted(TASKS))}")
+    need(cfg.partition in PARTITIONERS,
+         f"unknown partition {cfg.partition!r}; valid: {', '.join(sorted(PARTITIONERS))}")
+    need(cfg.task != "csv" or cfg.train_file is not None, "task csv needs --train-file")
+
+
+def from_dict(values: dict[str, Any]) -> RunConfig:
+    """Build and validate a config; unknown keys are an error (typos must not pass)."""
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"unknown config field(s): {', '.join(unknown)}; valid fields: {', '.join(FIELDS)}"
+        )
+    cfg = RunConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    _check(cfg)
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A YAML preset: base config values and an optional sweep grid (field → values)."""
+
+    name: str
+    base: dict[str, Any]
+    grid: dict[str, list[Any]]
+
+
+def load_preset(path: str | Path) -> Preset:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    extra = sorted(set(raw) - {"name", "base", "sweep"})
+    if extra:
+        raise ConfigError(f"{path}: unknown top-level key(s) {extra}; use name / base / sweep")
+    base = raw.get("base") or {}
+    grid = raw.get("sweep") or {}
+    for key, values in grid.items():
+        if key not in FIELDS:
+            raise ConfigError(f"{path}: sweep over unknown field {key!r}")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: sweep.{key} must be a non-empty list")
+    from_dict(base)  # fail early on a bad base
+    return Preset(name=raw.get("name", path.stem), base=dict(base), grid=dict(grid))
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["clients=8", "lr=1e-4"]` → a dict with YAML-parsed values."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} must look like field=value")
+        key, value = pair.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key not in FIELDS:
+            raise ConfigError(f"unknown config field {key!r} in override {pair!r}")
+        out[key] = yaml.safe_load(value) if value else None
+    return out

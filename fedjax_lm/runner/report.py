@@ -1,0 +1,147 @@
+"""Tables and plots from finished runs: results.csv, summary.md, PNG plots.
+
+Works on any folder of run directories (a sweep's output, or several), so `fedjax-lm
+report DIR` can be rerun at any time without touching the runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedjax_lm.runner.io import atomic_write_bytes, atomic_write_text, read_jsonl
+
+_ALWAYS = ("model", "task", "clients")
+_IGNORED = {"out", "seed", "data_dir"}
+
+
+def load_runs(root: Path) -> list[dict[str, Any]]:
+    runs = []
+    for final_path in sorted(Path(root).glob("**/final.json")):
+        final = json.loads(final_path.read_text())
+        final["metrics"] = read_jsonl(final_path.parent / "metrics.jsonl")
+        final["run_dir"] = str(final_path.parent)
+        runs.append(final)
+    return runs
+
+
+def varying_fields(runs: list[dict]) -> list[str]:
+    """Config fields that differ between runs (what the sweep swept), model/task/clients first."""
+    keys = [k for k in runs[0]["config"] if k not in _IGNORED]
+    varying = [k for k in keys if len({json.dumps(r["config"][k]) for r in runs}) > 1]
+    return list(_ALWAYS) + [k for k in varying if k not in _ALWAYS]
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def _group(runs: list[dict], fields: list[str]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[tuple(r["config"][f] for f in fields)].append(r)
+    return dict(sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))))
+
+
+def write_report(root: Path, *, title: str = "", sweep_wall_s: float | None = None) -> Path:
+    """Write results.csv, summary.md and plots into `root`; returns summary.md's path."""
+    root = Path(root)
+    runs = load_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"no finished runs (final.json) under {root}")
+    fields = varying_fields(runs)
+    columns = fields + ["seed", "final_accuracy", "best_accuracy", "rounds_to_target",
+                        "final_eval_loss", "train_wall_s", "skipped_client_updates", "run_dir"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    for r in runs:
+        writer.writerow({**{f: r["config"][f] for f in fields + ["seed"]},
+                         **{c: r.get(c) for c in columns[len(fields) + 1:]}})
+    atomic_write_text(root / "results.csv", buf.getvalue())
+
+    lines = [f"# {title or root.name}", ""]
+    if sweep_wall_s is not None:
+        lines += [f"Sweep wall time (this invocation): {sweep_wall_s:.0f} s.", ""]
+    target = runs[0]["config"].get("target_accuracy")
+    header = fields + ["seeds", "final accuracy", "best accuracy",
+                       f"rounds to {target:.0%}" if target else "rounds to target",
+                       "train s / run"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, group in _group(runs, fields).items():
+        reach = [g["rounds_to_target"] for g in group]
+        reach_s = ", ".join("–" if x is None else str(x) for x in reach)
+        lines.append("| " + " | ".join(
+            [str(k) for k in key]
+            + [str(len(group)),
+               _mean_std([g["final_accuracy"] for g in group]),
+               _mean_std([g["best_accuracy"] for g in group]),
+               reach_s,
+               f"{np.mean([g['train_wall_s'] for g in group]):.0f}"]) + " |")
+    lines += ["", "Plots: `accuracy_vs_round.png`, `final_accuracy_vs_clients.png`.", ""]
+    summary = root / "summary.md"
+    atomic_write_text(summary, "\n".join(lines))
+    _plots(root, runs, fields)
+    return summary
+
+
+def _plots(root: Path, runs: list[dict], fields: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = _group(runs, ["model", "task"])
+    extra = [f for f in fields if f not in _ALWAYS]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, ((model, task), group) in zip(axes[0], panels.items(), strict=True):
+        for key, cell in _group(group, ["clients"] + extra).items():
+            curves = [[(m["round"], m["eval_accuracy"]) for m in r["metrics"]
+                       if "eval_accuracy" in m] for r in cell]
+            n = min(len(c) for c in curves)
+            xs = [x for x, _ in curves[0][:n]]
+            ys = np.mean([[y for _, y in c[:n]] for c in curves], axis=0)
+            label = f"C={key[0]}" + "".join(f", {f}={v}" for f, v in zip(extra, key[1:],
+                                                                          strict=True))
+            ax.plot(xs, ys, marker="o", ms=3, label=label)
+        ax.set(title=f"{model} · {task}", xlabel="round", ylabel="test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, root / "accuracy_vs_round.png")
+
+    tasks = _group(runs, ["task"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    for ax, ((task,), group) in zip(axes[0], tasks.items(), strict=True):
+        for key, cell in _group(group, ["model"] + extra).items():
+            by_c = _group(cell, ["clients"])
+            cs = [c for (c,) in by_c]
+            means = [np.mean([r["final_accuracy"] for r in rs]) for rs in by_c.values()]
+            stds = [np.std([r["final_accuracy"] for r in rs]) for rs in by_c.values()]
+            label = ", ".join(str(k) for k in key)
+            ax.errorbar(cs, means, yerr=stds, marker="o", capsize=3, label=label)
+        ax.set(title=task, xlabel="clients", ylabel="final test accuracy", xscale="log")
+        ax.set_xticks(sorted({r["config"]["clients"] for r in group}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, root / "final_accuracy_vs_clients.png")
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,197 @@
+"""The one canonical training loop: rounds, evaluation, metrics, checkpoints, resume.
+
+Rerunning the same command in the same run directory resumes from the last checkpoint;
+because data order and client sampling are pure functions of (seed, round), a run killed
+and resumed ends bitwise identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from fedjax_lm import federated as fl
+from fedjax_lm.data import pack_eval
+from fedjax_lm.runner.checkpoint import Checkpointer
+from fedjax_lm.runner.config import ConfigError, RunConfig, from_dict
+from fedjax_lm.runner.experiment import Experiment, build_engine, build_experiment, round_data
+from fedjax_lm.runner.io import write_json, write_yaml
+from fedjax_lm.runner.metrics import MetricsLog
+
+# Fields that may differ when resuming a run directory (they do not change the numbers).
+_RESUMABLE_CHANGES = {"out", "checkpoint_every", "eval_batch_size", "data_dir", "rounds"}
+
+
+class TrainingError(RuntimeError):
+    """A run that had to stop (e.g. a non-finite client update under policy `fail`)."""
+
+
+def params_digest(params: Any) -> str:
+    """SHA-256 over every parameter's bytes: equal digests mean bitwise-equal models."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda x: str(x[0])):
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.asarray(leaf).tobytes())
+    return h.hexdigest()
+
+
+def _check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return
+    old = from_dict(yaml.safe_load(saved.read_text()))
+    diff = {k for k, v in cfg.to_dict().items() if old.to_dict()[k] != v} - _RESUMABLE_CHANGES
+    if diff:
+        raise ConfigError(
+            f"{run_dir} holds a run with a different config ({', '.join(sorted(diff))} "
+            "differ); choose another --out or delete the directory"
+        )
+
+
+def make_predict(model):
+    """Per-example (correct, nll) for a batch, in eval mode."""
+
+    def predict(params, batch):
+        logits = model.apply(params, batch, train=False).logits.astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits)
+        nll = -jnp.take_along_axis(logp, batch["label"][:, None], axis=-1)[:, 0]
+        return jnp.argmax(logits, -1) == batch["label"], nll
+
+    return jax.jit(predict)
+
+
+def evaluate(predict, params, exp: Experiment, batch_size: int) -> dict[str, float]:
+    """Global test accuracy / loss, and the accuracy on each client's test shard."""
+    batches = pack_eval(exp.test, batch_size)
+    correct, nll = [], []
+    for i in range(batches["mask"].shape[0]):
+        c, n = predict(params, {k: v[i] for k, v in batches.items()})
+        correct.append(np.asarray(c))
+        nll.append(np.asarray(n))
+    real = batches["mask"].reshape(-1) > 0
+    correct = np.concatenate(correct)[real]
+    nll = np.concatenate(nll)[real]
+    per_client = np.array([correct[ix].mean() for ix in exp.test_shards])
+    return {
+        "eval_loss": float(nll.mean()),
+        "eval_accuracy": float(correct.mean()),
+        "client_accuracy_min": float(per_client.min()),
+        "client_accuracy_mean": float(per_client.mean()),
+        "client_accuracy_max": float(per_client.max()),
+    }
+
+
+def train(
+    cfg: RunConfig, *, progress: bool = True, exp: Experiment | None = None
+) -> dict[str, Any]:
+    """Run (or resume, or return the result of a finished) federated run in `cfg.out`."""
+    run_dir = Path(cfg.out)
+    final_path = run_dir / "final.json"
+    _check_run_dir(cfg, run_dir)
+    if final_path.exists():
+        import json
+
+        final = json.loads(final_path.read_text())
+        if final.get("rounds") == cfg.rounds:
+            return final
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_yaml(run_dir / "config.yaml", cfg.to_dict())
+
+    t_setup = time.perf_counter()
+    exp = exp or build_experiment(cfg)
+    engine = build_engine(cfg, exp)
+    base_key = jax.random.key(cfg.seed)
+    state = engine.init(exp.params, base_key)
+    client_states = (
+        engine.init_client_states(exp.params, exp.num_clients) if cfg.carry_client_state else None
+    )
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    start = 0
+    if ckpt.latest_round() is not None:
+        start, state, client_states = ckpt.restore(state, client_states)
+    log = MetricsLog(run_dir, start)
+    predict = make_predict(exp.model)
+    setup_s = time.perf_counter() - t_setup
+
+    cohort = cfg.cohort_size or exp.num_clients
+    bar = tqdm(range(start, cfg.rounds), initial=start, total=cfg.rounds, desc=run_dir.name,
+               disable=not progress, unit="round", leave=False)
+    try:
+        for r in bar:
+            t0 = time.perf_counter()
+            if cohort < exp.num_clients:
+                ids = fl.sample_clients(fl.sampling_key(base_key, r), exp.num_clients, cohort)
+            else:
+                ids = np.arange(exp.num_clients)
+            data = round_data(cfg, exp, r, ids)
+            cs = None
+            if client_states is not None:
+                cs = jax.tree.map(lambda x, i=ids: x[i], client_states)
+            state, metrics, cs = engine.run_round(state, data, client_ids=ids, client_states=cs)
+            finite = np.asarray(metrics.client_finite)
+            bad = [int(i) for i in ids[~finite]]
+            if bad and cfg.nonfinite == "fail":
+                raise TrainingError(
+                    f"round {r + 1}: client(s) {bad} produced a non-finite update (NaN/Inf); "
+                    f"stopping. The last good checkpoint (round {ckpt.latest_round() or 0}) "
+                    "is kept; lower the learning rate or set nonfinite=skip to drop such clients"
+                )
+            if cs is not None:
+                client_states = jax.tree.map(lambda a, b, i=ids: a.at[i].set(b), client_states, cs)
+            record: dict[str, Any] = {
+                "round": r + 1,
+                "train_loss": float(metrics.loss),
+                "update_norm": float(metrics.update_norm),
+                "clients": len(ids),
+                "skipped_clients": bad,
+            }
+            if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
+                record.update(evaluate(predict, state.params, exp, cfg.eval_batch_size))
+            record["wall_s"] = time.perf_counter() - t0
+            log.write(record)
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                            acc=f"{record.get('eval_accuracy', float('nan')):.3f}")
+            if cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0
+                                         or r + 1 == cfg.rounds):
+                ckpt.save(r + 1, state, client_states)
+        ckpt.wait()
+    finally:
+        bar.close()
+        log.close()
+        ckpt.close()
+    final = summarize(log.records, cfg)
+    final.update(setup_s=setup_s, params_sha256=params_digest(state.params),
+                 num_clients=exp.num_clients, data_source=exp.source,
+                 train_examples=int(sum(len(ix) for ix in exp.partition)),
+                 test_examples=int(len(exp.test["label"])), steps_per_round=exp.steps_per_round)
+    write_json(final_path, final)
+    return final
+
+
+def summarize(records: list[dict], cfg: RunConfig) -> dict[str, Any]:
+    evals = [r for r in records if "eval_accuracy" in r]
+    accs = [r["eval_accuracy"] for r in evals]
+    target_round = None
+    if cfg.target_accuracy is not None:
+        target_round = next((r["round"] for r in evals if r["eval_accuracy"]
+                             >= cfg.target_accuracy), None)
+    return {
+        "rounds": cfg.rounds,
+        "final_accuracy": accs[-1] if accs else None,
+        "best_accuracy": max(accs) if accs else None,
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "final_train_loss": records[-1]["train_loss"] if records else None,
+        "rounds_to_target": target_round,
+        "train_wall_s": float(sum(r["wall_s"] for r in records)),
+        "skipped_client_updates": int(sum(len(r["skipped_clients"]) for r in records)),
+        "config": dataclasses.asdict(cfg),
+    }

@@ -1,0 +1,135 @@
+"""The training loop on a tiny encoder: outputs, resume, faults, sweeps and reports."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedjax_lm.runner import RunConfig, TrainingError, train
+from fedjax_lm.runner.io import read_jsonl
+from fedjax_lm.runner.report import write_report
+from fedjax_lm.runner.sweep import run_sweep
+
+TINY = dict(task="synthetic", model="preset:tiny", max_train_examples=96, max_test_examples=48,
+            max_length=16, batch_size=8, local_epochs=1, lr=0.05, clients=3, rounds=3)
+
+
+def tiny(tmp_path, **kw) -> RunConfig:
+    return RunConfig(**{**TINY, "out": str(tmp_path / "run"), **kw})
+
+
+def test_run_writes_config_metrics_tensorboard_and_final(tmp_path):
+    cfg = tiny(tmp_path, eval_every=2)
+    final = train(cfg, progress=False)
+    run = Path(cfg.out)
+    assert (run / "config.yaml").exists() and list((run / "tb").iterdir())
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert "eval_accuracy" not in records[0] and "eval_accuracy" in records[1]  # every 2 + last
+    for key in ("train_loss", "update_norm", "wall_s", "skipped_clients", "clients"):
+        assert key in records[0]
+    for key in ("eval_loss", "client_accuracy_min", "client_accuracy_mean", "client_accuracy_max"):
+        assert key in records[2]
+    assert records[2]["client_accuracy_min"] <= records[2]["eval_accuracy"] <= records[2][
+        "client_accuracy_max"]
+    assert final["final_accuracy"] == records[2]["eval_accuracy"]
+    assert final["train_examples"] == 96 and final["num_clients"] == 3
+    # 96 examples over 3 clients = 32 each = 4 batches of 8.
+    assert final["steps_per_round"] == 4
+    assert json.loads((run / "final.json").read_text())["params_sha256"] == final["params_sha256"]
+
+
+def test_partial_participation_trains_the_cohort_only(tmp_path):
+    final = train(tiny(tmp_path, clients=4, cohort_size=2, max_train_examples=128),
+                  progress=False)
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["clients"] for r in records] == [2, 2, 2]
+    assert final["rounds"] == 3
+
+
+def test_finished_run_is_not_rerun_and_config_mismatch_is_refused(tmp_path):
+    cfg = tiny(tmp_path, rounds=1)
+    first = train(cfg, progress=False)
+    assert train(cfg, progress=False) == first
+    with pytest.raises(ValueError, match="holds a run with a different config.*lr"):
+        train(cfg.replace(lr=0.5), progress=False)
+
+
+def test_non_finite_update_fails_clearly_or_is_skipped(tmp_path):
+    with pytest.raises(TrainingError, match=r"round 1: client\(s\) \[0, 1, 2\] produced a "
+                                            r"non-finite update"):
+        train(tiny(tmp_path, lr=1e30, rounds=2), progress=False)
+    final = train(tiny(tmp_path, lr=1e30, rounds=2, nonfinite="skip",
+                       out=str(tmp_path / "skip")), progress=False)
+    records = read_jsonl(tmp_path / "skip" / "metrics.jsonl")
+    assert records[0]["skipped_clients"] == [0, 1, 2]
+    assert final["skipped_client_updates"] == 6
+
+
+def _cli_train(out: Path, rounds: int) -> subprocess.Popen:
+    args = [sys.executable, "-m", "fedjax_lm.cli", "train", "--no-progress", "--out", str(out),
+            "--rounds", str(rounds), "--client-optimizer", "adam", "--lr", "0.01",
+            "--carry-client-state", "true", "--cohort-size", "2"]
+    for key, value in TINY.items():
+        if key not in ("rounds", "lr"):
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def test_killed_and_resumed_run_is_bitwise_identical(tmp_path):
+    """SIGKILL mid-run, rerun the same command: same final params bit for bit."""
+    rounds = 8
+    ref = _cli_train(tmp_path / "ref", rounds)
+    assert ref.wait(timeout=300) == 0, ref.stdout.read().decode()
+
+    victim = _cli_train(tmp_path / "killed", rounds)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(read_jsonl(metrics)) < 3:
+            time.sleep(0.02)
+        assert len(read_jsonl(metrics)) >= 3, "the run never reached round 3"
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=30)
+    finally:
+        if victim.poll() is None:
+            os.killpg(victim.pid, signal.SIGKILL)
+    assert not (tmp_path / "killed" / "final.json").exists()
+
+    resumed = _cli_train(tmp_path / "killed", rounds)
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read().decode()
+    a = json.loads((tmp_path / "ref" / "final.json").read_text())
+    b = json.loads((tmp_path / "killed" / "final.json").read_text())
+    assert a["params_sha256"] == b["params_sha256"]
+    assert [r["round"] for r in read_jsonl(metrics)] == list(range(1, rounds + 1))
+    keys = ("train_loss", "eval_accuracy", "update_norm")
+    assert [[r[k] for k in keys] for r in read_jsonl(metrics)] == [
+        [r[k] for k in keys] for r in read_jsonl(tmp_path / "ref" / "metrics.jsonl")]
+
+
+def test_sweep_skips_finished_cells_and_reports(tmp_path):
+    from fedjax_lm.runner.config import Preset
+
+    preset = Preset(name="t", base={**TINY, "rounds": 2}, grid={"clients": [1, 2]})
+    run_sweep(preset, {}, tmp_path, progress=False)
+    finals = sorted(tmp_path.glob("*/final.json"))
+    assert [p.parent.name for p in finals] == ["clients=1", "clients=2"]
+    mtimes = [p.stat().st_mtime_ns for p in finals]
+    run_sweep(preset, {}, tmp_path, progress=False)  # everything finished: nothing reruns
+    assert [p.stat().st_mtime_ns for p in finals] == mtimes
+
+    rows = (tmp_path / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("model,task,clients,seed,final_accuracy")
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| preset:tiny | synthetic | 1 | 1 |" in summary
+    assert "| preset:tiny | synthetic | 2 | 1 |" in summary
+    for png in ("accuracy_vs_round.png", "final_accuracy_vs_clients.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError, match="no finished runs"):
+        write_report(tmp_path / "empty")
