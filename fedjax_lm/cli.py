@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_quick)
+
+    from fedjax_lm.scale.launch import add_launch_parser, run_launch
+    from fedjax_lm.scale.plan import add_plan_parser, run_plan
+
+    add_plan_parser(sub).set_defaults(func=run_plan)
+    add_launch_parser(sub).set_defaults(func=run_launch)
     return parser
 
 
@@ -147,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("train", "sweep", "quick"):
+            from fedjax_lm.scale.distributed import DistributedConfig, maybe_initialize_distributed
+
+            # Joins a multi-process run when the environment says so (FEDJAX_LM_* variables,
+            # SLURM with several tasks, a TPU pod); a no-op on one machine.
+            maybe_initialize_distributed(DistributedConfig.from_env())
         return args.func(args)
     except (rc.ConfigError, DataError, ModelLoadError, TrainingError, FileNotFoundError) as e:
         print(f"fedjax-lm {args.command}: error: {e}", file=sys.stderr)

@@ -9,6 +9,7 @@ from fedjax_lm.federated.engine import (
     FederatedEngine,
     build_engine,
 )
+from fedjax_lm.federated.placement import DATA_AXIS, make_client_mesh, process_client_ids
 from fedjax_lm.federated.sampling import client_key, data_seed, sample_clients, sampling_key
 from fedjax_lm.federated.server import (
     SERVER_OPTIMIZERS,
@@ -26,6 +27,7 @@ from fedjax_lm.federated.state import ClientResult, RoundMetrics, RoundResult, S
 __all__ = [
     "BACKENDS",
     "CLIENT_AXIS",
+    "DATA_AXIS",
     "SERVER_OPTIMIZERS",
     "Accumulator",
     "ClientResult",
@@ -44,9 +46,11 @@ __all__ = [
     "fedavg",
     "fedavgm",
     "fedyogi",
+    "make_client_mesh",
     "make_client_update",
     "make_server_optimizer",
     "normalize_weights",
+    "process_client_ids",
     "sample_clients",
     "sampling_key",
     "scale_by_fedopt",

@@ -9,7 +9,9 @@ change where that axis lives; the arithmetic is the same everywhere:
 - `vmap`: all clients in one jitted program on one device;
 - `mesh`: the same program with the client axis sharded over the `clients` axis of a
   `jax.sharding.Mesh` (C is padded with zero-weight clients to a multiple of the device
-  count);
+  count); with `data_parallel=d` the mesh is `clients × data` and each client's batch is
+  split over `d` devices. The mesh may span processes (`run_round_local`: every process
+  feeds only its own clients);
 - `pmap`: the legacy API, kept for comparison.
 
 With `clients_per_chunk=K` the clients run in chunks of fixed vmap width K (C padded to a
@@ -33,7 +35,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fedjax_lm.federated import aggregate as agg
+from fedjax_lm.federated import placement
 from fedjax_lm.federated.client import LossFn, make_client_update
+from fedjax_lm.federated.placement import CLIENT_AXIS, round_up
 from fedjax_lm.federated.sampling import client_key
 from fedjax_lm.federated.server import ServerOptimizer
 from fedjax_lm.federated.state import (
@@ -48,7 +52,6 @@ from fedjax_lm.federated.state import (
 BACKENDS = ("loop", "vmap", "mesh", "pmap")
 CHUNK_EXECUTORS = ("scan", "host")
 WEIGHTINGS = ("examples", "uniform")
-CLIENT_AXIS = "clients"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,7 @@ class EngineConfig:
     carry_client_state: bool = False  # keep each client's optimizer state across rounds
     num_devices: int | None = None  # mesh / pmap: use the first N devices (default: all)
     donate: bool = True  # donate server-state buffers to the round
+    data_parallel: int = 1  # mesh: split each client's batch over this many devices
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -79,6 +83,10 @@ class EngineConfig:
                              "use backend='mesh'")
         if self.num_devices is not None and self.num_devices < 1:
             raise ValueError(f"num_devices must be >= 1, got {self.num_devices}")
+        if self.data_parallel < 1:
+            raise ValueError(f"data_parallel must be >= 1, got {self.data_parallel}")
+        if self.data_parallel > 1 and self.backend != "mesh":
+            raise ValueError("data_parallel > 1 needs backend='mesh' (a clients × data mesh)")
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -166,18 +174,19 @@ class FederatedEngine:
         self.client_update = make_client_update(loss_fn, client_optimizer, prox_mu=prox_mu)
         cfg = self.config
         self.mesh: Mesh | None = None
-        spmd_axis = None
         if cfg.backend in ("mesh", "pmap"):
-            devices = jax.devices()
+            devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
             if cfg.num_devices is not None:
                 if cfg.num_devices > len(devices):
                     raise ValueError(
                         f"num_devices={cfg.num_devices} but only {len(devices)} devices exist"
                     )
                 devices = devices[: cfg.num_devices]
-            self.mesh = Mesh(np.array(devices), (CLIENT_AXIS,))
-        if cfg.backend == "mesh":
-            spmd_axis = CLIENT_AXIS
+            if cfg.backend == "pmap":
+                self.mesh = Mesh(np.array(devices), (CLIENT_AXIS,))
+            else:
+                self.mesh = placement.make_client_mesh(devices, cfg.data_parallel)
+        spmd_axis = CLIENT_AXIS if cfg.backend == "mesh" else None
         self._process = functools.partial(
             _process_clients, self.client_update, cfg.carry_client_state, spmd_axis
         )
@@ -192,8 +201,11 @@ class FederatedEngine:
                 devices=list(self.mesh.devices.flat),
             )
         elif cfg.chunk_executor == "host" and cfg.clients_per_chunk is not None:
-            self._chunk_step = jax.jit(self._process, donate_argnums=(1,))
+            self._chunk_step = jax.jit(self._block_step, donate_argnums=(1,))
             self._finish = jax.jit(self._server_step, donate_argnums=donate)
+            self._normalize = jax.jit(agg.normalize_weights)
+            replicated = None if self.mesh is None else NamedSharding(self.mesh, P())
+            self._zeros = jax.jit(agg.zeros_accumulator, out_shardings=replicated)
         else:
             self._round = jax.jit(self._vector_round_fn, donate_argnums=donate)
 
@@ -202,6 +214,11 @@ class FederatedEngine:
     @property
     def num_devices(self) -> int:
         return 1 if self.mesh is None else self.mesh.size
+
+    @property
+    def num_client_shards(self) -> int:
+        """How many ways the client axis is split (devices / data_parallel)."""
+        return placement.client_shards(self.mesh)
 
     def init(self, params: Params, rng: jax.Array) -> ServerState:
         """The round-0 server state (replicated over the mesh for the mesh backend)."""
@@ -214,13 +231,44 @@ class FederatedEngine:
         # Own copies: the round donates the state's buffers, never the caller's params.
         state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
         if self.config.backend == "mesh":
-            state = jax.device_put(state, NamedSharding(self.mesh, P()))
+            state = placement.replicate(state, self.mesh)
         return state
 
     def init_client_states(self, params: Params, num_clients: int) -> PyTree:
         """Fresh client optimizer states stacked on axis 0, for `carry_client_state`."""
         one = self.client_optimizer.init(params)
         return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape), one)
+
+    def process_client_ids(self, num_clients: int, process_index: int | None = None) -> np.ndarray:
+        """Positions in the (padded) cohort this process feeds to `run_round_local`, in order;
+        positions `>= num_clients` are padding and come last (see `placement`)."""
+        if self.config.backend != "mesh":
+            raise ValueError("process-local client data needs backend='mesh'")
+        processes = sorted({d.process_index for d in self.mesh.devices.flat})
+        if processes != list(range(len(processes))):
+            raise ValueError(f"the mesh must span processes 0..n-1, it spans {processes}")
+        return placement.process_client_ids(
+            num_clients,
+            num_client_shards=self.num_client_shards,
+            clients_per_chunk=self.config.clients_per_chunk,
+            num_processes=len(processes),
+            process_index=jax.process_index() if process_index is None else process_index,
+        )
+
+    def lower_chunk(self, params: Params, chunk_data: dict[str, Any]) -> jax.stages.Lowered:
+        """Lower, without running or allocating, the program that trains one chunk of K
+        clients (`chunk_data` leaves `[K, S, B, ...]`). `params` and `chunk_data` may be
+        `jax.ShapeDtypeStruct`s: memory planning reads the compiled memory analysis."""
+        k = chunk_data["mask"].shape[0]
+        state = jax.eval_shape(lambda p: self.init(p, jax.random.key(0)), params)
+        acc = jax.eval_shape(agg.zeros_accumulator, params)
+        cs = None
+        if self.config.carry_client_state:
+            cs = jax.eval_shape(lambda p: self.init_client_states(p, k), params)
+        block = (chunk_data, jax.ShapeDtypeStruct((k,), jnp.int32),
+                 jax.ShapeDtypeStruct((k,), jnp.float32), cs)
+        step = getattr(self, "_chunk_step", None) or jax.jit(self._block_step, donate_argnums=(1,))
+        return step.lower(state, acc, block)
 
     # -- the round -----------------------------------------------------------------------
 
@@ -238,50 +286,103 @@ class FederatedEngine:
         `client_ids` are the cohort's population ids (they pick each client's PRNG key;
         default `0..C-1`); `weights` override the configured client weighting;
         `client_states` (`[C, ...]`) is required iff `carry_client_state` is set.
+        In a multi-process run every process passes the whole cohort; `run_round_local`
+        lets each pass only its own clients.
         """
         cfg = self.config
-        if "mask" not in data:
-            raise ValueError("client data needs an example mask data['mask'] of shape [C, S, B]")
-        mask = data["mask"]
-        if mask.ndim != 3:
-            raise ValueError(f"data['mask'] must be [C, S, B], got shape {tuple(mask.shape)}")
+        mask = _check_data(data)
         num_clients = mask.shape[0]
-        for path, leaf in jax.tree_util.tree_leaves_with_path(data):
-            if tuple(leaf.shape[:3]) != tuple(mask.shape):
-                raise ValueError(
-                    f"data leaf {jax.tree_util.keystr(path)} has shape {tuple(leaf.shape)}; "
-                    f"every leaf must start with [C, S, B] = {tuple(mask.shape)}"
-                )
         if cfg.carry_client_state != (client_states is not None):
             raise ValueError(
                 "client_states must be given exactly when carry_client_state=True"
             )
-        ids = np.arange(num_clients) if client_ids is None else np.asarray(client_ids)
-        if ids.shape != (num_clients,):
-            raise ValueError(f"client_ids must have shape ({num_clients},), got {ids.shape}")
-        ids = ids.astype(np.int32)
-        if weights is None:
-            weights = _client_weights(mask, cfg.weighting)
-        p = agg.normalize_weights(jnp.asarray(weights, jnp.float32))
+        ids = _client_ids(client_ids, num_clients)
+        w = _client_weights(mask, cfg.weighting) if weights is None else weights
+        w = w.astype(np.float32) if isinstance(w, np.ndarray) else jnp.asarray(w, jnp.float32)
 
         if cfg.backend == "loop":
+            p = agg.normalize_weights(w)
             state, loss, norm, per_client, new_cs = self._run_loop(
                 state, data, ids, p, client_states
             )
-        else:
-            state, loss, norm, per_client, new_cs = self._run_vectorized(
-                state, data, ids, p, client_states, num_clients
+        elif cfg.backend == "pmap":
+            state, loss, norm, per_client, new_cs = self._run_pmap(
+                state, data, ids, agg.normalize_weights(w), client_states, num_clients
             )
-        c_loss, c_examples, c_norm, c_finite = per_client
-        metrics = RoundMetrics(
-            loss=loss,
-            client_loss=c_loss,
-            client_examples=c_examples,
-            client_update_norm=c_norm,
-            client_finite=c_finite,
-            update_norm=norm,
+        else:
+            width, padded = placement.layout(
+                num_clients, cfg.clients_per_chunk, self.num_client_shards
+            )
+            blocks = (data, ids, w, client_states)
+            blocks = jax.tree.map(lambda x: _pad_axis0(x, padded), blocks)
+            blocks = jax.tree.map(lambda x: x.reshape((padded // width, width) + x.shape[1:]),
+                                  blocks)
+            if self.mesh is not None:
+                self._check_batch(mask.shape[2])
+                blocks = jax.device_put(blocks, placement.block_shardings(self.mesh, blocks))
+            state, loss, norm, per_client, new_cs = self._run_chunks(state, blocks, num_clients)
+        return RoundResult(state, _metrics(loss, norm, per_client), new_cs)
+
+    def run_round_local(
+        self,
+        state: ServerState,
+        local_data: dict[str, Any],
+        *,
+        num_clients: int,
+        client_ids: Any = None,
+        weights: Any = None,
+    ) -> RoundResult:
+        """`run_round` where this process passes only its own clients (multi-host runs).
+
+        `local_data` holds, stacked in order, the cohort positions
+        `process_client_ids(num_clients)` (host arrays, leaves `[C_local, S, B, ...]`;
+        padding positions all zeros). `client_ids` / `weights` are for the whole cohort
+        (`[num_clients]`, known to every process). Same numbers as `run_round`.
+        """
+        cfg = self.config
+        if cfg.carry_client_state:
+            raise NotImplementedError(
+                "carry_client_state with process-local data is not supported; "
+                "use run_round with the whole cohort"
+            )
+        positions = self.process_client_ids(num_clients)
+        local_data = jax.tree.map(np.asarray, local_data)
+        mask = _check_data(local_data)
+        if mask.shape[0] != len(positions):
+            raise ValueError(
+                f"this process feeds {len(positions)} clients (positions {positions.tolist()}),"
+                f" got local data for {mask.shape[0]}"
+            )
+        self._check_batch(mask.shape[2])
+        width, padded = placement.layout(num_clients, cfg.clients_per_chunk,
+                                         self.num_client_shards)
+        ids = _pad_axis0(_client_ids(client_ids, num_clients), padded)[positions]
+        if weights is None:
+            w = _client_weights(mask, cfg.weighting)
+        else:
+            w = _pad_axis0(np.asarray(weights, np.float32), padded)[positions]
+        n = padded // width
+        local = jax.tree.map(
+            lambda x: x.reshape((n, len(positions) // n) + x.shape[1:]), (local_data, ids, w)
         )
-        return RoundResult(state, metrics, new_cs)
+        shardings = placement.block_shardings(self.mesh, local)
+        blocks = jax.tree.map(
+            lambda x, sh: jax.make_array_from_process_local_data(
+                sh, x, (n, width) + x.shape[2:]
+            ),
+            local,
+            shardings,
+        )
+        state, loss, norm, per_client, _ = self._run_chunks(state, (*blocks, None), num_clients)
+        return RoundResult(state, _metrics(loss, norm, per_client), None)
+
+    def _check_batch(self, batch_size: int) -> None:
+        dp = self.config.data_parallel
+        if batch_size % dp:
+            raise ValueError(
+                f"batch size {batch_size} must be a multiple of data_parallel={dp}: each "
+                "client's batch is split evenly over the `data` mesh axis"
+            )
 
     # -- loop backend --------------------------------------------------------------------
 
@@ -305,12 +406,7 @@ class FederatedEngine:
         new_cs = None if client_states is None else jax.tree.map(lambda *xs: jnp.stack(xs), *states)
         return state, loss, norm, per_client, new_cs
 
-    # -- vectorized backends -------------------------------------------------------------
-
-    def _vector_round_fn(self, state, blocks):
-        acc, outs = _run_blocks(self._process, state, blocks)
-        state, loss, norm = self._server_step(state, acc)
-        return state, loss, norm, outs
+    # -- pmap backend --------------------------------------------------------------------
 
     def _pmap_round_fn(self, state, blocks):
         acc, outs = _run_blocks(self._process, state, blocks)
@@ -318,40 +414,51 @@ class FederatedEngine:
         state, loss, norm = self._server_step(state, acc)
         return state, loss, norm, outs
 
-    def _block_width(self, num_clients: int) -> int:
-        """Clients per block: the chunk width, or all clients; a multiple of the devices."""
-        k = self.config.clients_per_chunk or num_clients
-        return _round_up(k, self.num_devices)
+    def _run_pmap(self, state, data, ids, p, client_states, num_clients):
+        d = self.num_devices
+        padded = round_up(num_clients, d)
+        blocks = jax.tree.map(lambda x: _pad_axis0(x, padded), (data, ids, p, client_states))
+        blocks = jax.tree.map(lambda x: x.reshape((d, 1, padded // d) + x.shape[1:]), blocks)
+        state_r, loss, norm, outs = self._pmap_round(state, blocks)
+        state, loss, norm = jax.tree.map(lambda x: x[0], (state_r, loss, norm))
+        outs = jax.tree.map(lambda x: x.reshape((padded,) + x.shape[3:]), outs)
+        per_client, new_cs = jax.tree.map(lambda x: x[:num_clients], outs)
+        return state, loss, norm, per_client, new_cs
 
-    def _run_vectorized(self, state, data, ids, p, client_states, num_clients):
-        cfg = self.config
-        width = self._block_width(num_clients)
-        padded = _round_up(num_clients, width)
-        blocks = (data, ids, p, client_states)
-        blocks = jax.tree.map(lambda x: _pad_axis0(x, padded), blocks)
-        if cfg.backend == "pmap":
-            d = self.num_devices
-            blocks = jax.tree.map(lambda x: x.reshape((d, 1, padded // d) + x.shape[1:]), blocks)
-            state_r, loss, norm, outs = self._pmap_round(state, blocks)
-            state, loss, norm = jax.tree.map(lambda x: x[0], (state_r, loss, norm))
-            outs = jax.tree.map(lambda x: x.reshape((padded,) + x.shape[3:]), outs)
+    # -- vmap / mesh backends ------------------------------------------------------------
+
+    def _block_step(self, state, acc, block):
+        """One block of clients; per-client metrics come back replicated (every process can
+        read them), carried client states stay sharded."""
+        acc, (per_client, new_cs) = self._process(state, acc, block)
+        if self.mesh is not None:
+            per_client = jax.lax.with_sharding_constraint(
+                per_client, NamedSharding(self.mesh, P())
+            )
+        return acc, (per_client, new_cs)
+
+    def _vector_round_fn(self, state, blocks):
+        data, ids, w, cs = blocks
+        blocks = (data, ids, agg.normalize_weights(w), cs)  # Σ over every block: all clients
+        acc, outs = _run_blocks(self._block_step, state, blocks)
+        state, loss, norm = self._server_step(state, acc)
+        return state, loss, norm, outs
+
+    def _run_chunks(self, state, blocks, num_clients):
+        """Run `[n, K, ...]` blocks (raw weights) with the configured chunk executor."""
+        n, width = blocks[1].shape
+        if self.config.chunk_executor == "host" and self.config.clients_per_chunk is not None:
+            state, loss, norm, outs = self._host_chunked_round(state, blocks, n)
         else:
-            n = padded // width
-            blocks = jax.tree.map(lambda x: x.reshape((n, width) + x.shape[1:]), blocks)
-            if self.mesh is not None:
-                blocks = jax.device_put(blocks, NamedSharding(self.mesh, P(None, CLIENT_AXIS)))
-            if cfg.chunk_executor == "host" and cfg.clients_per_chunk is not None:
-                state, loss, norm, outs = self._host_chunked_round(state, blocks, n)
-            else:
-                state, loss, norm, outs = self._round(state, blocks)
-            outs = jax.tree.map(lambda x: x.reshape((padded,) + x.shape[2:]), outs)
+            state, loss, norm, outs = self._round(state, blocks)
+        outs = jax.tree.map(lambda x: x.reshape((n * width,) + x.shape[2:]), outs)
         per_client, new_cs = jax.tree.map(lambda x: x[:num_clients], outs)
         return state, loss, norm, per_client, new_cs
 
     def _host_chunked_round(self, state, blocks, n):
-        acc = agg.zeros_accumulator(state.params)
-        if self.mesh is not None:
-            acc = jax.device_put(acc, NamedSharding(self.mesh, P()))
+        data, ids, w, cs = blocks
+        blocks = (data, ids, self._normalize(w), cs)
+        acc = self._zeros(state.params)
         outs = []
         for i in range(n):
             acc, out = self._chunk_step(state, acc, jax.tree.map(lambda x, i=i: x[i], blocks))
@@ -360,8 +467,39 @@ class FederatedEngine:
         return state, loss, norm, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+def _check_data(data: dict[str, Any]):
+    """Validate `[C, S, B, ...]` client data; return its mask."""
+    if "mask" not in data:
+        raise ValueError("client data needs an example mask data['mask'] of shape [C, S, B]")
+    mask = data["mask"]
+    if mask.ndim != 3:
+        raise ValueError(f"data['mask'] must be [C, S, B], got shape {tuple(mask.shape)}")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(data):
+        if tuple(leaf.shape[:3]) != tuple(mask.shape):
+            raise ValueError(
+                f"data leaf {jax.tree_util.keystr(path)} has shape {tuple(leaf.shape)}; "
+                f"every leaf must start with [C, S, B] = {tuple(mask.shape)}"
+            )
+    return mask
+
+
+def _client_ids(client_ids: Any, num_clients: int) -> np.ndarray:
+    ids = np.arange(num_clients) if client_ids is None else np.asarray(client_ids)
+    if ids.shape != (num_clients,):
+        raise ValueError(f"client_ids must have shape ({num_clients},), got {ids.shape}")
+    return ids.astype(np.int32)
+
+
+def _metrics(loss, norm, per_client) -> RoundMetrics:
+    c_loss, c_examples, c_norm, c_finite = per_client
+    return RoundMetrics(
+        loss=loss,
+        client_loss=c_loss,
+        client_examples=c_examples,
+        client_update_norm=c_norm,
+        client_finite=c_finite,
+        update_norm=norm,
+    )
 
 
 def _pad_axis0(x, size: int):
@@ -384,4 +522,3 @@ def build_engine(
     return FederatedEngine(
         loss_fn, client_optimizer, server_optimizer, EngineConfig(**config), prox_mu=prox_mu
     )
-

@@ -149,6 +149,10 @@ def _check(cfg: RunConfig) -> None:
     need(cfg.client_optimizer in CLIENT_OPTIMIZERS,
          f"client_optimizer must be one of {CLIENT_OPTIMIZERS}, got {cfg.client_optimizer!r}")
     need(cfg.head_init in HEAD_INITS, f"head_init must be one of {HEAD_INITS}")
+    need(cfg.head_init == "shared" or (cfg.server_optimizer == "fedavg" and cfg.server_lr == 1
+                                       and not cfg.carry_client_state),
+         "head_init=per_client reproduces paper 1's code: it needs plain FedAvg "
+         "(server_optimizer=fedavg, server_lr=1) and no carried client state")
     need(cfg.nonfinite in NONFINITE_POLICIES, f"nonfinite must be one of {NONFINITE_POLICIES}")
     need(cfg.target_accuracy is None or 0 < cfg.target_accuracy <= 1,
          "target_accuracy must be in (0, 1]")

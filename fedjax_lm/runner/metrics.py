@@ -15,13 +15,15 @@ from fedjax_lm.runner.io import atomic_write_text, read_jsonl
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, resume_round: int, *, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, resume_round: int, *, enabled: bool = True):
+        """`enabled=False` (non-primary processes) keeps records in memory only."""
         self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
         kept = [r for r in read_jsonl(self.path) if r["round"] <= resume_round]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.records = kept
         self._tb = None
-        if tensorboard:
+        if enabled:
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             from tensorboardX import SummaryWriter
 
             # purge_step drops events from rounds after the checkpoint (a killed run's tail).
@@ -29,6 +31,8 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()

@@ -21,11 +21,13 @@ from tqdm.auto import tqdm
 
 from fedjax_lm import federated as fl
 from fedjax_lm.data import pack_eval
+from fedjax_lm.federated.aggregate import client_update_norm
 from fedjax_lm.runner.checkpoint import Checkpointer
 from fedjax_lm.runner.config import ConfigError, RunConfig, from_dict
 from fedjax_lm.runner.experiment import Experiment, build_engine, build_experiment, round_data
 from fedjax_lm.runner.io import write_json, write_yaml
 from fedjax_lm.runner.metrics import MetricsLog
+from fedjax_lm.scale.distributed import is_primary
 
 # Fields that may differ when resuming a run directory (they do not change the numbers).
 _RESUMABLE_CHANGES = {"out", "checkpoint_every", "eval_batch_size", "data_dir", "rounds"}
@@ -90,6 +92,37 @@ def evaluate(predict, params, exp: Experiment, batch_size: int) -> dict[str, flo
     }
 
 
+def per_client_head_round(engine, state, data, ids, exp: Experiment, cfg: RunConfig):
+    """Round 1 as paper 1's code ran it: every client starts from its own random head.
+
+    The engine broadcasts one model, so each client is trained alone from the server
+    params with its head re-initialised from (seed, client id) — its single-client FedAvg
+    round returns exactly its local model — and the server takes their weighted mean, as
+    FedAvg does. Only round 1 differs; later rounds are ordinary.
+    """
+    weights = np.asarray(data["mask"]).reshape(len(ids), -1).sum(axis=1)
+    p = weights / weights.sum()
+    head_key = jax.random.key(cfg.seed + 1)
+    mean, losses, finite, norms = None, [], [], []
+    for i, cid in enumerate(ids):
+        params = exp.model.init_head(state.params, jax.random.fold_in(head_key, int(cid)))
+        single = engine.init(params, state.rng)
+        out = engine.run_round(single, jax.tree.map(lambda x, i=i: x[i:i + 1], data),
+                               client_ids=[cid])
+        losses.append(float(out.metrics.loss))
+        finite.append(bool(out.metrics.client_finite[0]))
+        norms.append(float(out.metrics.client_update_norm[0]))
+        scaled = jax.tree.map(lambda x, w=p[i]: w * x, out.state.params)
+        mean = scaled if mean is None else jax.tree.map(jnp.add, mean, scaled)
+    metrics = fl.RoundMetrics(
+        loss=jnp.float32(np.dot(p, losses)), client_loss=jnp.asarray(losses),
+        client_examples=jnp.asarray(weights, jnp.float32),
+        client_update_norm=jnp.asarray(norms), client_finite=jnp.asarray(finite),
+        update_norm=client_update_norm(mean, state.params),
+    )
+    return engine.init(mean, state.rng).replace(round=jnp.int32(1)), metrics
+
+
 def train(
     cfg: RunConfig, *, progress: bool = True, exp: Experiment | None = None
 ) -> dict[str, Any]:
@@ -103,8 +136,12 @@ def train(
         final = json.loads(final_path.read_text())
         if final.get("rounds") == cfg.rounds:
             return final
+    # Multi-host: every process trains (and joins orbax's collective save); only process 0
+    # writes config, metrics, TensorBoard and results.
+    primary = is_primary()
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_yaml(run_dir / "config.yaml", cfg.to_dict())
+    if primary:
+        write_yaml(run_dir / "config.yaml", cfg.to_dict())
 
     t_setup = time.perf_counter()
     exp = exp or build_experiment(cfg)
@@ -118,7 +155,7 @@ def train(
     start = 0
     if ckpt.latest_round() is not None:
         start, state, client_states = ckpt.restore(state, client_states)
-    log = MetricsLog(run_dir, start)
+    log = MetricsLog(run_dir, start, enabled=primary)
     predict = make_predict(exp.model)
     setup_s = time.perf_counter() - t_setup
 
@@ -136,7 +173,11 @@ def train(
             cs = None
             if client_states is not None:
                 cs = jax.tree.map(lambda x, i=ids: x[i], client_states)
-            state, metrics, cs = engine.run_round(state, data, client_ids=ids, client_states=cs)
+            if r == 0 and cfg.head_init == "per_client":
+                state, metrics = per_client_head_round(engine, state, data, ids, exp, cfg)
+            else:
+                state, metrics, cs = engine.run_round(state, data, client_ids=ids,
+                                                      client_states=cs)
             finite = np.asarray(metrics.client_finite)
             bad = [int(i) for i in ids[~finite]]
             if bad and cfg.nonfinite == "fail":
@@ -173,7 +214,8 @@ def train(
                  num_clients=exp.num_clients, data_source=exp.source,
                  train_examples=int(sum(len(ix) for ix in exp.partition)),
                  test_examples=int(len(exp.test["label"])), steps_per_round=exp.steps_per_round)
-    write_json(final_path, final)
+    if primary:
+        write_json(final_path, final)
     return final
 
 

@@ -133,3 +133,26 @@ def test_sweep_skips_finished_cells_and_reports(tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(FileNotFoundError, match="no finished runs"):
         write_report(tmp_path / "empty")
+
+
+def test_per_client_heads_reproduce_paper_one_round_one(tmp_path):
+    """head_init=per_client: round 1 starts each client from its own random head."""
+    import dataclasses
+
+    import jax
+
+    from fedjax_lm.runner.experiment import build_experiment
+
+    cfg = tiny(tmp_path, clients=1, rounds=1, head_init="per_client")
+    exp = build_experiment(cfg)
+    per_client = train(cfg, progress=False, exp=exp)
+    # One client: identical to a shared-head run whose server head is client 0's head.
+    head = exp.model.init_head(exp.params, jax.random.fold_in(jax.random.key(cfg.seed + 1), 0))
+    ref = train(cfg.replace(head_init="shared", out=str(tmp_path / "ref")), progress=False,
+                exp=dataclasses.replace(exp, params=head))
+    assert per_client["params_sha256"] == ref["params_sha256"]
+    shared = train(cfg.replace(head_init="shared", out=str(tmp_path / "shared")),
+                   progress=False, exp=exp)
+    assert shared["params_sha256"] != per_client["params_sha256"]
+    with pytest.raises(ValueError, match="head_init=per_client reproduces paper 1's code"):
+        cfg.replace(server_optimizer="fedadam")

@@ -1,0 +1,117 @@
+"""`fedjax-lm plan`: how much memory a round needs and which chunk width fits, without training.
+
+    fedjax-lm plan --model base --clients 32 --device-memory 80GB --batch-size 32 \\
+        --max-length 128 --local-steps 4 --optimizer adam [--remat] [--bf16]
+
+Compiles the engine's chunk program for the local backend from shapes only (see `memory`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import jax
+import optax
+
+from fedjax_lm.scale import memory as mem
+
+OPTIMIZERS = {
+    "sgd": lambda: optax.sgd(1e-3),
+    "momentum": lambda: optax.sgd(1e-3, momentum=0.9),
+    "adam": lambda: optax.adam(1e-3),
+    "adamw": lambda: optax.adamw(1e-3),
+}
+
+
+def model_loss_and_params(name: str, model_type: str, num_labels: int, *, remat: bool,
+                          bf16: bool):
+    """`(loss_fn, params ShapeDtypeStructs)` of a model preset; imported lazily so planning
+    works with whatever `fedjax_lm.models` provides."""
+    from fedjax_lm import models
+
+    config = models.preset(name, model_type, num_labels=num_labels, remat=remat,
+                           dtype="bfloat16" if bf16 else "float32")
+    model = models.build_model(config)
+    params = jax.eval_shape(model.init, jax.random.key(0))
+    return models.classification_loss(model), params
+
+
+def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `plan` on an argparse sub-parser set (for `fedjax-lm plan`)."""
+    p = subparsers.add_parser("plan", help="estimate round memory and choose clients_per_chunk",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="base", help="size preset: tiny, mini, small, base")
+    p.add_argument("--model-type", default="bert", help="bert, distilbert or albert")
+    p.add_argument("--num-labels", type=int, default=2)
+    p.add_argument("--clients", type=int, required=True, help="clients per round (cohort)")
+    p.add_argument("--devices", type=int, default=1, help="devices sharing the clients")
+    p.add_argument("--device-memory", default="80GB", help="per device, e.g. 80GB or 16GiB")
+    p.add_argument("--headroom", type=float, default=0.9, help="fraction of memory to plan for")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--local-steps", type=int, default=4)
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
+    p.add_argument("--remat", action="store_true", help="recompute layers in the backward pass")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 compute (float32 params)")
+
+
+def plan_report(args: argparse.Namespace) -> tuple[mem.MemoryEstimate, list[str]]:
+    """The estimate and the lines `run_plan` prints."""
+    loss_fn, params = model_loss_and_params(args.model, args.model_type, args.num_labels,
+                                            remat=args.remat, bf16=args.bf16)
+    batch = mem.text_batch(args.local_steps, args.batch_size, args.max_length)
+    est = mem.estimate_memory(loss_fn, params, OPTIMIZERS[args.optimizer](), batch)
+    budget = int(args.headroom * mem.parse_bytes(args.device_memory))
+    per_device = -(-args.clients // args.devices)
+    width = mem.widest_fitting(est, per_device, budget)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    f = mem.format_bytes
+    lines = [
+        f"model {args.model} ({args.model_type}): {n_params / 1e6:.1f}M params, "
+        f"{f(est.params_bytes)}; remat={args.remat} bf16={args.bf16}; "
+        f"backend {jax.default_backend()}",
+        f"client data: {args.local_steps} steps x {args.batch_size} examples x "
+        f"{args.max_length} tokens = {f(est.data_bytes_per_client)} per client",
+        f"per client: state {f(est.client_state_bytes)} (params + {args.optimizer} state + "
+        f"delta); compiled {f(est.per_client_bytes)} incl. gradients and "
+        f"{f(est.activation_bytes_per_client)} activations",
+        f"fixed per device: {f(est.fixed_bytes)} (server state, accumulator)",
+        f"budget per device: {f(budget)} ({args.headroom:g} x {args.device_memory}); "
+        f"{per_device} clients per device",
+        f"unchunked: {per_device} clients need {f(est.chunk_bytes(per_device))}; "
+        f"at most {est.max_clients(budget)} clients per device without chunking",
+    ]
+    if width is None:
+        lines.append(f"does not fit: one client needs {f(est.chunk_bytes(1))}")
+    else:
+        lines.append(
+            f"clients_per_chunk: {width * args.devices} ({width} per device), round peak "
+            f"{f(est.round_bytes(per_device, width))}; with chunks of {width}, up to "
+            f"{est.max_clients(budget, width)} clients per device (data resident)"
+        )
+    return est, lines
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    _, lines = plan_report(args)
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedjax_lm.scale.plan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    return run_plan(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
