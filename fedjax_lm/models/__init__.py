@@ -1,0 +1,47 @@
+"""Our own Flax NNX encoders (BERT, DistilBERT, ALBERT) for sequence classification.
+
+Faithful to Hugging Face semantics and loading its safetensors checkpoints; the engine sees only
+the pure `Model.init` / `Model.apply` and the loss/eval functions built from them.
+"""
+
+from fedjax_lm.models.api import (
+    Model,
+    Params,
+    build_model,
+    classification_eval,
+    classification_loss,
+)
+from fedjax_lm.models.config import PRESETS, EncoderConfig, config_from_hf, preset
+from fedjax_lm.models.encoder import EncoderForSequenceClassification, EncoderOutput
+from fedjax_lm.models.errors import ModelLoadError
+from fedjax_lm.models.pretrained import (
+    MINILM,
+    MINILM_DISTIL,
+    NAMED_MODELS,
+    PAPER_MODELS,
+    Pretrained,
+    from_pretrained,
+    minilm_path,
+)
+
+__all__ = [
+    "MINILM",
+    "MINILM_DISTIL",
+    "NAMED_MODELS",
+    "PAPER_MODELS",
+    "PRESETS",
+    "EncoderConfig",
+    "EncoderForSequenceClassification",
+    "EncoderOutput",
+    "Model",
+    "ModelLoadError",
+    "Params",
+    "Pretrained",
+    "build_model",
+    "classification_eval",
+    "classification_loss",
+    "config_from_hf",
+    "from_pretrained",
+    "minilm_path",
+    "preset",
+]

@@ -1,0 +1,223 @@
+"""Encoder configuration: one frozen dataclass for BERT, DistilBERT and ALBERT.
+
+The three architectures differ only in a few structural switches (token types, pooler vs.
+pre-classifier head, factorised embeddings, layer sharing, where dropout sits), so one config and
+one module family cover them; `model_type` selects the switches. Configs come from size presets or
+from a Hugging Face `config.json` (whose field names differ per architecture).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from fedjax_lm.models.errors import ModelLoadError
+
+MODEL_TYPES = ("bert", "distilbert", "albert")
+ATTENTION_IMPLS = ("xla", "dot_product")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """Hyper-parameters of an encoder for sequence classification.
+
+    `attend_to_padding` ignores the attention mask (paper 1's original code passed none).
+    `attention_impl`: "xla" (einsum + softmax, HF-exact) or "dot_product"
+    (`jax.nn.dot_product_attention`, fused where the backend allows; it has no dropout on the
+    attention probabilities, so with it `attention_probs_dropout_prob` is not applied).
+    `remat` recomputes each layer in the backward pass (memory for compute). `dtype` is the
+    compute dtype, `param_dtype` the storage dtype of the parameters.
+    """
+
+    model_type: str = "bert"
+    vocab_size: int = 1000
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    intermediate_size: int = 128
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    classifier_dropout_prob: float = 0.1
+    max_position_embeddings: int = 128
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    # ALBERT only: factorised embeddings and cross-layer sharing.
+    embedding_size: int | None = None
+    num_hidden_groups: int = 1
+    inner_group_num: int = 1
+    num_labels: int = 2
+    attend_to_padding: bool = False
+    attention_impl: str = "xla"
+    remat: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ModelLoadError(
+                f"unsupported model_type {self.model_type!r}; supported: {', '.join(MODEL_TYPES)}"
+            )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.model_type == "distilbert" and self.type_vocab_size:
+            raise ValueError("DistilBERT has no token-type embeddings: type_vocab_size must be 0")
+        if self.model_type == "albert" and self.embedding_size is None:
+            raise ValueError("ALBERT needs embedding_size (factorised embeddings)")
+        if self.model_type != "albert" and (self.num_hidden_groups, self.inner_group_num) != (1, 1):
+            raise ValueError("num_hidden_groups / inner_group_num are ALBERT-only")
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
+        jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)  # fail early on a bad name
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_stored_layers(self) -> int:
+        """Distinct layers holding parameters (ALBERT shares them across depth)."""
+        if self.model_type == "albert":
+            return self.num_hidden_groups * self.inner_group_num
+        return self.num_hidden_layers
+
+    def layer_schedule(self) -> list[int]:
+        """Stored-layer index for each applied layer, in order (HF's ALBERT grouping rule)."""
+        if self.model_type != "albert":
+            return list(range(self.num_hidden_layers))
+        out = []
+        for i in range(self.num_hidden_layers):
+            group = int(i / (self.num_hidden_layers / self.num_hidden_groups))
+            out.extend(group * self.inner_group_num + j for j in range(self.inner_group_num))
+        return out
+
+    def replace(self, **overrides: Any) -> EncoderConfig:
+        """`dataclasses.replace` with a clear error for unknown field names."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown EncoderConfig field(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **overrides)
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=128, vocab_size=1000, max_position_embeddings=128),
+    "mini": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                 intermediate_size=1536, vocab_size=30522, max_position_embeddings=512),
+    "small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
+                  intermediate_size=2048, vocab_size=30522, max_position_embeddings=512),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, vocab_size=30522, max_position_embeddings=512),
+}
+PRESETS = tuple(_PRESETS)
+
+
+def preset(name: str, model_type: str = "bert", **overrides: Any) -> EncoderConfig:
+    """A size preset (`tiny`, `mini`, `small`, `base`) for any of the three architectures."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    fields: dict[str, Any] = dict(_PRESETS[name], model_type=model_type)
+    if model_type == "distilbert":
+        fields["type_vocab_size"] = 0
+    if model_type == "albert":
+        fields.update(embedding_size=min(128, fields["hidden_size"]), hidden_act="gelu_new")
+    return EncoderConfig(**fields).replace(**overrides)
+
+
+def _read_json(source: Mapping[str, Any] | str | Path) -> dict[str, Any]:
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"config file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
+
+
+def config_from_hf(
+    source: Mapping[str, Any] | str | Path, *, num_labels: int | None = None, **overrides: Any
+) -> EncoderConfig:
+    """Translate a Hugging Face `config.json` (dict, file or folder) into an `EncoderConfig`.
+
+    Missing fields take the Hugging Face class defaults. `num_labels` defaults to the size of
+    `id2label` when present, else 2.
+    """
+    hf = _read_json(source)
+    model_type = hf.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ModelLoadError(
+            f"unsupported model_type {model_type!r} in config; supported: {', '.join(MODEL_TYPES)}"
+        )
+    if num_labels is None:
+        num_labels = len(hf["id2label"]) if hf.get("id2label") else 2
+    if model_type == "distilbert":
+        fields = dict(
+            vocab_size=hf.get("vocab_size", 30522),
+            hidden_size=hf.get("dim", 768),
+            num_hidden_layers=hf.get("n_layers", 6),
+            num_attention_heads=hf.get("n_heads", 12),
+            intermediate_size=hf.get("hidden_dim", 3072),
+            hidden_act=hf.get("activation", "gelu"),
+            hidden_dropout_prob=hf.get("dropout", 0.1),
+            attention_probs_dropout_prob=hf.get("attention_dropout", 0.1),
+            classifier_dropout_prob=hf.get("seq_classif_dropout", 0.2),
+            max_position_embeddings=hf.get("max_position_embeddings", 512),
+            type_vocab_size=0,
+            layer_norm_eps=1e-12,  # hard-coded in HF's DistilBERT
+            initializer_range=hf.get("initializer_range", 0.02),
+        )
+    else:
+        pos_type = hf.get("position_embedding_type", "absolute")
+        if pos_type != "absolute":
+            raise ModelLoadError(f"unsupported position_embedding_type {pos_type!r}")
+        is_albert = model_type == "albert"
+        dropout = hf.get("hidden_dropout_prob", 0.0 if is_albert else 0.1)
+        if is_albert:
+            classifier_dropout = hf.get("classifier_dropout_prob", 0.1)
+        else:
+            classifier_dropout = hf.get("classifier_dropout")
+            classifier_dropout = dropout if classifier_dropout is None else classifier_dropout
+        fields = dict(
+            vocab_size=hf.get("vocab_size", 30000 if is_albert else 30522),
+            hidden_size=hf.get("hidden_size", 4096 if is_albert else 768),
+            num_hidden_layers=hf.get("num_hidden_layers", 12),
+            num_attention_heads=hf.get("num_attention_heads", 64 if is_albert else 12),
+            intermediate_size=hf.get("intermediate_size", 16384 if is_albert else 3072),
+            hidden_act=hf.get("hidden_act", "gelu_new" if is_albert else "gelu"),
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=hf.get(
+                "attention_probs_dropout_prob", 0.0 if is_albert else 0.1
+            ),
+            classifier_dropout_prob=classifier_dropout,
+            max_position_embeddings=hf.get("max_position_embeddings", 512),
+            type_vocab_size=hf.get("type_vocab_size", 2),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+            initializer_range=hf.get("initializer_range", 0.02),
+        )
+        if is_albert:
+            fields.update(
+                embedding_size=hf.get("embedding_size", 128),
+                num_hidden_groups=hf.get("num_hidden_groups", 1),
+                inner_group_num=hf.get("inner_group_num", 1),
+            )
+    return EncoderConfig(model_type=model_type, num_labels=num_labels, **fields).replace(
+        **overrides
+    )
