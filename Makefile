@@ -25,8 +25,12 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
+# The data directory: $FEDJAX_LM_DATA_DIR, else ../shared/data when it exists, else none
+# (then the quick run uses the generated synthetic task and says so).
+DATA_DIR ?= $(firstword $(FEDJAX_LM_DATA_DIR) $(wildcard ../shared/data))
+
 run: $(STAMP)
-	$(VENV)/bin/fedjax-lm run-quick
+	$(VENV)/bin/fedjax-lm quick $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 bench: $(STAMP)
 	$(VENV)/bin/fedjax-lm bench --preset cpu --out benchmarks/results/$$(hostname -s)

@@ -92,6 +92,38 @@ def evaluate(predict, params, exp: Experiment, batch_size: int) -> dict[str, flo
     }
 
 
+def memory_plan_lines(cfg: RunConfig, exp: Experiment, engine) -> list[str]:
+    """What `fedjax-lm plan` reports, logged before round 1. The compiled estimate (two
+    compiles of the chunk program) runs on accelerators only; on a CPU host memory is
+    plentiful and the shape-only client-state figure is printed."""
+    from fedjax_lm.scale import memory as mem
+
+    f = mem.format_bytes
+    params = mem.tree_bytes(exp.params)
+    opt = mem.tree_bytes(jax.eval_shape(engine.client_optimizer.init, exp.params))
+    lines = [f"memory: params {f(params)}; per client state {f(2 * params + opt)} "
+             f"(params + {cfg.client_optimizer} state + delta)"]
+    if jax.default_backend() != "cpu":
+        batch = mem.text_batch(exp.steps_per_round, cfg.batch_size, cfg.max_length)
+        est = mem.estimate_memory(_loss(exp), exp.params,
+                                  engine.client_optimizer, batch)
+        stats = jax.devices()[0].memory_stats() or {}
+        budget = int(0.9 * stats.get("bytes_limit", 0)) or None
+        width = cfg.clients_per_chunk or exp.num_clients
+        lines.append(f"memory: compiled {f(est.per_client_bytes)} per client, fixed "
+                     f"{f(est.fixed_bytes)}; this round's chunk of {width} needs "
+                     f"{f(est.chunk_bytes(width))}" + (
+                         f" of {f(budget)}; widest chunk that fits: "
+                         f"{mem.widest_fitting(est, exp.num_clients, budget)}" if budget else ""))
+    return lines
+
+
+def _loss(exp: Experiment):
+    from fedjax_lm.models import classification_loss
+
+    return classification_loss(exp.model)
+
+
 def per_client_head_round(engine, state, data, ids, exp: Experiment, cfg: RunConfig):
     """Round 1 as paper 1's code ran it: every client starts from its own random head.
 
@@ -158,6 +190,9 @@ def train(
     log = MetricsLog(run_dir, start, enabled=primary)
     predict = make_predict(exp.model)
     setup_s = time.perf_counter() - t_setup
+    if primary and progress:
+        for line in memory_plan_lines(cfg, exp, engine):
+            tqdm.write(line)
 
     cohort = cfg.cohort_size or exp.num_clients
     bar = tqdm(range(start, cfg.rounds), initial=start, total=cfg.rounds, desc=run_dir.name,
