@@ -1,0 +1,500 @@
+"""Paper 3's experiments (Sütfeld et al.): Adaptive Blending Units against fixed and α-scaled
+activations in the "smcn" CNN on CIFAR-10, and ABU inside an encoder's FFN under FedAvg.
+
+    python -m fedjax_lm.personalize.abu --config experiments/abu_cifar10.yaml --out DIR
+    python -m fedjax_lm.personalize.abu --config experiments/abu_federated.yaml --out DIR
+
+CIFAR: the seeds of one activation train together, vmapped over a leading run axis (the same
+trick as clients), on per-image standardised images with Adam; validation accuracy (5% split)
+is checked every `eval_every` steps, each run keeps its best-validation params with `where`, and
+those are tested. Federated: `fedjax_lm.runner.train` with `hidden_act` set per arm; the blend
+weights are averaged by FedAvg like every other parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fedjax_lm import data as fdata
+from fedjax_lm.models.activations import ABU_BASES, ABU_VARIANTS, blend_weights, make_activation
+from fedjax_lm.models.cnn import (
+    CnnModel,
+    _dropout,
+    _max_pool,
+    image_classification_eval,
+    image_classification_loss,
+    make_cnn_model,
+)
+from fedjax_lm.personalize import report
+from fedjax_lm.personalize.clients import select_clients
+from fedjax_lm.personalize.config import load_config, read_yaml
+
+Params = Any
+ACTIVATIONS = (*ABU_VARIANTS, "relu", "elu", "tanh", "swish", "identity",
+               "scaled_relu", "scaled_elu", "scaled_tanh", "scaled_swish", "scaled_identity")
+
+
+@dataclass(frozen=True)
+class AbuCifarConfig:
+    """smcn on CIFAR-10; the paper's budget is 60k minibatches of 256 and 30 runs."""
+
+    name: str = "abu_cifar10"
+    kind: str = "cifar"
+    activations: tuple[str, ...] = ACTIVATIONS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    width: int = 64  # smcn conv channels (64 = the paper); fc widths scale with it
+    steps: int = 60_000
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0  # never applied to blend weights / β / α
+    dropout_rate: float = 0.5
+    val_fraction: float = 0.05
+    eval_every: int = 500
+    max_train: int | None = None  # a seeded subset of the 95% training split
+    max_test: int | None = None
+    eval_batch_size: int = 500
+    data_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class AbuFederatedConfig:
+    """`runner.train` for each arm (name → hidden_act, None = the model's own GELU) × seed."""
+
+    name: str = "abu_federated"
+    kind: str = "federated"
+    arms: dict[str, str | None] = field(default_factory=lambda: {"gelu": None, "abu_n": "abu_n"})
+    seeds: tuple[int, ...] = (0, 1, 2)
+    run: dict[str, Any] = field(default_factory=dict)  # RunConfig fields shared by all arms
+    work_dir: str = "/tmp/fedjax_lm_abu_federated"  # run dirs (checkpoints) stay out of git
+    data_dir: str | None = None
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class WideSMCN(nnx.Module):
+    """Paper 3's smcn with a width knob (conv channels `width`, fc 6·width → 3·width), so the
+    CPU can afford a narrower copy; width 64 has exactly the paper's (and cnn.SMCN's) shapes."""
+
+    def __init__(self, num_classes: int, activation: str, width: int, dropout_rate: float,
+                 *, rngs: nnx.Rngs):
+        w = width
+        self.dropout_rate = dropout_rate
+        self.conv1 = nnx.Conv(3, w, (5, 5), padding="SAME", rngs=rngs)
+        self.act1 = make_activation(activation)
+        self.conv2 = nnx.Conv(w, w, (3, 3), padding="SAME", rngs=rngs)
+        self.act2 = make_activation(activation)
+        self.conv3 = nnx.Conv(w, w, (1, 1), padding="SAME", rngs=rngs)
+        self.act3 = make_activation(activation)
+        self.conv4 = nnx.Conv(w, w, (5, 5), padding="SAME", rngs=rngs)
+        self.act4 = make_activation(activation)
+        self.fc1 = nnx.Linear(8 * 8 * w, 6 * w, rngs=rngs)
+        self.act5 = make_activation(activation)
+        self.fc2 = nnx.Linear(6 * w, 3 * w, rngs=rngs)
+        self.act6 = make_activation(activation)
+        self.fc3 = nnx.Linear(3 * w, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None):
+        keys = jax.random.split(rng, 3) if rng is not None else (None, None, None)
+        drop = lambda h, i: _dropout(h, self.dropout_rate, train, keys[i])
+        x = drop(self.act1(self.conv1(x)), 0)
+        x = _max_pool(self.act2(self.conv2(x)), 3, 2, "SAME")
+        x = drop(self.act3(self.conv3(x)), 1)
+        x = _max_pool(self.act4(self.conv4(x)), 3, 2, "SAME")
+        x = x.reshape(x.shape[0], -1)
+        x = drop(self.act5(self.fc1(x)), 2)
+        x = self.act6(self.fc2(x))
+        return self.fc3(x)
+
+
+def smcn_model(activation: str, width: int, dropout_rate: float, num_classes: int = 10):
+    """The paper's smcn from `cnn.py` at width 64, else our width-scaled copy."""
+    if width == 64:
+        return make_cnn_model("smcn", num_classes, activation, dropout_rate=dropout_rate)
+    module_fn = lambda rngs: WideSMCN(num_classes, activation, width, dropout_rate, rngs=rngs)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: module_fn(nnx.Rngs(0))))
+    return CnnModel(module_fn, graphdef, abstract)
+
+
+def standardize(images: np.ndarray) -> np.ndarray:
+    """Per-image standardisation (tf.image.per_image_standardization): zero mean, unit std,
+    std floored at 1/sqrt(#pixels) so flat images do not blow up."""
+    x = images.astype(np.float32) / 255.0
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    std = np.maximum(x.std(axis=(1, 2, 3), keepdims=True), 1.0 / np.sqrt(x[0].size))
+    return (x - mean) / std
+
+
+def is_blend_param(path: tuple[Any, ...]) -> bool:
+    """ABU weights, Swish β and scaling α: the trainable activation parameters."""
+    last = str(getattr(path[-1], "key", path[-1]))
+    return last in {f"{v}_w" for v in ABU_VARIANTS} | {"beta", "alpha"}
+
+
+def make_optimizer(lr: float, weight_decay: float) -> optax.GradientTransformation:
+    """Adam; with weight decay, decoupled decay on every parameter except the blend weights."""
+    if not weight_decay:
+        return optax.adam(lr)
+    mask = lambda params: jax.tree_util.tree_map_with_path(
+        lambda p, _: not is_blend_param(p), params)
+    return optax.adamw(lr, weight_decay=weight_decay, mask=mask)
+
+
+# ----------------------------------------------------------------------------- cifar
+
+
+def load_cifar(cfg: AbuCifarConfig) -> dict[str, dict[str, np.ndarray]]:
+    """Standardised train / val (seeded 5% split of the train set) / test arrays."""
+    task = fdata.load_task("cifar10", cfg.data_dir)
+    n = len(task.train)
+    perm = np.random.default_rng(1234).permutation(n)
+    n_val = int(round(cfg.val_fraction * n))
+    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    if cfg.max_train is not None:
+        train_idx = np.sort(np.random.default_rng(1).choice(train_idx, cfg.max_train, False))
+    test_idx = np.arange(len(task.test))
+    if cfg.max_test is not None:
+        test_idx = np.sort(np.random.default_rng(2).choice(test_idx, cfg.max_test, False))
+
+    def part(split, idx):
+        return {"image": standardize(split.images[idx]), "label": split.labels[idx]}
+
+    return {"train": part(task.train, train_idx), "val": part(task.train, val_idx),
+            "test": part(task.test, test_idx)}
+
+
+def _eval_batches(split: dict[str, np.ndarray], batch_size: int) -> dict[str, jax.Array]:
+    b = fdata.pack_eval(split, batch_size)
+    return {k: jnp.asarray(v) for k, v in b.items()}
+
+
+def train_activation(
+    cfg: AbuCifarConfig, activation: str, arrays: dict[str, dict[str, np.ndarray]],
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """All seeds of one activation, vmapped over a leading run axis."""
+    t0 = time.perf_counter()
+    model = smcn_model(activation, cfg.width, cfg.dropout_rate)
+    loss_fn, eval_fn = image_classification_loss(model), image_classification_eval(model)
+    opt = make_optimizer(cfg.lr, cfg.weight_decay)
+    r = len(cfg.seeds)
+    params = jax.jit(jax.vmap(model.init))(jnp.stack([jax.random.key(s) for s in cfg.seeds]))
+    opt_state = jax.vmap(opt.init)(params)
+    train_x = jnp.asarray(arrays["train"]["image"])
+    train_y = jnp.asarray(arrays["train"]["label"])
+    val_b = _eval_batches(arrays["val"], cfg.eval_batch_size)
+    test_b = _eval_batches(arrays["test"], cfg.eval_batch_size)
+
+    def one_step(p, o, idx, key):
+        batch = {"image": train_x[idx], "label": train_y[idx],
+                 "mask": jnp.ones(idx.shape, jnp.float32)}
+        (_, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch, key)
+        updates, o = opt.update(grads, o, p)
+        return optax.apply_updates(p, updates), o
+
+    vstep = jax.vmap(one_step)
+
+    @jax.jit
+    def chunk(p, o, idx, keys):  # idx [K, R, B], keys [K, R]
+        def body(carry, inp):
+            return vstep(*carry, *inp), None
+
+        (p, o), _ = jax.lax.scan(body, (p, o), (idx, keys))
+        return p, o
+
+    @jax.jit
+    def accuracy(p, batches):
+        def body(acc, batch):
+            out = jax.vmap(eval_fn, in_axes=(0, None))(p, batch)
+            return (acc[0] + out["correct"], acc[1] + out["count"]), None
+
+        zero = jnp.zeros((r,), jnp.float32)
+        (correct, count), _ = jax.lax.scan(body, (zero, zero), batches)
+        return correct / count
+
+    n = len(train_y)
+    rngs = [np.random.default_rng((s, 99)) for s in cfg.seeds]
+    orders = [np.empty(0, np.int64) for _ in cfg.seeds]
+
+    def next_indices(k: int) -> np.ndarray:
+        """[k, R, B] minibatch indices: per-run reshuffled epochs, no replacement in an epoch."""
+        out = np.empty((k, r, cfg.batch_size), np.int32)
+        for j in range(r):
+            need = k * cfg.batch_size
+            while len(orders[j]) < need:
+                orders[j] = np.concatenate([orders[j], rngs[j].permutation(n)])
+            out[:, j] = orders[j][:need].reshape(k, cfg.batch_size)
+            orders[j] = orders[j][need:]
+        return out
+
+    best = params
+    best_val = jnp.full((r,), -1.0)
+    best_step = np.zeros(r, np.int64)
+    curve = []
+    base = jax.random.key(12345)
+    done = 0
+    while done < cfg.steps:
+        k = min(cfg.eval_every, cfg.steps - done)
+        keys = jax.vmap(lambda i: jax.vmap(lambda s: jax.random.fold_in(
+            jax.random.fold_in(base, s), i))(jnp.asarray(cfg.seeds)))(done + jnp.arange(k))
+        params, opt_state = chunk(params, opt_state, jnp.asarray(next_indices(k)), keys)
+        done += k
+        val = accuracy(params, val_b)
+        improved = val > best_val
+        best = select_clients(improved, params, best)
+        best_val = jnp.where(improved, val, best_val)
+        best_step = np.where(np.asarray(improved), done, best_step)
+        curve.append({"step": done, "val_acc": np.asarray(val).tolist()})
+    test = np.asarray(accuracy(best, test_b))
+    rec: dict[str, Any] = {
+        "activation": activation, "seeds": list(cfg.seeds), "test_acc": test.tolist(),
+        "best_val_acc": np.asarray(best_val).tolist(), "best_step": best_step.tolist(),
+        "curve": curve, "wall_s": time.perf_counter() - t0,
+    }
+    weights = blend_weights(best)
+    if weights:
+        rec["blend_weights"] = {layer: w.tolist() for layer, w in weights.items()}
+    log(f"  {activation:16s} test {100 * test.mean():.1f} ± {100 * test.std(ddof=1):.1f} "
+        f"(best step {best_step.tolist()}, {rec['wall_s']:.0f}s)")
+    return rec
+
+
+def run_cifar(cfg: AbuCifarConfig, out_dir: Path, command: str) -> list[dict[str, Any]]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = _logger(out_dir)
+    t0 = time.perf_counter()
+    cells_path = out_dir / "cells.jsonl"
+    done = _read_cells(cells_path)
+    arrays = load_cifar(cfg)
+    log(f"{cfg.name}: train {len(arrays['train']['label'])}, val {len(arrays['val']['label'])},"
+        f" test {len(arrays['test']['label'])}; width {cfg.width}, {cfg.steps} steps of "
+        f"{cfg.batch_size}")
+    for act in cfg.activations:
+        if any(d["activation"] == act for d in done):
+            continue
+        rec = train_activation(cfg, act, arrays, log)
+        done.append(rec)
+        with cells_path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        write_cifar_report(out_dir, done, cfg, command, time.perf_counter() - t0)
+    return done
+
+
+def write_cifar_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, command: str,
+                       wall_s: float) -> None:
+    rows = []
+    for rec in recs:
+        for seed, acc, val, step in zip(rec["seeds"], rec["test_acc"], rec["best_val_acc"],
+                                        rec["best_step"], strict=True):
+            rows.append({"activation": rec["activation"], "seed": seed,
+                         "test_acc": round(acc, 4), "best_val_acc": round(val, 4),
+                         "best_step": step})
+    report.write_csv(out_dir / "results.csv", rows)
+    ranked = sorted(recs, key=lambda r: -float(np.mean(r["test_acc"])))
+    lines = ["| activation | test accuracy (%) mean ± std | n | best val (%) |",
+             "| --- | --- | --- | --- |"]
+    for rec in ranked:
+        lines.append(f"| {rec['activation']} | {report.mean_std(rec['test_acc'])} | "
+                     f"{len(rec['test_acc'])} | {100 * np.mean(rec['best_val_acc']):.1f} |")
+    (out_dir / "table.md").write_text("\n".join(lines) + "\n")
+    _plot_blend(out_dir / "blend_weights.png", [r for r in recs if "blend_weights" in r])
+    report.write_meta(out_dir, cfg, command, wall_s, activations_done=len(recs))
+
+
+def _plot_blend(path: Path, recs: list[dict[str, Any]]) -> None:
+    """One panel per ABU variant: effective blend weight of each base per layer (mean over
+    seeds, bars) — what each layer's activation converged to."""
+    if not recs:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(recs), figsize=(4 * len(recs), 3.6), squeeze=False)
+    for ax, rec in zip(axes[0], recs, strict=True):
+        layers = sorted(rec["blend_weights"], key=lambda s: (len(s), s))
+        w = np.stack([np.mean(rec["blend_weights"][name], axis=0) for name in layers])  # [L, 5]
+        x = np.arange(len(layers))
+        for j, base in enumerate(ABU_BASES):
+            ax.bar(x + (j - 2) * 0.16, w[:, j], width=0.16, label=base)
+        ax.set_xticks(x, layers, rotation=45)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_title(rec["activation"])
+    axes[0][0].set_ylabel("effective blend weight (mean over seeds)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- federated
+
+
+def run_federated(cfg: AbuFederatedConfig, out_dir: Path, command: str) -> list[dict[str, Any]]:
+    """`runner.train` per (arm, seed); the final global model's blend weights are restored from
+    the run's last checkpoint."""
+    from fedjax_lm.runner import from_dict, train
+    from fedjax_lm.runner.checkpoint import Checkpointer
+    from fedjax_lm.runner.experiment import build_engine, build_experiment
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = _logger(out_dir)
+    t0 = time.perf_counter()
+    cells_path = out_dir / "cells.jsonl"
+    done = _read_cells(cells_path)
+    for arm, act in cfg.arms.items():
+        for seed in cfg.seeds:
+            if any(d["arm"] == arm and d["seed"] == seed for d in done):
+                continue
+            run_dir = Path(cfg.work_dir) / cfg.name / f"{arm}-seed{seed}"
+            values = {**cfg.run, "hidden_act": act, "seed": seed, "out": str(run_dir)}
+            values["checkpoint_every"] = values.get("rounds", 3)
+            if cfg.data_dir:
+                values["data_dir"] = cfg.data_dir
+            run_cfg = from_dict(values)
+            t1 = time.perf_counter()
+            exp = build_experiment(run_cfg)
+            final = train(run_cfg, progress=False, exp=exp)
+            rec = {"arm": arm, "hidden_act": act, "seed": seed,
+                   "final_accuracy": final["final_accuracy"],
+                   "best_accuracy": final["best_accuracy"],
+                   "final_eval_loss": final["final_eval_loss"],
+                   "final_train_loss": final["final_train_loss"],
+                   "curve": [json.loads(x) for x in
+                             (run_dir / "metrics.jsonl").read_text().splitlines()],
+                   "wall_s": time.perf_counter() - t1}
+            if act and act in ABU_VARIANTS:
+                template = build_engine(run_cfg, exp).init(exp.params, jax.random.key(seed))
+                ckpt = Checkpointer(run_dir / "checkpoints")
+                _, state, _ = ckpt.restore(template)
+                ckpt.close()
+                rec["blend_weights"] = {k: v.tolist() for k, v in
+                                        blend_weights(state.params).items()}
+            log(f"  {arm:8s} seed {seed}: final acc {rec['final_accuracy']:.3f} "
+                f"({rec['wall_s']:.0f}s)")
+            done.append(rec)
+            with cells_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            write_federated_report(out_dir, done, cfg, command, time.perf_counter() - t0)
+    return done
+
+
+def write_federated_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, command: str,
+                           wall_s: float) -> None:
+    rows = [{"arm": r["arm"], "hidden_act": r["hidden_act"] or "model default (gelu)",
+             "seed": r["seed"], "final_accuracy": round(r["final_accuracy"], 4),
+             "best_accuracy": round(r["best_accuracy"], 4),
+             "final_eval_loss": round(r["final_eval_loss"], 4)} for r in recs]
+    report.write_csv(out_dir / "results.csv", rows)
+    lines = ["| FFN activation | final test accuracy (%) | best-round accuracy (%) | "
+             "final test loss | n |", "| --- | --- | --- | --- | --- |"]
+    for arm in dict.fromkeys(r["arm"] for r in recs):
+        rs = [r for r in recs if r["arm"] == arm]
+        loss = np.asarray([r["final_eval_loss"] for r in rs])
+        lines.append(f"| {arm} | {report.mean_std([r['final_accuracy'] for r in rs])} | "
+                     f"{report.mean_std([r['best_accuracy'] for r in rs])} | "
+                     f"{loss.mean():.3f} | {len(rs)} |")
+    (out_dir / "table.md").write_text("\n".join(lines) + "\n")
+    _plot_federated(out_dir / "plot.png", recs)
+    report.write_meta(out_dir, cfg, command, wall_s, runs_done=len(recs))
+
+
+def _plot_federated(path: Path, recs: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    abu = [r for r in recs if "blend_weights" in r]
+    fig, axes = plt.subplots(1, 2 if abu else 1, figsize=(10 if abu else 5, 3.8), squeeze=False)
+    ax = axes[0][0]
+    for arm in dict.fromkeys(r["arm"] for r in recs):
+        curves = [[c.get("eval_accuracy", np.nan) for c in r["curve"]]
+                  for r in recs if r["arm"] == arm]
+        m = min(len(c) for c in curves)
+        a = np.asarray([c[:m] for c in curves])
+        x = np.arange(1, m + 1)
+        ax.plot(x, a.mean(0), marker="o", label=f"{arm} (n={len(curves)})")
+        ax.fill_between(x, a.min(0), a.max(0), alpha=0.2)
+    ax.set_xlabel("round")
+    ax.set_ylabel("global test accuracy")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if abu:
+        ax = axes[0][1]
+        layers = sorted(abu[0]["blend_weights"], key=lambda s: (len(s), s))
+        w = np.stack([np.mean([np.asarray(r["blend_weights"][name]) for r in abu], axis=0)
+                      for name in layers])
+        w = w.reshape(len(layers), -1)
+        x = np.arange(len(layers))
+        for j, base in enumerate(ABU_BASES):
+            ax.bar(x + (j - 2) * 0.16, w[:, j], width=0.16, label=base)
+        ax.set_xticks(x, [name.replace("/", "\n") for name in layers], fontsize=6)
+        ax.set_title("FedAvg-averaged ABU_N blend weights per FFN layer")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _logger(out_dir: Path) -> Callable[[str], None]:
+    path = out_dir / "progress.log"
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        with path.open("a") as f:
+            f.write(msg + "\n")
+
+    return log
+
+
+def _read_cells(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="experiments/abu_*.yaml")
+    parser.add_argument("--out", default=None, help="output dir (default experiments/results/NAME)")
+    parser.add_argument("--data-dir", default=None, help="dataset root (else $FEDJAX_LM_DATA_DIR)")
+    parser.add_argument("--smoke", action="store_true", help="the config's few-step smoke run")
+
+
+def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    kind = read_yaml(args.config).get("kind", "cifar")
+    cls = AbuCifarConfig if kind == "cifar" else AbuFederatedConfig
+    cfg: Any = load_config(cls, args.config, smoke=args.smoke)
+    if args.data_dir:
+        cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
+    out = Path(args.out or f"experiments/results/{cfg.name}")
+    command = " ".join(["python -m fedjax_lm.personalize.abu", *(argv or sys.argv[1:])])
+    (run_cifar if kind == "cifar" else run_federated)(cfg, out, command)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedjax_lm.personalize.abu",
+                                     description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

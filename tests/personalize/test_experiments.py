@@ -1,0 +1,139 @@
+"""Experiment plumbing: configs, the CLI hook, the ABU model/optimiser pieces, and smoke runs
+of every experiment config (slow: XLA compiles several CNNs/encoders; a cheap moe cell on a
+linear model runs by default)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_lm.personalize import abu, moe
+from fedjax_lm.personalize.cli import add_parsers
+from fedjax_lm.personalize.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ["moe_cifar10", "moe_text", "abu_cifar10", "abu_federated"]
+DATA = Path(os.environ.get("FEDJAX_LM_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_configs_load_and_start_with_their_command(name):
+    path = ROOT / "experiments" / f"{name}.yaml"
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#")
+    assert f"experiments/{name}.yaml" in path.read_text().split("\nname:")[0]
+    cls = moe.MoeConfig if name.startswith("moe") else (
+        abu.AbuCifarConfig if name == "abu_cifar10" else abu.AbuFederatedConfig)
+    for smoke in (False, True):
+        cfg = load_config(cls, path, smoke=smoke)
+        assert cfg.name.startswith(name)
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\nfedavg: {rounds: 2, roundz: 3}\n")
+    with pytest.raises(ValueError, match="roundz"):
+        load_config(moe.MoeConfig, p)
+
+
+def test_cli_subcommands():
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["moe", "--config", "c.yaml", "--smoke", "--out", "o"])
+    assert args.command == "moe" and args.smoke and args.out == "o" and callable(args.func)
+    args = parser.parse_args(["abu", "--config", "c.yaml", "--data-dir", "d"])
+    assert args.data_dir == "d" and not args.smoke
+
+
+def test_wide_smcn_at_width_64_has_the_papers_shapes():
+    from flax import nnx
+
+    from fedjax_lm.models.cnn import make_cnn_model
+
+    ours = nnx.eval_shape(lambda: abu.WideSMCN(10, "abu_n", 64, 0.5, rngs=nnx.Rngs(0)))
+    ref = jax.eval_shape(make_cnn_model("smcn", 10, "abu_n").init, jax.random.key(0))
+    shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)
+    assert shapes(nnx.to_pure_dict(nnx.split(ours)[1])) == shapes(ref)
+    narrow = jax.eval_shape(abu.smcn_model("relu", 8, 0.5).init, jax.random.key(0))
+    assert narrow["conv1"]["kernel"].shape == (5, 5, 3, 8)
+
+
+def test_weight_decay_never_touches_blend_weights():
+    params = {"act1": {"abu_n_w": jnp.full((5,), 0.2), "beta": jnp.ones(())},
+              "act2": {"alpha": jnp.ones(())}, "fc": {"kernel": jnp.ones((2, 2))}}
+    opt = abu.make_optimizer(1e-3, weight_decay=0.5)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = opt.update(zero, opt.init(params), params)
+    assert float(jnp.abs(updates["act1"]["abu_n_w"]).max()) == 0.0
+    assert float(jnp.abs(updates["act1"]["beta"])) == 0.0
+    assert float(jnp.abs(updates["act2"]["alpha"])) == 0.0
+    assert float(jnp.abs(updates["fc"]["kernel"]).max()) > 0.0
+
+
+def test_per_image_standardisation():
+    rs = np.random.RandomState(0)
+    imgs = rs.randint(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+    imgs[2] = 7  # a flat image: std floored, no division by zero
+    x = abu.standardize(imgs)
+    np.testing.assert_allclose(x[:2].mean(axis=(1, 2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(x[:2].std(axis=(1, 2, 3)), 1, atol=1e-4)
+    assert np.all(np.isfinite(x[2])) and np.all(x[2] == 0)
+
+
+def test_moe_cell_on_a_linear_model_runs_all_four_methods():
+    """A cheap end-to-end cell: synthetic pool, majority skew, opt-out, the four methods."""
+    from fedjax_lm.personalize.mixture import Classifier
+
+    rs = np.random.RandomState(0)
+    n, dim, k = 2000, 8, 4
+    x = rs.randn(n, dim).astype(np.float32)
+    feats = {"x": x, "label": x[:, :k].argmax(-1).astype(np.int32)}
+    gx = rs.randn(40, dim).astype(np.float32)
+    pool = moe.Pool(feats, {"x": gx, "label": gx[:, :k].argmax(-1).astype(np.int32)}, k, "synth")
+
+    def lin(m):
+        return Classifier(lambda key: {"w": 0.1 * jax.random.normal(key, (dim, m))},
+                          lambda p, b, t, r: b["x"] @ p["w"])
+
+    spec = moe.ModelSpec(lin(k), lin(1), lin(k).init, lin(k).init, lin(1).init)
+    cfg = moe.MoeConfig(
+        num_clients=8, train_size=20, val_size=10, test_size=10, k=2, eval_clients=3,
+        opt_out_fraction=0.25, eval_batch_size=10,
+        fedavg=moe.FedAvgConfig(rounds=2, cohort_size=2, local_epochs=1, lr=0.05, eval_every=1),
+        local=moe.FitConfig(lr=0.05, max_epochs=2), finetune=moe.FitConfig(lr=0.05, max_epochs=2),
+        mixture=moe.FitConfig(lr=0.05, max_epochs=2))
+    cell = moe.run_cell(cfg, pool, moe.build_methods(cfg, spec), 0.8, 0, log=lambda m: None)
+    assert set(cell["methods"]) == set(moe.METHODS)
+    for rec in cell["methods"].values():
+        assert len(rec["local_acc"]) == 3 and all(0 <= a <= 1 for a in rec["global_acc"])
+    assert 0 < np.mean(cell["methods"]["mixture"]["gate_local"]) < 1
+    rows = moe.report.moe_rows([cell])
+    assert {r["method"] for r in rows} == set(moe.METHODS)
+    assert "local test" in moe.report.moe_table(rows, "p")
+
+
+def test_client_splits_have_the_configured_sizes():
+    labels = np.repeat(np.arange(10), 300)
+    cfg = moe.MoeConfig(num_clients=10, train_size=100, val_size=100, test_size=50)
+    s = moe.client_splits(cfg, labels, 0.8, seed=0)
+    assert [len(x) for x in s.train] == [100] * 10
+    assert [len(x) for x in s.val] == [100] * 10 and [len(x) for x in s.test] == [50] * 10
+    assert moe.balanced_slice(labels, 3, 10).tolist()[:3] == [0, 1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CONFIGS)
+def test_smoke_run_of_each_experiment_config(name, tmp_path):
+    if not DATA.is_dir():
+        pytest.skip(f"no data dir {DATA}")
+    module = moe if name.startswith("moe") else abu
+    argv = ["--config", str(ROOT / "experiments" / f"{name}.yaml"), "--out", str(tmp_path),
+            "--data-dir", str(DATA), "--smoke"]
+    assert module.main(argv) == 0
+    assert (tmp_path / "results.csv").is_file() and (tmp_path / "table.md").is_file()
