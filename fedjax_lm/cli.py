@@ -69,7 +69,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     preset = _preset(args)
     overrides = _overrides(args)
     out = Path(overrides.pop("out", None) or args.out_dir or Path("runs") / preset.name)
-    run_sweep(preset, overrides, out, progress=not args.no_progress)
+    run_sweep(preset, overrides, out, progress=not args.no_progress, isolate=True)
     print((out / "summary.md").read_text())
     print(f"results: {out}/results.csv; plots: {out}/accuracy_vs_round.png, "
           f"{out}/final_accuracy_vs_clients.png")
@@ -99,7 +99,7 @@ def cmd_quick(args: argparse.Namespace) -> int:
     out = Path(args.out_dir or "runs/quick")
     from fedjax_lm.runner.sweep import run_sweep
 
-    run_sweep(preset, overrides, out, progress=not args.no_progress)
+    run_sweep(preset, overrides, out, progress=not args.no_progress, isolate=True)
     print((out / "summary.md").read_text())
     print(f"plots: {out}/accuracy_vs_round.png, {out}/final_accuracy_vs_clients.png")
     return 0

@@ -18,7 +18,9 @@ import numpy as np
 from fedjax_lm.runner.io import atomic_write_bytes, atomic_write_text, read_jsonl
 
 _ALWAYS = ("model", "task", "clients")
-_IGNORED = {"out", "seed", "data_dir"}
+# Not columns of the results: where runs live and how they execute.
+_IGNORED = {"out", "seed", "data_dir", "clients_per_chunk", "backend", "checkpoint_every",
+            "eval_batch_size"}
 
 
 def load_runs(root: Path) -> list[dict[str, Any]]:
@@ -50,7 +52,14 @@ def _group(runs: list[dict], fields: list[str]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
         groups[tuple(r["config"][f] for f in fields)].append(r)
-    return dict(sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))))
+    return dict(sorted(groups.items(), key=lambda kv: tuple(map(_sort_key, kv[0]))))
+
+
+def _sort_key(value: Any) -> tuple:
+    """Numbers in numeric order (clients 1, 4, 16 — not 1, 16, 4), then strings."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, str(value))
 
 
 def write_report(root: Path, *, title: str = "", sweep_wall_s: float | None = None) -> Path:
@@ -71,8 +80,12 @@ def write_report(root: Path, *, title: str = "", sweep_wall_s: float | None = No
     atomic_write_text(root / "results.csv", buf.getvalue())
 
     lines = [f"# {title or root.name}", ""]
+    total = sum(r["train_wall_s"] + r.get("setup_s", 0.0) for r in runs)
+    lines += [f"{len(runs)} runs; total wall time of the runs (setup + rounds, summed over "
+              f"every invocation that contributed): {total / 60:.1f} min."]
     if sweep_wall_s is not None:
-        lines += [f"Sweep wall time (this invocation): {sweep_wall_s:.0f} s.", ""]
+        lines += [f"Wall time of the last sweep invocation: {sweep_wall_s:.0f} s."]
+    lines += [""]
     target = runs[0]["config"].get("target_accuracy")
     header = fields + ["seeds", "final accuracy", "best accuracy",
                        f"rounds to {target:.0%}" if target else "rounds to target",

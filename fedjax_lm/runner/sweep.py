@@ -7,6 +7,9 @@ cells and resumes the unfinished one from its checkpoint.
 from __future__ import annotations
 
 import itertools
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,8 +17,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from fedjax_lm.runner.config import ConfigError, Preset, RunConfig, from_dict
+from fedjax_lm.runner.io import write_yaml
 from fedjax_lm.runner.report import write_report
-from fedjax_lm.runner.train import train
+from fedjax_lm.runner.train import TrainingError, train
 
 
 def _slug(value: Any) -> str:
@@ -38,9 +42,33 @@ def expand(preset: Preset, overrides: dict[str, Any], out: Path) -> list[RunConf
     return cells
 
 
+def train_in_subprocess(cfg: RunConfig, *, progress: bool) -> dict:
+    """Run one cell as `fedjax-lm train` in a fresh process and read its final.json.
+
+    A long sweep in one process accumulates host memory (compiled programs, allocator
+    fragmentation: >10 GB after a dozen MiniLM cells on CPU); a process per cell returns it
+    all, and a crash in one cell leaves the others' results intact.
+    """
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = run_dir / "cell.yaml"
+    write_yaml(spec, {"name": run_dir.name, "base": cfg.to_dict()})
+    cmd = [sys.executable, "-m", "fedjax_lm.cli", "train", "--config", str(spec)]
+    if not progress:
+        cmd.append("--no-progress")
+    result = subprocess.run(cmd)
+    if result.returncode != 0:
+        raise TrainingError(f"sweep cell {run_dir.name} failed (exit {result.returncode}); "
+                            "rerun the sweep to resume it")
+    return json.loads((run_dir / "final.json").read_text())
+
+
 def run_sweep(
-    preset: Preset, overrides: dict[str, Any], out: Path, *, progress: bool = True
+    preset: Preset, overrides: dict[str, Any], out: Path, *, progress: bool = True,
+    isolate: bool = False,
 ) -> list[dict]:
+    """Run every cell (skipping finished ones), then write the report. `isolate` runs each
+    cell in its own process (what the CLI does)."""
     out = Path(out)
     cells = expand(preset, overrides, out)
     results = []
@@ -48,6 +76,10 @@ def run_sweep(
     bar = tqdm(cells, desc=f"sweep {preset.name}", unit="cell", disable=not progress)
     for cfg in bar:
         bar.set_postfix_str(Path(cfg.out).name)
-        results.append(train(cfg, progress=progress))
+        finished = Path(cfg.out) / "final.json"
+        if isolate and not finished.exists():
+            results.append(train_in_subprocess(cfg, progress=progress))
+        else:
+            results.append(train(cfg, progress=progress))
     write_report(out, title=preset.name, sweep_wall_s=time.perf_counter() - started)
     return results

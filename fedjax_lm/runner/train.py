@@ -29,8 +29,10 @@ from fedjax_lm.runner.io import write_json, write_yaml
 from fedjax_lm.runner.metrics import MetricsLog
 from fedjax_lm.scale.distributed import is_primary
 
-# Fields that may differ when resuming a run directory (they do not change the numbers).
-_RESUMABLE_CHANGES = {"out", "checkpoint_every", "eval_batch_size", "data_dir", "rounds"}
+# Fields that may differ when resuming a run directory: where and how it executes, not what
+# it computes (chunking and backends agree to float tolerance).
+_RESUMABLE_CHANGES = {"out", "checkpoint_every", "eval_batch_size", "data_dir", "rounds",
+                      "clients_per_chunk", "backend"}
 
 
 class TrainingError(RuntimeError):

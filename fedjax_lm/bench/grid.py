@@ -1,0 +1,87 @@
+"""What a bench run measures: groups of cells (model × backends × client counts) and presets.
+
+A backend spec is `loop`, `vmap`, `mesh`, `pmap`, or `vmap@K` / `mesh@K` for
+`clients_per_chunk=K` with the host chunk executor (one compiled K-client step for every C;
+`@Ks` uses the scan executor instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from fedjax_lm.federated.engine import BACKENDS
+
+_SPEC = re.compile(r"^(loop|vmap|mesh|pmap)(?:@(\d+)(s?))?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendSpec:
+    backend: str
+    chunk: int | None = None
+    executor: str = "host"
+
+    @property
+    def label(self) -> str:
+        if self.chunk is None:
+            return self.backend
+        return f"{self.backend}@{self.chunk}{'s' if self.executor == 'scan' else ''}"
+
+    @property
+    def multi_device(self) -> bool:
+        return self.backend in ("mesh", "pmap")
+
+
+def parse_backend(spec: str) -> BackendSpec:
+    m = _SPEC.match(spec)
+    if not m:
+        raise ValueError(f"bad backend spec {spec!r}: use one of {BACKENDS}, optionally @K "
+                         "(clients_per_chunk, host executor) or @Ks (scan executor)")
+    backend, chunk, scan = m.groups()
+    if chunk and backend in ("loop", "pmap"):
+        raise ValueError(f"{backend} does not take a chunk width ({spec!r})")
+    return BackendSpec(backend, int(chunk) if chunk else None, "scan" if scan else "host")
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Cells sharing one model: every backend × every C, peers at `peer_clients`."""
+
+    model: str
+    max_length: int
+    clients: tuple[int, ...]
+    backends: tuple[str, ...]
+    peers: tuple[str, ...] = ()
+    peer_clients: tuple[int, ...] | None = None  # None: every C in `clients`
+    optimizer: str = "sgd"
+    dtype: str = "float32"
+    attention_impl: str = "xla"
+    remat: bool = False
+    batch_size: int = 8
+    local_steps: int = 4
+    stop_at_oom: bool = False  # GPU: keep raising C until it no longer fits
+
+    def specs(self) -> list[BackendSpec]:
+        return [parse_backend(b) for b in self.backends]
+
+
+_PEERS = ("torch-loop", "flower", "pfl")
+_CPU_BACKENDS = ("loop", "vmap", "vmap@8", "mesh", "pmap")
+
+PRESETS: dict[str, tuple[Group, ...]] = {
+    # This 2-core CPU: the issue's grid. MiniLM-size is trimmed to C ∈ {1, 8} (C = 8 is the
+    # reference cell; every round there is ~16 s per backend).
+    "cpu": (
+        Group("tiny", 32, (1, 2, 4, 8, 16, 32), _CPU_BACKENDS, _PEERS, (1, 8, 32)),
+        Group("mini", 64, (1, 8), ("loop", "vmap", "vmap@4", "mesh", "pmap"), _PEERS, (8,)),
+    ),
+    # One H100/H200 within ~8 minutes (benchmarks/gpu_run.sh).
+    "gpu": (
+        Group("tiny", 32, (1, 8, 32), ("loop", "vmap")),
+        Group("mini", 64, (1, 8, 32), ("loop", "vmap"), dtype="bfloat16"),
+        Group("base", 128, (32,), ("vmap@8",), optimizer="adam", dtype="bfloat16"),
+        # The largest C that fits unchunked: raise C until the first out-of-memory failure.
+        Group("base", 128, (32, 64, 128), ("vmap",), optimizer="adam", dtype="bfloat16",
+              stop_at_oom=True),
+    ),
+}

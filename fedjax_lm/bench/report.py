@@ -1,0 +1,199 @@
+"""bench.json, report.md and the plot, each written atomically (tmp file + rename), so a
+half-written result never replaces a good one."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+PEER_LABELS = ("peer:torch-loop", "peer:flower", "peer:pfl")
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> None:
+    out = Path(out)
+    result["targets"] = evaluate_targets(result["rows"])
+    _atomic_write(out / "bench.json",
+                  lambda p: p.write_text(json.dumps(result, indent=1, default=float) + "\n"))
+    plot = "bench.png"
+    try:
+        _atomic_write(out / plot, lambda p: _plot(result["rows"], p))
+    except Exception as e:  # noqa: BLE001 — a plot failure must not lose the numbers
+        plot = f"(plot failed: {type(e).__name__}: {e})"
+    _atomic_write(out / "report.md", lambda p: p.write_text(render_markdown(result, plot)))
+
+
+def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("status") == "ok"]
+
+
+def _find(rows, model: str, clients: int, label: str) -> dict[str, Any] | None:
+    for r in _ok(rows):
+        if (r["model"], r["clients"], r["label"]) == (model, clients, label):
+            return r
+    return None
+
+
+def _best_vector(rows, model: str, clients: int) -> dict[str, Any] | None:
+    cands = [r for r in _ok(rows) if r["model"] == model and r["clients"] == clients
+             and r["label"] != "loop" and not r["label"].startswith("peer:")]
+    return min(cands, key=lambda r: r["round_s"]) if cands else None
+
+
+def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, each met / missed / not measured, with the numbers behind it."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, goal: float, detail: str) -> None:
+        status = "not measured" if value is None else ("met" if value >= goal else "missed")
+        out.append({"target": name, "value": value, "goal": goal, "status": status,
+                    "detail": detail})
+
+    ok = _ok(rows)
+    vec = [r for r in ok if r["label"] not in ("loop",) and not r["label"].startswith("peer:")
+           and "speedup_vs_loop" in r]
+    worst = min(vec, key=lambda r: r["speedup_vs_loop"]) if vec else None
+    add("vectorized >= 1.0x loop in every cell",
+        worst["speedup_vs_loop"] if worst else None, 1.0,
+        f"worst: {worst['model']} {worst['label']} C={worst['clients']}" if worst else "")
+    tiny = [r for r in vec if r["model"] == "tiny" and r["clients"] >= 8]
+    best_tiny = max(tiny, key=lambda r: r["speedup_vs_loop"]) if tiny else None
+    add(">= 3x loop where dispatch-bound (tiny, C >= 8, best backend)",
+        best_tiny["speedup_vs_loop"] if best_tiny else None, 3.0,
+        f"best: {best_tiny['label']} C={best_tiny['clients']}" if best_tiny else "")
+    for model, clients, peer, goal in (("tiny", 32, "flower", 5.0), ("mini", 8, "flower", 1.3),
+                                       ("mini", 8, "torch-loop", 1.3), ("tiny", 32, "pfl", 1.0),
+                                       ("mini", 8, "pfl", 1.0), ("tiny", 32, "torch-loop", 1.0)):
+        ours, theirs = _best_vector(rows, model, clients), _find(rows, model, clients,
+                                                                 f"peer:{peer}")
+        value = theirs["round_s"] / ours["round_s"] if ours and theirs else None
+        add(f">= {goal}x faster per round than {peer} ({model}, C={clients})", value, goal,
+            f"ours {ours['label']} {ours['round_s']:.3f}s vs {theirs['round_s']:.3f}s"
+            if ours and theirs else "peer or our cell missing")
+    mini = [r for r in ok if r["model"] == "mini" and not r["label"].startswith("peer:")]
+    best = max(mini, key=lambda r: r.get("roofline_fraction") or 0) if mini else None
+    add(">= 70% of the matmul roofline (mini)", best["roofline_fraction"] if best else None, 0.7,
+        f"best: {best['label']} C={best['clients']} {best['flops_per_s'] / 1e9:.1f} GFLOP/s of "
+        f"{best['roofline_flops_per_s'] / 1e9:.1f}" if best else "")
+    for model in sorted({r["model"] for r in ok}):
+        chunked = [r for r in ok if r["model"] == model and r.get("chunk_executor") == "host"]
+        if len({r["clients"] for r in chunked}) >= 6:
+            execs = max(r.get("step_executables") or 0 for r in chunked)
+            out.append({"target": f"client step compiles <= 2 over the client sweep ({model}, "
+                        f"{chunked[0]['label']})", "value": execs, "goal": 2,
+                        "status": "met" if execs <= 2 else "missed",
+                        "detail": f"{len(chunked)} client counts; all XLA compiles in the "
+                        f"sweep: {sum(r['compiles'] for r in chunked)}"})
+    steady = [r for r in ok if r.get("steady_compiles")]
+    out.append({"target": "never recompiles across rounds", "value": len(steady), "goal": 0,
+                "status": "met" if not steady else "missed",
+                "detail": ", ".join(f"{r['model']} {r['label']} C={r['clients']}"
+                                    for r in steady) or "0 compiles in every steady round"})
+    return out
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def render_markdown(result: dict[str, Any], plot: str) -> str:
+    m = result["machine"]
+    la, le = result["loadavg_start"], result["loadavg_end"]
+    lines = [
+        f"# fedjax_lm bench — {m['hostname']}", "",
+        f"- machine: {m['cpu']} × {m['cpu_count']} CPUs; jax {m['jax']} "
+        f"({m['jax_backend']}, {m['device_kind']}, {len(m['devices'])} device(s))",
+        f"- started {result['started']}, took {result['wall_s'] / 60:.1f} min; load average "
+        f"(1/5/15 min) {la[0]:.2f}/{la[1]:.2f}/{la[2]:.2f} at start, "
+        f"{le[0]:.2f}/{le[1]:.2f}/{le[2]:.2f} at end — the machine is shared, so higher load "
+        "means slower, noisier numbers for every column alike",
+        "- dense-matmul roofline (best of 5 jitted square matmuls, this process): "
+        + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in
+                    result["roofline_flops_per_s"].items()),
+        f"- round_s is the median of {result['rounds']} steady rounds after the first; "
+        "compile_s = first round − round_s; FLOPs are counted from the model "
+        "(6·non-embedding weights + attention per token, ×tokens); peers run in .venv-peers",
+        "",
+        f"![examples/s vs clients]({plot})" if plot.endswith(".png") else plot, "",
+        "## Targets", "", "| target | value | goal | status | detail |", "|---|---|---|---|---|",
+    ]
+    for t in result.get("targets", []):
+        lines.append(f"| {t['target']} | {_fmt(t['value'], '.3g')} | {t['goal']} | "
+                     f"**{t['status']}** | {t['detail']} |")
+    for model in dict.fromkeys(r["model"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["model"] == model]
+        r0 = rows[0]
+        lines += ["", f"## {model}: B={r0['batch_size']}, L={r0['max_length']}, "
+                  f"S={r0['local_steps']} local steps, {r0['optimizer']}, {r0['dtype']}", "",
+                  "| backend | C | round s | compile s | examples/s | tokens/s | GFLOP/s | "
+                  "roofline | peak MiB | compiles | × loop | ours/peer round |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(rows, key=lambda r: (r["label"], r["clients"])):
+            if r.get("status") != "ok":
+                lines.append(f"| {r['label']} | {r['clients']} | failed: {r.get('error')} |"
+                             + " |" * 9)
+                continue
+            ratio = ", ".join(f"{p} {v:.2f}" for p, v in (r.get("peer_round_ratio") or {}
+                                                           ).items())
+            mem = r.get("peak_mem_bytes")
+            lines.append(
+                f"| {r['label']} | {r['clients']} | {r['round_s']:.3f} | {r['compile_s']:.2f} | "
+                f"{r['examples_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
+                f"{r['flops_per_s'] / 1e9:.1f} | {_fmt(r.get('roofline_fraction'), '.0%')} | "
+                f"{_fmt(mem / 2**20 if mem else None, '.0f')} | {_fmt(r.get('compiles'), 'd')} |"
+                f" {_fmt(r.get('speedup_vs_loop'), '.2f')} | {ratio} |")
+    failed = [r for r in result["rows"] if r.get("status") != "ok"]
+    if failed:
+        lines += ["", "## Failures", ""]
+        for r in failed:
+            lines += [f"- {r['model']} {r['label']} C={r['clients']}: {r.get('error')}"]
+            if r.get("stderr_tail"):
+                lines += ["", "```", r["stderr_tail"], "```", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = _ok(rows)
+    models = list(dict.fromkeys(r["model"] for r in ok)) or ["(none)"]
+    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
+    for j, model in enumerate(models):
+        mrows = [r for r in ok if r["model"] == model]
+        for label in dict.fromkeys(r["label"] for r in mrows):
+            pts = sorted((r["clients"], r["examples_per_s"], r.get("speedup_vs_loop"))
+                         for r in mrows if r["label"] == label)
+            style = "--o" if label.startswith("peer:") else "-o"
+            axes[0, j].plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+            sp = [(p[0], p[2]) for p in pts if p[2] is not None]
+            if sp:
+                axes[1, j].plot([p[0] for p in sp], [p[1] for p in sp], style, label=label)
+        axes[0, j].set(title=f"{model}: examples/s", xscale="log", yscale="log",
+                       xlabel="clients per round C")
+        axes[1, j].set(title=f"{model}: speed-up over our loop backend", xscale="log",
+                       xlabel="clients per round C")
+        axes[1, j].axhline(1.0, color="gray", lw=0.8)
+        for ax in axes[:, j]:
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=90)
+    plt.close(fig)
