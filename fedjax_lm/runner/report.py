@@ -140,7 +140,8 @@ def _plots(root: Path, runs: list[dict], fields: list[str]) -> None:
             cs = [c for (c,) in by_c]
             means = [np.mean([r["final_accuracy"] for r in rs]) for rs in by_c.values()]
             stds = [np.std([r["final_accuracy"] for r in rs]) for rs in by_c.values()]
-            label = ", ".join(str(k) for k in key)
+            label = ", ".join([str(key[0])] + [f"{f}={v}" for f, v in zip(extra, key[1:],
+                                                                             strict=True)])
             ax.errorbar(cs, means, yerr=stds, marker="o", capsize=3, label=label)
         ax.set(title=task, xlabel="clients", ylabel="final test accuracy", xscale="log")
         ax.set_xticks(sorted({r["config"]["clients"] for r in group}))
