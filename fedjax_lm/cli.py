@@ -144,9 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub).set_defaults(func=run_plan)
     add_launch_parser(sub).set_defaults(func=run_launch)
 
+    from fedjax_lm.bench import add_parsers as add_bench_parsers
     from fedjax_lm.personalize.cli import add_parsers as add_personalize_parsers
 
     add_personalize_parsers(sub)
+    add_bench_parsers(sub)
     return parser
 
 

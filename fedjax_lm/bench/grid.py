@@ -81,7 +81,7 @@ PRESETS: dict[str, tuple[Group, ...]] = {
         Group("mini", 64, (1, 8, 32), ("loop", "vmap"), dtype="bfloat16"),
         Group("base", 128, (32,), ("vmap@8",), optimizer="adam", dtype="bfloat16"),
         # The largest C that fits unchunked: raise C until the first out-of-memory failure.
-        Group("base", 128, (32, 64, 128), ("vmap",), optimizer="adam", dtype="bfloat16",
+        Group("base", 128, (8, 16, 32), ("vmap",), optimizer="adam", dtype="bfloat16",
               stop_at_oom=True),
     ),
 }

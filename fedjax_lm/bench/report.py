@@ -19,6 +19,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -122,7 +123,8 @@ def render_markdown(result: dict[str, Any], plot: str) -> str:
         f"(1/5/15 min) {la[0]:.2f}/{la[1]:.2f}/{la[2]:.2f} at start, "
         f"{le[0]:.2f}/{le[1]:.2f}/{le[2]:.2f} at end — the machine is shared, so higher load "
         "means slower, noisier numbers for every column alike",
-        "- dense-matmul roofline (best of 5 jitted square matmuls, this process): "
+        "- dense-matmul roofline (best of 5 jitted square matmuls, this process, re-measured "
+        "before each group; last value): "
         + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in
                     result["roofline_flops_per_s"].items()),
         f"- round_s is the median of {result['rounds']} steady rounds after the first; "
@@ -192,7 +194,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
                        xlabel="clients per round C")
         axes[1, j].axhline(1.0, color="gray", lw=0.8)
         for ax in axes[:, j]:
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=90)

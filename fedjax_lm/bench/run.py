@@ -112,10 +112,12 @@ def run_bench(args: argparse.Namespace) -> int:
     started = time.time()
     load_start = os.getloadavg()
     groups = groups_from_args(args)
-    rooflines = {dt: matmul_roofline(dt) for dt in sorted({gr.dtype for gr in groups})}
+    rooflines: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
     for i, group in enumerate(groups):
-        rows += run_group(group, args, rooflines)
+        # Re-measured before every group: on a shared machine the ceiling moves with the load.
+        rooflines[group.dtype] = matmul_roofline(group.dtype)
+        rows += run_group(group, args, dict(rooflines))
         # Written after every group: a run cut short by a timeout still leaves its results.
         write_outputs(_result(args, groups, rows, rooflines, started, load_start,
                               complete=i == len(groups) - 1), args.out)

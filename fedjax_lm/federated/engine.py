@@ -187,6 +187,9 @@ class FederatedEngine:
             else:
                 self.mesh = placement.make_client_mesh(devices, cfg.data_parallel)
         spmd_axis = CLIENT_AXIS if cfg.backend == "mesh" else None
+        # The host executor exists to reuse one compiled chunk step for every cohort size.
+        self._host_chunks = (cfg.chunk_executor == "host" and cfg.clients_per_chunk is not None
+                             and cfg.backend in ("vmap", "mesh"))
         self._process = functools.partial(
             _process_clients, self.client_update, cfg.carry_client_state, spmd_axis
         )
@@ -200,7 +203,7 @@ class FederatedEngine:
                 self._pmap_round_fn, axis_name=CLIENT_AXIS, in_axes=(None, 0),
                 devices=list(self.mesh.devices.flat),
             )
-        elif cfg.chunk_executor == "host" and cfg.clients_per_chunk is not None:
+        elif self._host_chunks:
             self._chunk_step = jax.jit(self._block_step, donate_argnums=(1,))
             self._finish = jax.jit(self._server_step, donate_argnums=donate)
             self._normalize = jax.jit(agg.normalize_weights)
@@ -232,6 +235,10 @@ class FederatedEngine:
         state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
         if self.config.backend == "mesh":
             state = placement.replicate(state, self.mesh)
+        elif self.config.backend == "pmap":
+            # Committed to the first device, like the state a pmap round returns: otherwise
+            # round 2 sees a differently placed input and compiles again.
+            state = jax.device_put(state, self.mesh.devices.flat[0])
         return state
 
     def init_client_states(self, params: Params, num_clients: int) -> PyTree:
@@ -253,6 +260,7 @@ class FederatedEngine:
             clients_per_chunk=self.config.clients_per_chunk,
             num_processes=len(processes),
             process_index=jax.process_index() if process_index is None else process_index,
+            fixed_width=self._host_chunks,
         )
 
     def lower_chunk(self, params: Params, chunk_data: dict[str, Any]) -> jax.stages.Lowered:
@@ -311,7 +319,8 @@ class FederatedEngine:
             )
         else:
             width, padded = placement.layout(
-                num_clients, cfg.clients_per_chunk, self.num_client_shards
+                num_clients, cfg.clients_per_chunk, self.num_client_shards,
+                fixed_width=self._host_chunks,
             )
             blocks = (data, ids, w, client_states)
             blocks = jax.tree.map(lambda x: _pad_axis0(x, padded), blocks)
@@ -355,7 +364,7 @@ class FederatedEngine:
             )
         self._check_batch(mask.shape[2])
         width, padded = placement.layout(num_clients, cfg.clients_per_chunk,
-                                         self.num_client_shards)
+                                         self.num_client_shards, fixed_width=self._host_chunks)
         ids = _pad_axis0(_client_ids(client_ids, num_clients), padded)[positions]
         if weights is None:
             w = _client_weights(mask, cfg.weighting)
@@ -420,7 +429,10 @@ class FederatedEngine:
         blocks = jax.tree.map(lambda x: _pad_axis0(x, padded), (data, ids, p, client_states))
         blocks = jax.tree.map(lambda x: x.reshape((d, 1, padded // d) + x.shape[1:]), blocks)
         state_r, loss, norm, outs = self._pmap_round(state, blocks)
-        state, loss, norm = jax.tree.map(lambda x: x[0], (state_r, loss, norm))
+        # One replica, placed exactly like `init`'s state, so the next round hits the cache.
+        first = self.mesh.devices.flat[0]
+        state, loss, norm = jax.tree.map(lambda x: jax.device_put(x[0], first),
+                                         (state_r, loss, norm))
         outs = jax.tree.map(lambda x: x.reshape((padded,) + x.shape[3:]), outs)
         per_client, new_cs = jax.tree.map(lambda x: x[:num_clients], outs)
         return state, loss, norm, per_client, new_cs
@@ -447,7 +459,7 @@ class FederatedEngine:
     def _run_chunks(self, state, blocks, num_clients):
         """Run `[n, K, ...]` blocks (raw weights) with the configured chunk executor."""
         n, width = blocks[1].shape
-        if self.config.chunk_executor == "host" and self.config.clients_per_chunk is not None:
+        if self._host_chunks:
             state, loss, norm, outs = self._host_chunked_round(state, blocks, n)
         else:
             state, loss, norm, outs = self._round(state, blocks)

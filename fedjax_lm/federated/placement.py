@@ -66,11 +66,17 @@ def block_shardings(mesh: Mesh, blocks):
     return (data_sh, *rest_sh)
 
 
-def layout(num_clients: int, clients_per_chunk: int | None, num_client_shards: int):
-    """`(block width K, padded C)`: K is the chunk width (or all clients; never more than C,
-    so a small cohort does not pay for padding clients) rounded up to the client shards, and
-    C is padded with zero-weight clients to a multiple of K."""
-    width = min(clients_per_chunk or num_clients, num_clients)
+def layout(
+    num_clients: int, clients_per_chunk: int | None, num_client_shards: int,
+    *, fixed_width: bool = False,
+):
+    """`(block width K, padded C)`: K is the chunk width (or all clients) rounded up to the
+    client shards, and C is padded with zero-weight clients to a multiple of K. A cohort
+    smaller than the chunk gets a narrower block (no compute on padding clients) unless
+    `fixed_width`: then every C runs the same compiled chunk step (one compile per sweep)."""
+    width = clients_per_chunk or num_clients
+    if not fixed_width:
+        width = min(width, num_clients)
     width = round_up(width, num_client_shards)
     return width, round_up(num_clients, width)
 
@@ -82,6 +88,7 @@ def process_client_ids(
     clients_per_chunk: int | None = None,
     num_processes: int | None = None,
     process_index: int | None = None,
+    fixed_width: bool = False,
 ) -> np.ndarray:
     """Positions in the padded cohort that process `process_index` feeds, in the order its
     process-local data must be stacked (one contiguous slice of each chunk).
@@ -98,7 +105,8 @@ def process_client_ids(
         )
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index {process_index} not in [0, {num_processes})")
-    width, padded = layout(num_clients, clients_per_chunk, num_client_shards)
+    width, padded = layout(num_clients, clients_per_chunk, num_client_shards,
+                           fixed_width=fixed_width)
     per_process = width // num_processes
     starts = np.arange(0, padded, width) + process_index * per_process
     return (starts[:, None] + np.arange(per_process)[None, :]).reshape(-1)

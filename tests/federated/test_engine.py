@@ -312,6 +312,21 @@ def test_chunk_step_compiles_once_across_client_counts():
             state = engine.run_round(state, toy.client_data(c)).state
     assert engine._chunk_step._cache_size() == 1
     assert engine._finish._cache_size() == 1
+    # Cohorts smaller than the chunk are padded to it: still the same executable.
+    for c in (1, 2):
+        engine.run_round(engine.init(params, jax.random.key(0)), toy.client_data(c))
+    assert engine._chunk_step._cache_size() == 1
+
+
+def test_pmap_rounds_do_not_recompile():
+    engine = fl.build_engine(toy.loss_fn, optax.sgd(0.1), backend="pmap", num_devices=2)
+    data = toy.client_data(4)
+    state = engine.run_round(engine.init(toy.init_params(), jax.random.key(0)), data).state
+    with count_compilations() as compiles:
+        for _ in range(2):
+            state = engine.run_round(state, data).state
+        jax.block_until_ready(state)
+    assert compiles.count == 0
 
 
 def test_carried_client_state_loop_equals_vmap_and_differs_from_fresh():

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The GPU grid (`--preset gpu`) on one H100/H200 in under 8 minutes; results to $OUT if set.
+# Runs from a bare checkout on a machine that has jax[cuda], flax and optax installed:
+#   PYTHON=python3 bash benchmarks/gpu_run.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+DEST="${OUT:-benchmarks/results/gpu-$(hostname -s)}"
+mkdir -p "$DEST"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # per-cell peak memory, not a 75% preallocation
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$DEST/gpu.txt" 2>&1
+"$PY" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
+  "optax", optax.__version__, jax.devices())' | tee -a "$DEST/gpu.txt"
+# bench.json / report.md are rewritten after every group, so a timeout keeps what finished.
+timeout 450 "$PY" -m fedjax_lm.bench --preset gpu --rounds 5 --out "$DEST" 2>&1 \
+  | grep -v "^WARNING" | tee "$DEST/bench.log"
+echo "exit ${PIPESTATUS[0]}; results in $DEST"

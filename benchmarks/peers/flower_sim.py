@@ -1,0 +1,124 @@
+"""Peer: Flower's simulation engine (ray virtual clients, legacy `start_simulation` API).
+
+The strategy is FedAvg with every client sampled each round and evaluation off; a subclass
+stamps the start of every round, so round times are what the server sees: dispatching the
+weights to ray actors, local training, and aggregation. `--actors` ray actors share the CPUs
+(each with cpus/actors torch threads); the model is cached per actor process, as a careful
+Flower user would, so it is not rebuilt for every fit call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from collections import OrderedDict
+
+import _common
+import numpy as np
+import torch
+
+_ARGS: argparse.Namespace | None = None
+_MODEL = None
+_DATA = None
+
+
+def _model_and_data(args: argparse.Namespace):
+    global _MODEL, _DATA
+    if _MODEL is None:
+        _common.setup_torch(args)
+        _MODEL = _common.build_model(args)
+        _DATA = _common.client_data(args, _MODEL.config.vocab_size)
+    return _MODEL, _DATA
+
+
+def get_weights(model) -> list[np.ndarray]:
+    return [v.detach().cpu().numpy() for v in model.state_dict().values()]
+
+
+def set_weights(model, weights: list[np.ndarray]) -> None:
+    keys = model.state_dict().keys()
+    pairs = zip(keys, weights, strict=True)
+    model.load_state_dict(OrderedDict((k, torch.from_numpy(w)) for k, w in pairs))
+
+
+def make_client_fn(args: argparse.Namespace):
+    from flwr.client import NumPyClient
+
+    class BertClient(NumPyClient):
+        def __init__(self, cid: int) -> None:
+            self.cid = cid
+
+        def get_parameters(self, config):
+            return get_weights(_model_and_data(args)[0])
+
+        def fit(self, parameters, config):
+            model, data = _model_and_data(args)
+            set_weights(model, parameters)
+            opt = _common.make_optimizer(args, model.parameters())
+            for batch in data[self.cid]:
+                opt.zero_grad(set_to_none=True)
+                model(**batch).loss.backward()
+                opt.step()
+            n = sum(len(b["labels"]) for b in data[self.cid])
+            return get_weights(model), n, {}
+
+    def client_fn(context):
+        cid = int(context.node_config["partition-id"])
+        return BertClient(cid).to_client()
+
+    return client_fn
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--actors", type=int, default=1)
+    extra, rest = p.parse_known_args()
+    args = _common.parse_args(rest)
+    cpus = args.threads
+    args.threads = max(cpus // extra.actors, 1)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+
+    import flwr as fl
+    from flwr.server.strategy import FedAvg
+
+    starts: list[float] = []
+
+    class TimedFedAvg(FedAvg):
+        def configure_fit(self, server_round, parameters, client_manager):
+            starts.append(time.perf_counter())
+            return super().configure_fit(server_round, parameters, client_manager)
+
+        def aggregate_fit(self, server_round, results, failures):
+            if failures:
+                raise RuntimeError(f"{len(failures)} Flower clients failed: {failures[:1]}")
+            out = super().aggregate_fit(server_round, results, failures)
+            starts.append(time.perf_counter())  # end of this round
+            return out
+
+    model, _ = _model_and_data(args)
+    strategy = TimedFedAvg(
+        fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=args.clients,
+        min_available_clients=args.clients,
+        initial_parameters=fl.common.ndarrays_to_parameters(get_weights(model)),
+    )
+    fl.simulation.start_simulation(
+        client_fn=make_client_fn(args),
+        num_clients=args.clients,
+        config=fl.server.ServerConfig(num_rounds=args.rounds + 1),
+        strategy=strategy,
+        client_resources={"num_cpus": cpus / extra.actors},
+        ray_init_args={"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False},
+    )
+    # starts = [s1, e1, s2, e2, ...]: a round runs from its configure_fit to its aggregation.
+    times = [e - s for s, e in zip(starts[0::2], starts[1::2], strict=False)]
+    if len(times) != args.rounds + 1:
+        raise RuntimeError(f"expected {args.rounds + 1} timed rounds, got {len(times)}")
+    _common.emit(_common.summarize("flower", times, args, actors=extra.actors,
+                                   flwr_version=fl.__version__, cpus=cpus,
+                                   pid=os.getpid()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The bench end to end on the tiny model: fields, exact throughput arithmetic, compile counts,
+the roofline, and a peer that cannot run (a row with the reason, not a crash)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedjax_lm.bench import FIELDS, run
+from fedjax_lm.bench.grid import parse_backend
+from fedjax_lm.bench.measure import matmul_roofline
+from fedjax_lm.bench.peers import run_peer
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    missing = out / "no-such-venv" / "python"
+    import os
+
+    os.environ["FEDJAX_LM_PEERS_PYTHON"] = str(missing)
+    try:
+        rc = run.main(["--model", "tiny", "--clients", "1,2", "--backends", "loop,vmap",
+                       "--rounds", "2", "--local-steps", "2", "--batch-size", "4",
+                       "--max-length", "16", "--peers", "torch-loop", "--out", str(out)])
+    finally:
+        del os.environ["FEDJAX_LM_PEERS_PYTHON"]
+    assert rc == 0
+    return json.loads((out / "bench.json").read_text()), out
+
+
+def test_rows_have_every_field_and_exact_throughput(bench):
+    result, _ = bench
+    ours = [r for r in result["rows"] if not r["label"].startswith("peer:")]
+    assert {(r["backend"], r["clients"]) for r in ours} == {
+        ("loop", 1), ("loop", 2), ("vmap", 1), ("vmap", 2)}
+    for r in ours:
+        assert r["status"] == "ok"
+        assert set(FIELDS) <= set(r)
+        assert r["round_s"] > 0 and r["compile_s"] >= 0
+        assert r["examples_per_s"] == r["clients"] * 2 * 4 / r["round_s"]
+        assert r["tokens_per_s"] == r["clients"] * 2 * 4 * 16 / r["round_s"]
+        assert 0 < r["roofline_fraction"] == r["flops_per_s"] / r["roofline_flops_per_s"]
+        assert r["peak_mem_bytes"] > 0
+        assert r["compiles"] >= 0 and r["steady_compiles"] == 0  # rounds never recompile
+    first = {r["backend"]: r for r in ours if r["clients"] == 1}
+    assert first["vmap"]["compiles"] >= 1  # the round program itself
+    loop2 = next(r for r in ours if r["backend"] == "loop" and r["clients"] == 2)
+    assert loop2["step_executables"] == 1  # one client step serves every C
+    assert result["machine"]["cpu_count"] >= 1 and len(result["loadavg_start"]) == 3
+
+
+def test_missing_peer_is_a_row_with_the_reason(bench):
+    result, out = bench
+    peer = [r for r in result["rows"] if r["label"] == "peer:torch-loop"]
+    assert len(peer) == 2 and all(r["status"] == "failed" for r in peer)
+    assert "peers venv python not found" in peer[0]["error"]
+    report = (out / "report.md").read_text()
+    assert "peers venv python not found" in report and "## Targets" in report
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unknown_peer_and_crashing_peer(tmp_path: Path):
+    bad = run_peer("nope", {}, clients=1, rounds=1, local_steps=1, batch_size=1,
+                   max_length=4, optimizer="sgd", timeout_s=10)
+    assert bad["status"] == "failed" and "unknown peer" in bad["error"]
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'ImportError: no torch here' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    res = run_peer("torch-loop", {}, clients=1, rounds=1, local_steps=1, batch_size=1,
+                   max_length=4, optimizer="sgd", timeout_s=10, python=fake)
+    assert res["status"] == "failed" and res["error"] == "exit status 3"
+    assert "no torch here" in res["stderr_tail"]
+
+
+def test_roofline_is_positive():
+    assert matmul_roofline("float32", n=256, reps=2) > 0
+
+
+def test_backend_specs():
+    assert parse_backend("vmap@8").chunk == 8 and parse_backend("vmap@8").executor == "host"
+    assert parse_backend("mesh@4s").executor == "scan"
+    with pytest.raises(ValueError, match="bad backend spec"):
+        parse_backend("vmapp")
+    with pytest.raises(ValueError, match="does not take a chunk"):
+        parse_backend("loop@2")
