@@ -70,7 +70,9 @@ class LeNetCifar(nnx.Module):
 class SMCN(nnx.Module):
     """Paper 3's "smcn": 4 'SAME' convs, two 3/2 max pools, 3 dropouts, fc384 → fc192 → fc(C).
 
-    Each layer has its own activation module, so ABU blend weights are per layer.
+    Each layer has its own activation module, so ABU blend weights are per layer. `width`
+    (conv channels; the fcs are 6·width and 3·width) is the paper's 64 by default; a narrower
+    copy lets a CPU afford the activation study.
     """
 
     def __init__(
@@ -79,23 +81,25 @@ class SMCN(nnx.Module):
         activation: str = "relu",
         *,
         dropout_rate: float = 0.5,
+        width: int = 64,
         rngs: nnx.Rngs,
     ):
+        w = width
         self.dropout_rate = dropout_rate
-        self.conv1 = nnx.Conv(3, 64, (5, 5), padding="SAME", rngs=rngs)
+        self.conv1 = nnx.Conv(3, w, (5, 5), padding="SAME", rngs=rngs)
         self.act1 = make_activation(activation, rngs=rngs)
-        self.conv2 = nnx.Conv(64, 64, (3, 3), padding="SAME", rngs=rngs)
+        self.conv2 = nnx.Conv(w, w, (3, 3), padding="SAME", rngs=rngs)
         self.act2 = make_activation(activation, rngs=rngs)
-        self.conv3 = nnx.Conv(64, 64, (1, 1), padding="SAME", rngs=rngs)
+        self.conv3 = nnx.Conv(w, w, (1, 1), padding="SAME", rngs=rngs)
         self.act3 = make_activation(activation, rngs=rngs)
-        self.conv4 = nnx.Conv(64, 64, (5, 5), padding="SAME", rngs=rngs)
+        self.conv4 = nnx.Conv(w, w, (5, 5), padding="SAME", rngs=rngs)
         self.act4 = make_activation(activation, rngs=rngs)
         # 32 → pool → 16 → pool → 8.
-        self.fc1 = nnx.Linear(8 * 8 * 64, 384, rngs=rngs)
+        self.fc1 = nnx.Linear(8 * 8 * w, 6 * w, rngs=rngs)
         self.act5 = make_activation(activation, rngs=rngs)
-        self.fc2 = nnx.Linear(384, 192, rngs=rngs)
+        self.fc2 = nnx.Linear(6 * w, 3 * w, rngs=rngs)
         self.act6 = make_activation(activation, rngs=rngs)
-        self.fc3 = nnx.Linear(192, num_classes, rngs=rngs)
+        self.fc3 = nnx.Linear(3 * w, num_classes, rngs=rngs)
 
     def __call__(
         self, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None
@@ -140,13 +144,16 @@ class CnnModel:
 
 
 def make_cnn_model(
-    name: str, num_classes: int, activation: str = "relu", *, dropout_rate: float = 0.5
+    name: str, num_classes: int, activation: str = "relu", *, dropout_rate: float = 0.5,
+    width: int = 64,
 ) -> CnnModel:
-    """Build the pure model for `name` in {"lenet", "smcn"}; `dropout_rate` applies to smcn."""
+    """Build the pure model for `name` in {"lenet", "smcn"}; `dropout_rate` and `width`
+    apply to smcn."""
     if name not in CNN_MODELS:
         raise ValueError(f"unknown CNN {name!r}; valid: {', '.join(CNN_MODELS)}")
     if name == "smcn":
-        module_fn = lambda rngs: SMCN(num_classes, activation, dropout_rate=dropout_rate, rngs=rngs)
+        module_fn = lambda rngs: SMCN(num_classes, activation, dropout_rate=dropout_rate,
+                                      width=width, rngs=rngs)
     else:
         module_fn = lambda rngs: LeNetCifar(num_classes, activation, rngs=rngs)
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: module_fn(nnx.Rngs(0))))

@@ -27,14 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from fedjax_lm import data as fdata
-from fedjax_lm.models.activations import ABU_BASES, ABU_VARIANTS, blend_weights, make_activation
+from fedjax_lm.models.activations import ABU_BASES, ABU_VARIANTS, blend_weights
 from fedjax_lm.models.cnn import (
-    CnnModel,
-    _dropout,
-    _max_pool,
     image_classification_eval,
     image_classification_loss,
     make_cnn_model,
@@ -86,48 +82,10 @@ class AbuFederatedConfig:
 # ----------------------------------------------------------------------------- model
 
 
-class WideSMCN(nnx.Module):
-    """Paper 3's smcn with a width knob (conv channels `width`, fc 6·width → 3·width), so the
-    CPU can afford a narrower copy; width 64 has exactly the paper's (and cnn.SMCN's) shapes."""
-
-    def __init__(self, num_classes: int, activation: str, width: int, dropout_rate: float,
-                 *, rngs: nnx.Rngs):
-        w = width
-        self.dropout_rate = dropout_rate
-        self.conv1 = nnx.Conv(3, w, (5, 5), padding="SAME", rngs=rngs)
-        self.act1 = make_activation(activation)
-        self.conv2 = nnx.Conv(w, w, (3, 3), padding="SAME", rngs=rngs)
-        self.act2 = make_activation(activation)
-        self.conv3 = nnx.Conv(w, w, (1, 1), padding="SAME", rngs=rngs)
-        self.act3 = make_activation(activation)
-        self.conv4 = nnx.Conv(w, w, (5, 5), padding="SAME", rngs=rngs)
-        self.act4 = make_activation(activation)
-        self.fc1 = nnx.Linear(8 * 8 * w, 6 * w, rngs=rngs)
-        self.act5 = make_activation(activation)
-        self.fc2 = nnx.Linear(6 * w, 3 * w, rngs=rngs)
-        self.act6 = make_activation(activation)
-        self.fc3 = nnx.Linear(3 * w, num_classes, rngs=rngs)
-
-    def __call__(self, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None):
-        keys = jax.random.split(rng, 3) if rng is not None else (None, None, None)
-        drop = lambda h, i: _dropout(h, self.dropout_rate, train, keys[i])
-        x = drop(self.act1(self.conv1(x)), 0)
-        x = _max_pool(self.act2(self.conv2(x)), 3, 2, "SAME")
-        x = drop(self.act3(self.conv3(x)), 1)
-        x = _max_pool(self.act4(self.conv4(x)), 3, 2, "SAME")
-        x = x.reshape(x.shape[0], -1)
-        x = drop(self.act5(self.fc1(x)), 2)
-        x = self.act6(self.fc2(x))
-        return self.fc3(x)
-
-
 def smcn_model(activation: str, width: int, dropout_rate: float, num_classes: int = 10):
-    """The paper's smcn from `cnn.py` at width 64, else our width-scaled copy."""
-    if width == 64:
-        return make_cnn_model("smcn", num_classes, activation, dropout_rate=dropout_rate)
-    module_fn = lambda rngs: WideSMCN(num_classes, activation, width, dropout_rate, rngs=rngs)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: module_fn(nnx.Rngs(0))))
-    return CnnModel(module_fn, graphdef, abstract)
+    """Paper 3's smcn (`cnn.SMCN`); width 64 is the paper's, narrower copies fit a CPU."""
+    return make_cnn_model("smcn", num_classes, activation, dropout_rate=dropout_rate,
+                          width=width)
 
 
 def standardize(images: np.ndarray) -> np.ndarray:

@@ -69,6 +69,9 @@ def test_param_counts():
     assert _count(abu) == LENET_PARAMS + 4 * ABU_PARAMS_PER_LAYER
     abu = jax.eval_shape(_model("smcn", "scaled_relu").init, jax.random.key(0))
     assert _count(abu) == SMCN_PARAMS + 6  # one α per layer
+    # Width 16: convs 1216 + 2320 + 272 + 6416, fc 8·8·16→96 (98400), 96→48 (4656), 48→10 (490).
+    narrow = make_cnn_model("smcn", 10, "relu", width=16)
+    assert _count(jax.eval_shape(narrow.init, jax.random.key(0))) == 113770
 
 
 def test_smcn_dropout_only_in_training():

@@ -51,17 +51,16 @@ def test_cli_subcommands():
     assert args.data_dir == "d" and not args.smoke
 
 
-def test_wide_smcn_at_width_64_has_the_papers_shapes():
-    from flax import nnx
-
+def test_smcn_model_is_the_papers_smcn_at_width_64_and_narrows():
     from fedjax_lm.models.cnn import make_cnn_model
 
-    ours = nnx.eval_shape(lambda: abu.WideSMCN(10, "abu_n", 64, 0.5, rngs=nnx.Rngs(0)))
-    ref = jax.eval_shape(make_cnn_model("smcn", 10, "abu_n").init, jax.random.key(0))
     shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)
-    assert shapes(nnx.to_pure_dict(nnx.split(ours)[1])) == shapes(ref)
+    ours = jax.eval_shape(abu.smcn_model("abu_n", 64, 0.5).init, jax.random.key(0))
+    ref = jax.eval_shape(make_cnn_model("smcn", 10, "abu_n").init, jax.random.key(0))
+    assert shapes(ours) == shapes(ref)
     narrow = jax.eval_shape(abu.smcn_model("relu", 8, 0.5).init, jax.random.key(0))
     assert narrow["conv1"]["kernel"].shape == (5, 5, 3, 8)
+    assert narrow["fc1"]["kernel"].shape == (8 * 8 * 8, 48)
 
 
 def test_weight_decay_never_touches_blend_weights():
