@@ -36,6 +36,7 @@ from fedjax_lm.models.cnn import (
     make_cnn_model,
 )
 from fedjax_lm.personalize import report
+from fedjax_lm.personalize.cells import append_cell, read_cells
 from fedjax_lm.personalize.clients import select_clients
 from fedjax_lm.personalize.config import load_config, read_yaml
 
@@ -235,8 +236,7 @@ def run_cifar(cfg: AbuCifarConfig, out_dir: Path, command: str) -> list[dict[str
     out_dir.mkdir(parents=True, exist_ok=True)
     log = _logger(out_dir)
     t0 = time.perf_counter()
-    cells_path = out_dir / "cells.jsonl"
-    done = _read_cells(cells_path)
+    done = read_cells(out_dir, cfg, grid_fields=("activations", "seeds"))
     arrays = load_cifar(cfg)
     log(f"{cfg.name}: train {len(arrays['train']['label'])}, val {len(arrays['val']['label'])},"
         f" test {len(arrays['test']['label'])}; width {cfg.width}, {cfg.steps} steps of "
@@ -246,8 +246,7 @@ def run_cifar(cfg: AbuCifarConfig, out_dir: Path, command: str) -> list[dict[str
             continue
         rec = train_activation(cfg, act, arrays, log)
         done.append(rec)
-        with cells_path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_cell(out_dir, rec)
         write_cifar_report(out_dir, done, cfg, command, time.perf_counter() - t0)
     return done
 
@@ -313,8 +312,7 @@ def run_federated(cfg: AbuFederatedConfig, out_dir: Path, command: str) -> list[
     out_dir.mkdir(parents=True, exist_ok=True)
     log = _logger(out_dir)
     t0 = time.perf_counter()
-    cells_path = out_dir / "cells.jsonl"
-    done = _read_cells(cells_path)
+    done = read_cells(out_dir, cfg, grid_fields=("arms", "seeds"))
     for arm, act in cfg.arms.items():
         for seed in cfg.seeds:
             if any(d["arm"] == arm and d["seed"] == seed for d in done):
@@ -346,8 +344,7 @@ def run_federated(cfg: AbuFederatedConfig, out_dir: Path, command: str) -> list[
             log(f"  {arm:8s} seed {seed}: final acc {rec['final_accuracy']:.3f} "
                 f"({rec['wall_s']:.0f}s)")
             done.append(rec)
-            with cells_path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_cell(out_dir, rec)
             write_federated_report(out_dir, done, cfg, command, time.perf_counter() - t0)
     return done
 
@@ -422,10 +419,6 @@ def _logger(out_dir: Path) -> Callable[[str], None]:
             f.write(msg + "\n")
 
     return log
-
-
-def _read_cells(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from fedjax_lm.runner.config import ConfigError
+
 T = TypeVar("T")
 
 
@@ -19,9 +21,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
+        raise ConfigError(f"{path}: expected a mapping at the top level")
     return raw
 
 
@@ -41,7 +46,7 @@ def build(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid: {sorted(fields)}")
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid: {sorted(fields)}")
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
         default = fields[name].default_factory  # type: ignore[misc]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ import numpy as np
 
 from fedjax_lm import data as fdata
 from fedjax_lm.personalize import report
+from fedjax_lm.personalize.cells import append_cell, read_cells
 from fedjax_lm.personalize.clients import (
     FitConfig,
     Fitter,
@@ -339,9 +339,7 @@ def run(cfg: MoeConfig, out_dir: Path, command: str) -> list[dict[str, Any]]:
         log_file.flush()
 
     t0 = time.perf_counter()
-    cells_path = out_dir / "cells.jsonl"
-    done = [json.loads(line) for line in cells_path.read_text().splitlines()] \
-        if cells_path.exists() else []
+    done = read_cells(out_dir, cfg, grid_fields=("skews", "seeds"))
     pool = load_pool(cfg)
     meth = build_methods(cfg, build_models(cfg, pool))
     log(f"{cfg.name}: pool {len(pool.features['label'])} examples from {pool.source}; "
@@ -353,8 +351,7 @@ def run(cfg: MoeConfig, out_dir: Path, command: str) -> list[dict[str, Any]]:
             log(f"skew {skew} seed {seed}")
             cell = run_cell(cfg, pool, meth, skew, seed, log)
             done.append(cell)
-            with cells_path.open("a") as f:
-                f.write(json.dumps(cell) + "\n")
+            append_cell(out_dir, cell)
             report.write_moe(out_dir, done, cfg, command, time.perf_counter() - t0)
     log_file.close()
     return done

@@ -42,6 +42,20 @@ def test_unknown_config_key_is_an_error(tmp_path):
         load_config(moe.MoeConfig, p)
 
 
+def test_bad_configs_are_one_line_cli_errors(tmp_path, capsys):
+    from fedjax_lm.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nrun:\n  a: 1\n b: 2\n")
+    assert main(["abu", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedjax-lm abu: error: ") and "is not valid YAML" in err
+    assert "Traceback" not in err
+    bad.write_text("name: x\nevil_clients: 3\n")
+    assert main(["moe", "--config", str(bad)]) == 2
+    assert "unknown key(s) ['evil_clients']" in capsys.readouterr().err
+
+
 def test_cli_subcommands():
     parser = argparse.ArgumentParser()
     add_parsers(parser.add_subparsers(dest="command"))

@@ -1,0 +1,54 @@
+"""Resuming a grid reuses finished cells only under the config that produced them."""
+
+import dataclasses
+import json
+
+import pytest
+
+from fedjax_lm.personalize import report
+from fedjax_lm.personalize.cells import ResumeError, append_cell, read_cells
+
+
+@dataclasses.dataclass(frozen=True)
+class _Grid:
+    name: str = "g"
+    skews: tuple[float, ...] = (0.2, 1.0)
+    seeds: tuple[int, ...] = (0,)
+    eval_clients: int = 10
+    data_dir: str | None = None
+
+
+def _finish(out, cfg, cells):
+    for cell in cells:
+        append_cell(out, cell)
+    report.write_meta(out, cfg, "cmd", 1.0)
+
+
+def test_fresh_dir_has_no_cells(tmp_path):
+    assert read_cells(tmp_path, _Grid(), ("skews", "seeds")) == []
+
+
+def test_cells_come_back_in_order_and_the_grid_may_grow(tmp_path):
+    cells = [{"skew": 0.2, "seed": 0, "acc": 0.5}, {"skew": 1.0, "seed": 0, "acc": 0.7}]
+    _finish(tmp_path, _Grid(), cells)
+    grown = _Grid(skews=(0.2, 0.3, 1.0), seeds=(0, 1, 2), data_dir="/elsewhere", name="h")
+    assert read_cells(tmp_path, grown, ("skews", "seeds")) == cells
+
+
+def test_a_changed_setting_refuses_to_mix_cells(tmp_path):
+    _finish(tmp_path, _Grid(), [{"skew": 0.2, "seed": 0}])
+    with pytest.raises(ResumeError) as err:
+        read_cells(tmp_path, _Grid(eval_clients=20), ("skews", "seeds"))
+    msg = str(err.value)
+    assert "1 finished cell(s)" in msg and "eval_clients: 10 -> 20" in msg
+    assert "Use another --out" in msg
+
+
+def test_moe_driver_refuses_a_changed_config(tmp_path):
+    from fedjax_lm.personalize import moe
+
+    cfg = moe.MoeConfig(name="t", task="synthetic", eval_clients=3)
+    _finish(tmp_path, cfg, [{"skew": 0.2, "seed": 0}])
+    with pytest.raises(ResumeError, match="eval_clients: 3 -> 4"):
+        moe.run(dataclasses.replace(cfg, eval_clients=4), tmp_path, "cmd")
+    assert json.loads((tmp_path / "cells.jsonl").read_text()) == {"skew": 0.2, "seed": 0}
