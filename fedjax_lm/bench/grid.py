@@ -66,14 +66,19 @@ class Group:
 
 
 _PEERS = ("torch-loop", "flower", "pfl")
-_CPU_BACKENDS = ("loop", "vmap", "vmap@8", "mesh", "pmap")
+# On CPU the best chunking depends on the model: tiny clients gain from being batched
+# (vmap@8: one compiled 8-client step; @8s: the same chunks scanned inside one program),
+# MiniLM-size clients already fill the cores alone, so clients run one after another inside
+# one program (vmap@1s) — see benchmarks/results/NOTES.md.
+_CPU_TINY = ("loop", "vmap", "vmap@8", "vmap@8s", "mesh", "pmap")
+_CPU_MINI = ("loop", "vmap", "vmap@1s", "vmap@4", "mesh", "pmap")
 
 PRESETS: dict[str, tuple[Group, ...]] = {
     # This 2-core CPU: the grid. MiniLM-size is trimmed to C ∈ {1, 8} (C = 8 is the
     # reference cell; every round there is ~16 s per backend).
     "cpu": (
-        Group("tiny", 32, (1, 2, 4, 8, 16, 32), _CPU_BACKENDS, _PEERS, (1, 8, 32)),
-        Group("mini", 64, (1, 8), ("loop", "vmap", "vmap@4", "mesh", "pmap"), _PEERS, (8,)),
+        Group("tiny", 32, (1, 2, 4, 8, 16, 32), _CPU_TINY, _PEERS, (1, 8, 32)),
+        Group("mini", 64, (1, 8), _CPU_MINI, _PEERS, (8,)),
     ),
     # One H100/H200 within ~8 minutes (benchmarks/gpu_run.sh).
     "gpu": (

@@ -86,3 +86,40 @@ def test_backend_specs():
         parse_backend("vmapp")
     with pytest.raises(ValueError, match="does not take a chunk"):
         parse_backend("loop@2")
+
+
+def _row(model, clients, label, round_s, **kw):
+    flops = 100e9 * clients  # per round; the roofline is 100 GFLOP/s
+    return {"status": "ok", "model": model, "clients": clients, "label": label,
+            "round_s": round_s, "flops_per_s": flops / round_s, "roofline_flops_per_s": 100e9,
+            "roofline_fraction": flops / round_s / 100e9, **kw}
+
+
+def test_targets_read_the_rows_as_the_issue_states_them():
+    from fedjax_lm.bench.report import evaluate_targets
+    from fedjax_lm.bench.run import _add_ratios
+
+    rows = [
+        _row("tiny", 8, "loop", 1.0), _row("tiny", 8, "vmap", 0.5),
+        _row("tiny", 8, "vmap@8", 0.25, chunk_executor="host", step_executables=1),
+        _row("tiny", 8, "peer:flower", 2.0),
+        _row("mini", 8, "loop", 4.0), _row("mini", 8, "vmap", 5.0), _row("mini", 8, "vmap@1s", 3.2,
+                                                                         steady_compiles=1),
+        _row("mini", 8, "peer:torch-loop", 6.4),
+    ]
+    _add_ratios(rows)
+    got = {t["target"].split(" (")[0]: t for t in evaluate_targets(rows)}
+    every = got["vectorized >= 1.0x loop in every cell"]
+    assert every["value"] == pytest.approx(1.25) and every["status"] == "met"  # mini: 4.0/3.2
+    assert "mini C=8, best there vmap@1s" in every["detail"]
+    plain = got["plain vmap"]
+    assert plain["value"] == pytest.approx(0.8) and plain["status"] == "missed"
+    assert got[">= 3x loop where dispatch-bound"]["value"] == pytest.approx(4.0)
+    flower = got[">= 5.0x faster per round than flower"]
+    assert flower["status"] == "not measured"  # flower ran at C=8, the target is C=32
+    torch = got[">= 1.3x faster per round than torch-loop"]
+    assert torch["value"] == pytest.approx(2.0) and torch["status"] == "met"
+    roof = got[">= 70% of the matmul roofline"]
+    assert roof["value"] == pytest.approx(8 / 3.2) and "vmap@1s" in roof["detail"]
+    steady = got["never recompiles across rounds"]
+    assert steady["status"] == "missed" and steady["detail"] == "mini vmap@1s C=8"
