@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-slow run bench lint clean
+.PHONY: install peers test test-slow run bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,11 +32,26 @@ DATA_DIR ?= $(firstword $(FEDJAX_LM_DATA_DIR) $(wildcard ../shared/data))
 run: $(STAMP)
 	$(VENV)/bin/fedjax-lm quick $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
-bench: $(STAMP)
-	$(VENV)/bin/fedjax-lm bench --preset cpu --out benchmarks/results/$$(hostname -s)
+# The bench's PyTorch peers (plain loop, Flower, pfl-research) in their own venv: torch, ray
+# and pfl must not enter ours. `pip install torch==2.13.0` takes the CPU wheel on this disk.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+$(PEERS_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(PEERS_VENV)
+	echo '*' > $(PEERS_VENV)/.gitignore
+	$(PEERS_VENV)/bin/pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/pip install -q torch==2.13.0 'flwr[simulation]==1.42.*' 'ray==2.55.*' \
+	    pfl==0.6.0 transformers==5.24.0 numpy psutil
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
+
+# The CPU grid against the peers; a peer that cannot run becomes a row saying why.
+bench: $(STAMP) $(PEERS_STAMP)
+	$(VENV)/bin/fedjax-lm bench --preset cpu --peer-timeout 1200 --out benchmarks/results/$$(hostname -s)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache .ruff_cache
