@@ -134,6 +134,23 @@ def test_variants_normalise_as_specified():
     np.testing.assert_allclose(normalize_blend(stacked, "abu_n").sum(-1), [1.0, 1.0], rtol=1e-6)
 
 
+def test_abu_n_a_p_coincide_while_every_weight_is_positive():
+    """Why the short CIFAR study gives ABU_N, ABU_A and ABU_P identical runs: for w > 0,
+    Σw = Σ|w| = Σmax(w, 0), so the three variants (and their gradients) are one function
+    until some blend weight crosses zero."""
+    def loss(w, variant):
+        return jnp.sum(normalize_blend(w, variant) * jnp.arange(1.0, 6.0) ** 2)
+
+    pos = jnp.asarray([0.3, 0.1, 0.25, 0.2, 0.15])
+    for v in ("abu_a", "abu_p"):
+        np.testing.assert_array_equal(normalize_blend(pos, v), normalize_blend(pos, "abu_n"))
+        np.testing.assert_allclose(jax.grad(loss)(pos, v), jax.grad(loss)(pos, "abu_n"),
+                                   rtol=1e-6)
+    mixed = pos.at[1].set(-0.1)
+    outs = [np.asarray(normalize_blend(mixed, v)) for v in ("abu_n", "abu_a", "abu_p")]
+    assert not np.allclose(outs[0], outs[1]) and not np.allclose(outs[1], outs[2])
+
+
 def test_degenerate_sums_are_guarded():
     zero_sum = jnp.array([1.0, -1.0, 0.0, 0.0, 0.0])
     all_neg = -jnp.ones(5)
