@@ -69,6 +69,9 @@ class RunConfig:
     # -- execution
     backend: str = "vmap"
     clients_per_chunk: int | None = None
+    # scan: the chunks run inside the one compiled round (on a CPU, chunks of 1 at MiniLM size
+    # are fastest); host: one compiled chunk step serves every cohort size (sweeps over C).
+    chunk_executor: str = "scan"
     # -- run
     seed: int = 0
     eval_every: int = 1
@@ -160,6 +163,10 @@ def _check(cfg: RunConfig) -> None:
          "clients_per_chunk must be >= 1")
     # Names checked against the registries of the layers that own them.
     from fedjax_lm.federated import BACKENDS, SERVER_OPTIMIZERS
+    from fedjax_lm.federated.engine import CHUNK_EXECUTORS
+
+    need(cfg.chunk_executor in CHUNK_EXECUTORS,
+         f"chunk_executor must be one of {CHUNK_EXECUTORS}, got {cfg.chunk_executor!r}")
 
     need(cfg.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {cfg.backend!r}")
     need(cfg.server_optimizer in SERVER_OPTIMIZERS,

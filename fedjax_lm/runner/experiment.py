@@ -131,6 +131,7 @@ def build_engine(cfg: RunConfig, exp: Experiment) -> fl.FederatedEngine:
         prox_mu=cfg.prox_mu,
         backend=cfg.backend,
         clients_per_chunk=cfg.clients_per_chunk,
+        chunk_executor=cfg.chunk_executor,
         weighting=cfg.weighting,
         carry_client_state=cfg.carry_client_state,
     )

@@ -19,8 +19,8 @@ from fedjax_lm.runner.io import atomic_write_bytes, atomic_write_text, read_json
 
 _ALWAYS = ("model", "task", "clients")
 # Not columns of the results: where runs live and how they execute.
-_IGNORED = {"out", "seed", "data_dir", "clients_per_chunk", "backend", "checkpoint_every",
-            "eval_batch_size"}
+_IGNORED = {"out", "seed", "data_dir", "clients_per_chunk", "chunk_executor", "backend",
+            "checkpoint_every", "eval_batch_size"}
 
 
 def load_runs(root: Path) -> list[dict[str, Any]]:

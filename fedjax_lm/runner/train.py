@@ -32,7 +32,7 @@ from fedjax_lm.scale.distributed import is_primary
 # Fields that may differ when resuming a run directory: where and how it executes, not what
 # it computes (chunking and backends agree to float tolerance).
 _RESUMABLE_CHANGES = {"out", "checkpoint_every", "eval_batch_size", "data_dir", "rounds",
-                      "clients_per_chunk", "backend"}
+                      "clients_per_chunk", "chunk_executor", "backend"}
 
 
 class TrainingError(RuntimeError):

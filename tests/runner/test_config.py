@@ -29,6 +29,7 @@ def test_defaults_validate_and_round_trip():
         ({"local_steps": 4}, "set exactly one of local_epochs / local_steps"),
         ({"cohort_size": 9, "clients": 4}, r"cohort_size must be in \[1, clients=4\]"),
         ({"backend": "tpu"}, "backend must be one of"),
+        ({"chunk_executor": "threads"}, "chunk_executor must be one of"),
         ({"server_optimizer": "sgd"}, "server_optimizer must be one of"),
         ({"task": "mnist"}, "unknown task 'mnist'"),
         ({"partition": "random"}, "unknown partition 'random'"),

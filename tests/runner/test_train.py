@@ -52,6 +52,20 @@ def test_partial_participation_trains_the_cohort_only(tmp_path):
     assert final["rounds"] == 3
 
 
+def test_chunk_executors_train_the_same_model(tmp_path):
+    from fedjax_lm.runner.experiment import build_engine, build_experiment
+
+    runs = {}
+    for executor in ("scan", "host"):
+        cfg = tiny(tmp_path / executor, rounds=1, clients_per_chunk=2, chunk_executor=executor)
+        assert build_engine(cfg, build_experiment(cfg)).config.chunk_executor == executor
+        train(cfg, progress=False)
+        runs[executor] = read_jsonl(Path(cfg.out) / "metrics.jsonl")
+    scan, host = runs["scan"][0], runs["host"][0]
+    assert scan["train_loss"] == pytest.approx(host["train_loss"], rel=1e-5)
+    assert scan["eval_loss"] == pytest.approx(host["eval_loss"], rel=1e-4)
+
+
 def test_finished_run_is_not_rerun_and_config_mismatch_is_refused(tmp_path):
     cfg = tiny(tmp_path, rounds=1)
     first = train(cfg, progress=False)
