@@ -39,6 +39,7 @@ from fedjax_lm.personalize import report
 from fedjax_lm.personalize.cells import append_cell, read_cells
 from fedjax_lm.personalize.clients import select_clients
 from fedjax_lm.personalize.config import load_config, read_yaml
+from fedjax_lm.runner.config import ConfigError
 
 Params = Any
 ACTIVATIONS = (*ABU_VARIANTS, "relu", "elu", "tanh", "swish", "identity",
@@ -426,6 +427,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output dir (default experiments/results/NAME)")
     parser.add_argument("--data-dir", default=None, help="dataset root (else $FEDJAX_LM_DATA_DIR)")
     parser.add_argument("--smoke", action="store_true", help="the config's few-step smoke run")
+    parser.add_argument("--work-dir", default=None,
+                        help="federated configs: where the per-run checkpoint dirs go "
+                             "(default: the config's work_dir)")
 
 
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
@@ -434,6 +438,10 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
     cfg: Any = load_config(cls, args.config, smoke=args.smoke)
     if args.data_dir:
         cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
+    if getattr(args, "work_dir", None):
+        if kind == "cifar":
+            raise ConfigError("--work-dir applies to federated ABU configs only")
+        cfg = dataclasses.replace(cfg, work_dir=args.work_dir)
     out = Path(args.out or f"experiments/results/{cfg.name}")
     command = " ".join(["python -m fedjax_lm.personalize.abu", *(argv or sys.argv[1:])])
     (run_cifar if kind == "cifar" else run_federated)(cfg, out, command)

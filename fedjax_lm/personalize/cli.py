@@ -33,4 +33,6 @@ def _argv(args: argparse.Namespace, name: str) -> list[str]:
         out += ["--data-dir", args.data_dir]
     if args.smoke:
         out.append("--smoke")
+    if getattr(args, "work_dir", None):
+        out += ["--work-dir", args.work_dir]
     return out

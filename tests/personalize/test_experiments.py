@@ -54,6 +54,9 @@ def test_bad_configs_are_one_line_cli_errors(tmp_path, capsys):
     bad.write_text("name: x\nevil_clients: 3\n")
     assert main(["moe", "--config", str(bad)]) == 2
     assert "unknown key(s) ['evil_clients']" in capsys.readouterr().err
+    cifar = str(ROOT / "experiments" / "abu_cifar10.yaml")
+    assert main(["abu", "--config", cifar, "--work-dir", str(tmp_path)]) == 2
+    assert "--work-dir applies to federated ABU configs only" in capsys.readouterr().err
 
 
 def test_cli_subcommands():
@@ -148,5 +151,7 @@ def test_smoke_run_of_each_experiment_config(name, tmp_path):
     module = moe if name.startswith("moe") else abu
     argv = ["--config", str(ROOT / "experiments" / f"{name}.yaml"), "--out", str(tmp_path),
             "--data-dir", str(DATA), "--smoke"]
+    if name == "abu_federated":  # its run dirs: never a shared /tmp left by an earlier run
+        argv += ["--work-dir", str(tmp_path / "runs")]
     assert module.main(argv) == 0
     assert (tmp_path / "results.csv").is_file() and (tmp_path / "table.md").is_file()
