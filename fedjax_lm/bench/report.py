@@ -3,40 +3,26 @@ half-written result never replaces a good one."""
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedjax_lm.runner.io import atomic_write_bytes, atomic_write_text
+
 PEER_LABELS = ("peer:torch-loop", "peer:flower", "peer:pfl")
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> None:
     out = Path(out)
     result["targets"] = evaluate_targets(result["rows"])
-    _atomic_write(out / "bench.json",
-                  lambda p: p.write_text(json.dumps(result, indent=1, default=float) + "\n"))
+    atomic_write_text(out / "bench.json", json.dumps(result, indent=1, default=float) + "\n")
     plot = "bench.png"
     try:
-        _atomic_write(out / plot, lambda p: _plot(result["rows"], p))
+        atomic_write_bytes(out / plot, _plot_png(result["rows"]))
     except Exception as e:  # noqa: BLE001 — a plot failure must not lose the numbers
         plot = f"(plot failed: {type(e).__name__}: {e})"
-    _atomic_write(out / "report.md", lambda p: p.write_text(render_markdown(result, plot)))
+    atomic_write_text(out / "report.md", render_markdown(result, plot))
 
 
 def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -180,7 +166,7 @@ def render_markdown(result: dict[str, Any], plot: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+def _plot_png(rows: list[dict[str, Any]]) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,5 +195,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
                 ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
+    return buf.getvalue()

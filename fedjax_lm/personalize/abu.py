@@ -438,7 +438,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
     cfg: Any = load_config(cls, args.config, smoke=args.smoke)
     if args.data_dir:
         cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
-    if getattr(args, "work_dir", None):
+    if args.work_dir:
         if kind == "cifar":
             raise ConfigError("--work-dir applies to federated ABU configs only")
         cfg = dataclasses.replace(cfg, work_dir=args.work_dir)
