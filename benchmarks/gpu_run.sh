@@ -9,10 +9,11 @@ DEST="${OUT:-benchmarks/results/gpu-$(hostname -s)}"
 mkdir -p "$DEST"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # per-cell peak memory, not a 75% preallocation
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95   # the largest-C search may use (almost) the card
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$DEST/gpu.txt" 2>&1
 "$PY" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
   "optax", optax.__version__, jax.devices())' | tee -a "$DEST/gpu.txt"
 # bench.json / report.md are rewritten after every group, so a timeout keeps what finished.
-timeout 450 "$PY" -m fedjax_lm.bench --preset gpu --rounds 5 --out "$DEST" 2>&1 \
+timeout 500 "$PY" -m fedjax_lm.bench --preset gpu --rounds 5 --trace 2 --out "$DEST" 2>&1 \
   | grep -v "^WARNING" | tee "$DEST/bench.log"
 echo "exit ${PIPESTATUS[0]}; results in $DEST"

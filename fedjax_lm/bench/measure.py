@@ -23,13 +23,15 @@ from fedjax_lm.federated.compilation import count_compilations
 from fedjax_lm.models import Model
 
 
-def matmul_roofline(dtype: str = "float32", n: int | None = None, reps: int = 5) -> float:
+def matmul_roofline(dtype: str = "float32", n: int | None = None, reps: int | None = None
+                    ) -> float:
     """Best FLOP/s of a big jitted square matmul in this process: the dense-compute ceiling.
 
     Measured here rather than quoted so the ratio is against the same machine, dtype and load.
     """
     on_cpu = jax.default_backend() == "cpu"
     n = n or (2048 if on_cpu else 8192)
+    reps = reps or (5 if on_cpu else 50)  # an accelerator needs a few ms busy to clock up
     ka, kb = jax.random.split(jax.random.key(0))
     a = jax.random.normal(ka, (n, n), dtype)  # random: constant inputs time unrealistically
     b = jax.random.normal(kb, (n, n), dtype)
@@ -110,8 +112,10 @@ def run_cell(
     w: Workload,
     rounds: int,
     seed: int = 0,
+    trace_rounds: int = 0,
 ) -> dict[str, Any]:
-    """Time one cell: the first round (compile + run) and `rounds` steady rounds."""
+    """Time one cell: the first round (compile + run) and `rounds` steady rounds; then, with
+    `trace_rounds`, profile that many more rounds (untimed) for the kernel breakdown."""
     data = synthetic_data(w, model.config.vocab_size, seed)
     state = engine.init(params, jax.random.key(seed))
     mem_before = device_peak_bytes()
@@ -126,6 +130,18 @@ def run_cell(
                 result = jax.block_until_ready(engine.run_round(result.state, data))
                 times.append(time.perf_counter() - t)
     round_s = statistics.median(times)
+    trace = None
+    if trace_rounds:
+        from fedjax_lm.bench.trace import trace_rounds as trace_fn
+
+        def one_round() -> None:
+            nonlocal result  # rounds may donate their input state: carry it on
+            result = jax.block_until_ready(engine.run_round(result.state, data))
+
+        try:
+            trace = trace_fn(one_round, trace_rounds)
+        except Exception as e:  # noqa: BLE001 — a profiler failure must not lose the timings
+            trace = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     flops = train_flops_per_token(model.config, w.max_length) * w.tokens_per_round
     return {
         "compile_s": max(first - round_s, 0.0),
@@ -142,4 +158,5 @@ def run_cell(
         "steady_compiles": steady_compiles.count,
         "step_executables": step_cache_size(engine),
         "final_loss": float(np.asarray(result.metrics.loss)),
+        **({"trace": trace} if trace else {}),
     }

@@ -15,7 +15,8 @@ PEER_LABELS = ("peer:torch-loop", "peer:flower", "peer:pfl")
 
 def write_outputs(result: dict[str, Any], out: Path) -> None:
     out = Path(out)
-    result["targets"] = evaluate_targets(result["rows"])
+    result["targets"] = evaluate_targets(
+        result["rows"], accelerator=result["machine"].get("jax_backend", "cpu") != "cpu")
     atomic_write_text(out / "bench.json", json.dumps(result, indent=1, default=float) + "\n")
     plot = "bench.png"
     try:
@@ -42,8 +43,11 @@ def _best_vector(rows, model: str, clients: int) -> dict[str, Any] | None:
     return min(cands, key=lambda r: r["round_s"]) if cands else None
 
 
-def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, each met / missed / not measured, with the numbers behind it."""
+def evaluate_targets(rows: list[dict[str, Any]], accelerator: bool = False
+                     ) -> list[dict[str, Any]]:
+    """The issue's targets, each met / missed / not measured, with the numbers behind it; on an
+    accelerator also its own targets (≥ 10× the loop at C = 32, ≥ 40 % bf16 MFU at base size)
+    and the largest unchunked base-size C that fit."""
     out: list[dict[str, Any]] = []
 
     def add(name: str, value: float | None, goal: float, detail: str) -> None:
@@ -97,11 +101,48 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "status": "met" if execs <= 2 else "missed",
                         "detail": f"{len(chunked)} client counts; all XLA compiles in the "
                         f"sweep: {sum(r['compiles'] for r in chunked)}"})
+    if accelerator:
+        out += _accelerator_targets(rows, vec)
     steady = [r for r in ok if r.get("steady_compiles")]
     out.append({"target": "never recompiles across rounds", "value": len(steady), "goal": 0,
                 "status": "met" if not steady else "missed",
                 "detail": ", ".join(f"{r['model']} {r['label']} C={r['clients']}"
                                     for r in steady) or "0 compiles in every steady round"})
+    return out
+
+
+def _accelerator_targets(rows: list[dict[str, Any]], vec: list[dict[str, Any]]
+                         ) -> list[dict[str, Any]]:
+    out = []
+    for model in ("tiny", "mini"):
+        cands = [r for r in vec if r["model"] == model and r["clients"] == 32]
+        best = max(cands, key=lambda r: r["speedup_vs_loop"]) if cands else None
+        value = best["speedup_vs_loop"] if best else None
+        out.append({"target": f">= 10x loop at C=32 ({model}, accelerator)", "value": value,
+                    "goal": 10.0, "status": "not measured" if best is None else
+                    ("met" if value >= 10.0 else "missed"),
+                    "detail": f"best: {best['label']}" if best else "no loop + vector pair"})
+    base = [r for r in _ok(rows) if r["model"] == "base" and r["dtype"] == "bfloat16"
+            and r.get("roofline_fraction")]
+    best = max(base, key=lambda r: r["roofline_fraction"]) if base else None
+    out.append({"target": ">= 40% bf16 MFU at base size (model FLOPs / measured bf16 matmul "
+                "roofline)", "value": best["roofline_fraction"] if best else None, "goal": 0.4,
+                "status": "not measured" if best is None else
+                ("met" if best["roofline_fraction"] >= 0.4 else "missed"),
+                "detail": f"best: {best['label']} C={best['clients']}, "
+                f"{best['flops_per_s'] / 1e12:.1f} TFLOP/s" if best else ""})
+    unchunked = [r for r in rows if r["model"] == "base" and r["label"] == "vmap"]
+    if unchunked:
+        fits = [r["clients"] for r in unchunked if r.get("status") == "ok"]
+        ooms = [r["clients"] for r in unchunked if r.get("oom")]
+        top = max(fits) if fits else None
+        mem = next((r["peak_mem_bytes"] for r in unchunked
+                    if r.get("status") == "ok" and r["clients"] == top), None)
+        out.append({"target": "largest unchunked C that fits (base, vmap; measured, no goal)",
+                    "value": top, "goal": "—", "status": "measured",
+                    "detail": (f"peak {mem / 2**30:.1f} GiB at C={top}; " if mem else "")
+                    + (f"out of memory at C={min(ooms)}" if ooms else
+                       f"no out-of-memory up to C={top}")})
     return out
 
 
@@ -156,6 +197,7 @@ def render_markdown(result: dict[str, Any], plot: str) -> str:
                 f"{r['flops_per_s'] / 1e9:.1f} | {_fmt(r.get('roofline_fraction'), '.0%')} | "
                 f"{_fmt(mem / 2**20 if mem else None, '.0f')} | {_fmt(r.get('compiles'), 'd')} |"
                 f" {_fmt(r.get('speedup_vs_loop'), '.2f')} | {ratio} |")
+    lines += _trace_section(result["rows"])
     failed = [r for r in result["rows"] if r.get("status") != "ok"]
     if failed:
         lines += ["", "## Failures", ""]
@@ -164,6 +206,31 @@ def render_markdown(result: dict[str, Any], plot: str) -> str:
             if r.get("stderr_tail"):
                 lines += ["", "```", r["stderr_tail"], "```", ""]
     return "\n".join(lines) + "\n"
+
+
+def _trace_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Traced cells: device time per round by kernel kind, and each cell's top kernels."""
+    traced = [r for r in _ok(rows) if r.get("trace", {}).get("kinds_s_per_round")]
+    if not traced:
+        return []
+    kinds = list(dict.fromkeys(k for r in traced for k in r["trace"]["kinds_s_per_round"]))
+    lines = ["", "## Where the time goes (profiled rounds, `--trace`)", "",
+             "Kernel time per round by kind (ms; kinds by kernel name, see "
+             "`fedjax_lm/bench/trace.py`); busy = summed kernel time ÷ wall time (below 100 %: "
+             "the device waits on the host).", "",
+             "| model | backend | C | wall ms | busy | " + " | ".join(kinds) + " |",
+             "|---|---|---|---|---|" + "---|" * len(kinds)]
+    for r in traced:
+        t = r["trace"]
+        lines.append(f"| {r['model']} | {r['label']} | {r['clients']} | "
+                     f"{1e3 * t['wall_s_per_round']:.1f} | {_fmt(t['busy_fraction'], '.0%')} | "
+                     + " | ".join(f"{1e3 * t['kinds_s_per_round'].get(k, 0.0):.1f}"
+                                  for k in kinds) + " |")
+    for r in traced:
+        top = r["trace"]["top_kernels"][:6]
+        lines += ["", f"- {r['model']} {r['label']} C={r['clients']}: " + "; ".join(
+            f"`{k['name'][:60]}` {1e3 * k['s_per_round']:.1f} ms ({k['kind']})" for k in top)]
+    return lines
 
 
 def _plot_png(rows: list[dict[str, Any]]) -> bytes:

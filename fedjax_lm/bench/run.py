@@ -63,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     p.add_argument("--attention-impl", default="xla", choices=("xla", "dot_product"))
     p.add_argument("--remat", action="store_true")
+    p.add_argument("--trace", type=int, default=0, metavar="N",
+                   help="profile N more rounds per cell and report where device time goes")
     p.add_argument("--out", type=Path, required=True, help="writes OUT/bench.json, report.md")
     p.add_argument("--child-devices", type=int, default=2,
                    help="CPU devices for mesh/pmap in the child process")
@@ -114,15 +116,34 @@ def run_bench(args: argparse.Namespace) -> int:
     groups = groups_from_args(args)
     rooflines: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
-    for i, group in enumerate(groups):
+    for group in groups:
+        group = skip_past_oom(group, rows)
+        if not group.clients:
+            continue
         # Re-measured before every group: on a shared machine the ceiling moves with the load.
         rooflines[group.dtype] = matmul_roofline(group.dtype)
         rows += run_group(group, args, dict(rooflines))
+        _add_ratios(rows)  # across groups too: a variant group is compared with the loop
         # Written after every group: a run cut short by a timeout still leaves its results.
         write_outputs(_result(args, groups, rows, rooflines, started, load_start,
-                              complete=i == len(groups) - 1), args.out)
+                              complete=False), args.out)
+    write_outputs(_result(args, groups, rows, rooflines, started, load_start, complete=True),
+                  args.out)
     print(f"wrote {args.out / 'bench.json'} and {args.out / 'report.md'}")
     return 0
+
+
+def skip_past_oom(group: g.Group, rows: list[dict[str, Any]]) -> g.Group:
+    """A `stop_at_oom` group drops the client counts at or past one that already ran out of
+    memory in an earlier group with the same model and backend (it could only fail again)."""
+    if not group.stop_at_oom:
+        return group
+    labels = {cell_label(group, s) for s in group.specs()}
+    oom = [r["clients"] for r in rows if r.get("oom") and r["model"] == group.model
+           and r["label"] in labels]
+    if not oom:
+        return group
+    return dataclasses.replace(group, clients=tuple(c for c in group.clients if c < min(oom)))
 
 
 def _result(args: argparse.Namespace, groups: tuple[g.Group, ...], rows: list[dict[str, Any]],
@@ -151,7 +172,7 @@ def run_group(group: g.Group, args: argparse.Namespace, rooflines: dict[str, flo
     need_child = jax.default_backend() == "cpu" and jax.device_count() < 2
     local = [s for s in specs if not (s.multi_device and need_child)]
     remote = [s for s in specs if s.multi_device and need_child]
-    rows = _run_local(group, local, args.rounds, rooflines)
+    rows = _run_local(group, local, args.rounds, rooflines, getattr(args, "trace", 0))
     if remote:
         rows += _run_child(dataclasses.replace(group, backends=tuple(s.label for s in remote),
                                                peers=()), args)
@@ -160,8 +181,15 @@ def run_group(group: g.Group, args: argparse.Namespace, rooflines: dict[str, flo
     return rows
 
 
+def cell_label(group: g.Group, spec: g.BackendSpec) -> str:
+    """The backend spec, plus what the group changes in the workload (fused attention has no
+    dropout on the probabilities; remat recomputes activations)."""
+    return (spec.label + ("+dpa" if group.attention_impl == "dot_product" else "")
+            + ("+remat" if group.remat else ""))
+
+
 def _cell_base(group: g.Group, spec: g.BackendSpec | None, clients: int) -> dict[str, Any]:
-    return {"model": group.model, "label": spec.label if spec else None,
+    return {"model": group.model, "label": cell_label(group, spec) if spec else None,
             "backend": spec.backend if spec else None, "chunk": spec.chunk if spec else None,
             "chunk_executor": spec.executor if spec and spec.chunk else None,
             "clients": clients, "local_steps": group.local_steps,
@@ -171,7 +199,7 @@ def _cell_base(group: g.Group, spec: g.BackendSpec | None, clients: int) -> dict
 
 
 def _run_local(group: g.Group, specs: list[g.BackendSpec], rounds: int,
-               rooflines: dict[str, float]) -> list[dict[str, Any]]:
+               rooflines: dict[str, float], trace: int = 0) -> list[dict[str, Any]]:
     import jax
 
     from fedjax_lm.bench.measure import make_engine, run_cell
@@ -190,7 +218,8 @@ def _run_local(group: g.Group, specs: list[g.BackendSpec], rounds: int,
             row = _cell_base(group, spec, c)
             row["devices"] = engine.num_devices
             try:
-                cell = run_cell(engine, model, params, dataclasses.replace(w0, clients=c), rounds)
+                cell = run_cell(engine, model, params, dataclasses.replace(w0, clients=c), rounds,
+                                trace_rounds=trace)
             except Exception as e:  # noqa: BLE001 — a failed cell is a result, not a crash
                 msg = f"{type(e).__name__}: {str(e)[:500]}"
                 rows.append({**row, "status": "failed", "error": msg,

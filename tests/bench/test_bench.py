@@ -24,7 +24,8 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     try:
         rc = run.main(["--model", "tiny", "--clients", "1,2", "--backends", "loop,vmap",
                        "--rounds", "2", "--local-steps", "2", "--batch-size", "4",
-                       "--max-length", "16", "--peers", "torch-loop", "--out", str(out)])
+                       "--max-length", "16", "--peers", "torch-loop", "--trace", "1",
+                       "--out", str(out)])
     finally:
         del os.environ["FEDJAX_LM_PEERS_PYTHON"]
     assert rc == 0
@@ -123,3 +124,55 @@ def test_targets_read_the_rows_as_the_issue_states_them():
     assert roof["value"] == pytest.approx(8 / 3.2) and "vmap@1s" in roof["detail"]
     steady = got["never recompiles across rounds"]
     assert steady["status"] == "missed" and steady["detail"] == "mini vmap@1s C=8"
+
+
+def test_trace_breaks_each_cell_down_and_the_report_shows_it(bench):
+    result, out = bench
+    for r in (r for r in result["rows"] if r["status"] == "ok"):
+        t = r["trace"]
+        assert t["rounds"] == 1 and t["source"] == "XLA:CPU ops on host threads"
+        assert t["busy_s_per_round"] == pytest.approx(sum(t["kinds_s_per_round"].values()))
+        assert t["busy_s_per_round"] > 0 and t["top_kernels"]
+    assert "## Where the time goes" in (out / "report.md").read_text()
+
+
+def test_accelerator_targets_and_the_largest_c_that_fit():
+    from fedjax_lm.bench.report import evaluate_targets
+    from fedjax_lm.bench.run import _add_ratios
+
+    rows = [_row("tiny", 32, "loop", 1.2), _row("tiny", 32, "vmap", 0.1),
+            _row("mini", 32, "loop", 1.0), _row("mini", 32, "vmap", 0.2),
+            _row("mini", 32, "vmap+dpa", 0.125),
+            _row("base", 32, "vmap@8", 1.0, dtype="bfloat16"),
+            _row("base", 32, "vmap", 0.5, dtype="bfloat16", peak_mem_bytes=60 * 2**30),
+            _row("base", 40, "vmap", 0.6, dtype="bfloat16", peak_mem_bytes=75 * 2**30),
+            {"status": "failed", "model": "base", "clients": 48, "label": "vmap", "oom": True}]
+    _add_ratios(rows)
+    assert not any("accelerator" in t["target"] for t in evaluate_targets(rows))  # CPU run
+    got = {t["target"]: t for t in evaluate_targets(rows, accelerator=True)}
+    tiny, mini = got[">= 10x loop at C=32 (tiny, accelerator)"], got[
+        ">= 10x loop at C=32 (mini, accelerator)"]
+    assert tiny["value"] == pytest.approx(12.0) and tiny["status"] == "met"
+    assert mini["value"] == pytest.approx(8.0) and mini["status"] == "missed"
+    assert mini["detail"] == "best: vmap+dpa"
+    mfu = next(t for t in got.values() if t["target"].startswith(">= 40% bf16 MFU"))
+    # 100 GFLOP per client / 0.6 s at C=40 against the 100 GFLOP/s roofline
+    assert mfu["value"] == pytest.approx(40 / 0.6) and "vmap C=40" in mfu["detail"]
+    largest = next(t for t in got.values() if t["target"].startswith("largest unchunked C"))
+    assert largest["value"] == 40
+    assert largest["detail"] == "peak 75.0 GiB at C=40; out of memory at C=48"
+
+
+def test_a_search_group_skips_client_counts_past_an_earlier_oom():
+    from fedjax_lm.bench.grid import Group
+    from fedjax_lm.bench.run import cell_label, skip_past_oom
+
+    search = Group("base", 128, (48, 56, 64), ("vmap",), stop_at_oom=True)
+    oom = {"model": "base", "label": "vmap", "clients": 56, "oom": True}
+    assert skip_past_oom(search, [oom]).clients == (48,)
+    assert skip_past_oom(search, [{**oom, "label": "vmap@8"}]).clients == (48, 56, 64)
+    assert skip_past_oom(search, [{**oom, "clients": 40}]).clients == ()
+    plain = Group("base", 128, (48, 56), ("vmap",))
+    assert skip_past_oom(plain, [oom]).clients == (48, 56)  # only search groups skip
+    dpa = Group("base", 128, (8,), ("vmap@16",), attention_impl="dot_product", remat=True)
+    assert cell_label(dpa, dpa.specs()[0]) == "vmap@16+dpa+remat"
