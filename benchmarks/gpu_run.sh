@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU grid (`--preset gpu`) on one H100/H200 in under 8 minutes; results to $OUT if set.
+# The GPU grid (`--preset gpu`) and the largest-C search on one H100/H200 in ~11 minutes;
+# results to $OUT if set.
 # Runs from a bare checkout on a machine that has jax[cuda], flax and optax installed:
 #   PYTHON=python3 bash benchmarks/gpu_run.sh
 set -uo pipefail
@@ -14,6 +15,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$DEST/gp
 "$PY" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
   "optax", optax.__version__, jax.devices())' | tee -a "$DEST/gpu.txt"
 # bench.json / report.md are rewritten after every group, so a timeout keeps what finished.
-timeout 500 "$PY" -m fedjax_lm.bench --preset gpu --rounds 5 --trace 2 --out "$DEST" 2>&1 \
-  | grep -v "^WARNING" | tee "$DEST/bench.log"
-echo "exit ${PIPESTATUS[0]}; results in $DEST"
+# STEPS picks the parts: "largest-c grid" (default, ~11 min), or one of them.
+STEPS="${STEPS:-largest-c grid}"
+if [[ " $STEPS " == *" largest-c "* ]]; then
+  # First, in its own process: a fresh allocator (see grid.py). ~1 min a cell.
+  timeout 270 "$PY" -m fedjax_lm.bench --preset gpu-largest-c --rounds 3 \
+    --out "$DEST/largest-c" 2>&1 | grep -v "^WARNING" | grep -v "bfc_allocator" \
+    | tee "$DEST/largest-c.log"
+fi
+if [[ " $STEPS " == *" grid "* ]]; then
+  timeout 420 "$PY" -m fedjax_lm.bench --preset gpu --rounds 5 --trace 2 --out "$DEST" 2>&1 \
+    | grep -v "^WARNING" | tee "$DEST/bench.log"
+fi
+echo "done; results in $DEST"

@@ -161,7 +161,8 @@ def render_markdown(result: dict[str, Any], plot: str) -> str:
         f"(1/5/15 min) {la[0]:.2f}/{la[1]:.2f}/{la[2]:.2f} at start, "
         f"{le[0]:.2f}/{le[1]:.2f}/{le[2]:.2f} at end — the machine is shared, so higher load "
         "means slower, noisier numbers for every column alike",
-        "- dense-matmul roofline (best of 5 jitted square matmuls, this process, re-measured "
+        "- dense-matmul roofline (best of 5 (CPU) or 50 (accelerator) jitted square matmuls, "
+        "this process, re-measured "
         "before each group; last value): "
         + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in
                     result["roofline_flops_per_s"].items()),
