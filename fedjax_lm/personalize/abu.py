@@ -40,6 +40,7 @@ from fedjax_lm.personalize.cells import append_cell, read_cells
 from fedjax_lm.personalize.clients import select_clients
 from fedjax_lm.personalize.config import load_config, read_yaml
 from fedjax_lm.runner.config import ConfigError
+from fedjax_lm.runner.io import atomic_savefig, atomic_write_text
 
 Params = Any
 ACTIVATIONS = (*ABU_VARIANTS, "relu", "elu", "tanh", "swish", "identity",
@@ -268,7 +269,7 @@ def write_cifar_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, comm
     for rec in ranked:
         lines.append(f"| {rec['activation']} | {report.mean_std(rec['test_acc'])} | "
                      f"{len(rec['test_acc'])} | {100 * np.mean(rec['best_val_acc']):.1f} |")
-    (out_dir / "table.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out_dir / "table.md", "\n".join(lines) + "\n")
     _plot_blend(out_dir / "blend_weights.png", [r for r in recs if "blend_weights" in r])
     report.write_meta(out_dir, cfg, command, wall_s, activations_done=len(recs))
 
@@ -296,8 +297,7 @@ def _plot_blend(path: Path, recs: list[dict[str, Any]]) -> None:
     axes[0][0].set_ylabel("effective blend weight (mean over seeds)")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    atomic_savefig(fig, path)
 
 
 # ----------------------------------------------------------------------------- federated
@@ -365,7 +365,7 @@ def write_federated_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, 
         lines.append(f"| {arm} | {report.mean_std([r['final_accuracy'] for r in rs])} | "
                      f"{report.mean_std([r['best_accuracy'] for r in rs])} | "
                      f"{loss.mean():.3f} | {len(rs)} |")
-    (out_dir / "table.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out_dir / "table.md", "\n".join(lines) + "\n")
     _plot_federated(out_dir / "plot.png", recs)
     report.write_meta(out_dir, cfg, command, wall_s, runs_done=len(recs))
 
@@ -404,8 +404,7 @@ def _plot_federated(path: Path, recs: list[dict[str, Any]]) -> None:
         ax.set_title("FedAvg-averaged ABU_N blend weights per FFN layer")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    atomic_savefig(fig, path)
 
 
 # ----------------------------------------------------------------------------- driver

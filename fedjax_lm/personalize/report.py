@@ -4,7 +4,6 @@ rewritten after every cell and a partial run still leaves a consistent report.""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -14,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedjax_lm.runner.io import atomic_savefig, atomic_write_text
+from fedjax_lm.runner.io import write_csv as io_write_csv
 
 
 def machine() -> str:
@@ -33,7 +35,7 @@ def mean_std(values: Sequence[float]) -> str:
 def write_meta(out_dir: Path, cfg: Any, command: str, wall_s: float, **extra: Any) -> None:
     meta = {"command": command, "wall_s": round(wall_s, 1), "machine": machine(),
             "config": dataclasses.asdict(cfg), **extra}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- paper 2
@@ -62,12 +64,8 @@ def moe_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    if rows:
+        io_write_csv(path, rows)
 
 
 def moe_table(rows: list[dict[str, Any]], skew_name: str) -> str:
@@ -128,8 +126,7 @@ def moe_plot(path: Path, rows: list[dict[str, Any]], skew_name: str, title: str)
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    atomic_savefig(fig, path, dpi=120)
 
 
 def write_moe(out_dir: Path, cells: list[dict[str, Any]], cfg: Any, command: str,
@@ -137,6 +134,6 @@ def write_moe(out_dir: Path, cells: list[dict[str, Any]], cfg: Any, command: str
     rows = moe_rows(cells)
     skew_name = "p" if cfg.partition == "majority" else "alpha"
     write_csv(out_dir / "results.csv", rows)
-    (out_dir / "table.md").write_text(moe_table(rows, skew_name))
+    atomic_write_text(out_dir / "table.md", moe_table(rows, skew_name))
     moe_plot(out_dir / "plot.png", rows, skew_name, f"{cfg.name}: {cfg.task}, {cfg.model}")
     write_meta(out_dir, cfg, command, wall_s, cells_done=len(cells))

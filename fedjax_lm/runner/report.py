@@ -6,8 +6,6 @@ report DIR` can be rerun at any time without touching the runs.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -15,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from fedjax_lm.runner.io import atomic_write_bytes, atomic_write_text, read_jsonl
+from fedjax_lm.runner.io import atomic_savefig, atomic_write_text, read_jsonl, write_csv
 
 _ALWAYS = ("model", "task", "clients")
 # Not columns of the results: where runs live and how they execute.
@@ -71,13 +69,9 @@ def write_report(root: Path, *, title: str = "", sweep_wall_s: float | None = No
     fields = varying_fields(runs)
     columns = fields + ["seed", "final_accuracy", "best_accuracy", "rounds_to_target",
                         "final_eval_loss", "train_wall_s", "skipped_client_updates", "run_dir"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    for r in runs:
-        writer.writerow({**{f: r["config"][f] for f in fields + ["seed"]},
-                         **{c: r.get(c) for c in columns[len(fields) + 1:]}})
-    atomic_write_text(root / "results.csv", buf.getvalue())
+    write_csv(root / "results.csv", [{**{f: r["config"][f] for f in fields + ["seed"]},
+                                      **{c: r.get(c) for c in columns[len(fields) + 1:]}}
+                                     for r in runs], columns)
 
     lines = [f"# {title or root.name}", ""]
     total = sum(r["train_wall_s"] + r.get("setup_s", 0.0) for r in runs)
@@ -152,10 +146,5 @@ def _plots(root: Path, runs: list[dict], fields: list[str]) -> None:
 
 
 def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_savefig(fig, path)
