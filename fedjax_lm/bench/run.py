@@ -249,7 +249,8 @@ def _run_child(group: g.Group, args: argparse.Namespace) -> list[dict[str, Any]]
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
                             f"{args.child_devices}").strip()
         cmd = [sys.executable, "-m", "fedjax_lm.bench", "--worker", str(spec_path),
-               "--rounds", str(args.rounds), "--out", tmp]
+               "--rounds", str(args.rounds), "--trace", str(getattr(args, "trace", 0)),
+               "--out", tmp]
         try:
             proc = subprocess.run(cmd, env=env, timeout=3600, stdout=None, stderr=subprocess.PIPE,
                                   text=True)
@@ -269,7 +270,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     fields = json.loads(args.worker.read_text())
     group = g.Group(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     rows = _run_local(group, group.specs(), args.rounds, {group.dtype: matmul_roofline(
-        group.dtype)})
+        group.dtype)}, args.trace)
     (args.out / "rows.json").write_text(json.dumps(rows))
     return 0
 
