@@ -136,14 +136,24 @@ def _accelerator_targets(rows: list[dict[str, Any]], vec: list[dict[str, Any]]
         fits = [r["clients"] for r in unchunked if r.get("status") == "ok"]
         ooms = [r["clients"] for r in unchunked if r.get("oom")]
         top = max(fits) if fits else None
-        mem = next((r["peak_mem_bytes"] for r in unchunked
-                    if r.get("status") == "ok" and r["clients"] == top), None)
+        row = next((r for r in unchunked if r.get("status") == "ok" and r["clients"] == top),
+                   {})
+        mem = row.get("peak_mem_bytes")
+        bound = "<= " if row.get("peak_mem_kind") == "device_peak_bound" else ""
         out.append({"target": "largest unchunked C that fits (base, vmap; measured, no goal)",
                     "value": top, "goal": "—", "status": "measured",
-                    "detail": (f"peak {mem / 2**30:.1f} GiB at C={top}; " if mem else "")
+                    "detail": (f"peak {bound}{mem / 2**30:.1f} GiB at C={top}; " if mem else "")
                     + (f"out of memory at C={min(ooms)}" if ooms else
                        f"no out-of-memory up to C={top}")})
     return out
+
+
+def _mem_mib(row: dict[str, Any]) -> str:
+    """Peak MiB; "≤" where an earlier cell in the process set the device's peak."""
+    mem = row.get("peak_mem_bytes")
+    if not mem:
+        return "—"
+    return ("≤ " if row.get("peak_mem_kind") == "device_peak_bound" else "") + f"{mem / 2**20:.0f}"
 
 
 def _fmt(x: Any, spec: str = ".3f") -> str:
@@ -168,7 +178,9 @@ def render_markdown(result: dict[str, Any], plot: str) -> str:
                     result["roofline_flops_per_s"].items()),
         f"- round_s is the median of {result['rounds']} steady rounds after the first; "
         "compile_s = first round − round_s; FLOPs are counted from the model "
-        "(6·non-embedding weights + attention per token, ×tokens); peers run in .venv-peers",
+        "(6·non-embedding weights + attention per token, ×tokens); peers run in .venv-peers; "
+        "peak MiB is host RSS on CPU, else the device's peak bytes in use (≤: an earlier cell "
+        "in the process set that peak, which JAX cannot reset)",
         "",
         f"![examples/s vs clients]({plot})" if plot.endswith(".png") else plot, "",
         "## Targets", "", "| target | value | goal | status | detail |", "|---|---|---|---|---|",
@@ -191,12 +203,11 @@ def render_markdown(result: dict[str, Any], plot: str) -> str:
                 continue
             ratio = ", ".join(f"{p} {v:.2f}" for p, v in (r.get("peer_round_ratio") or {}
                                                            ).items())
-            mem = r.get("peak_mem_bytes")
             lines.append(
                 f"| {r['label']} | {r['clients']} | {r['round_s']:.3f} | {r['compile_s']:.2f} | "
                 f"{r['examples_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
                 f"{r['flops_per_s'] / 1e9:.1f} | {_fmt(r.get('roofline_fraction'), '.0%')} | "
-                f"{_fmt(mem / 2**20 if mem else None, '.0f')} | {_fmt(r.get('compiles'), 'd')} |"
+                f"{_mem_mib(r)} | {_fmt(r.get('compiles'), 'd')} |"
                 f" {_fmt(r.get('speedup_vs_loop'), '.2f')} | {ratio} |")
     lines += _trace_section(result["rows"])
     failed = [r for r in result["rows"] if r.get("status") != "ok"]

@@ -176,3 +176,16 @@ def test_a_search_group_skips_client_counts_past_an_earlier_oom():
     assert skip_past_oom(plain, [oom]).clients == (48, 56)  # only search groups skip
     dpa = Group("base", 128, (8,), ("vmap@16",), attention_impl="dot_product", remat=True)
     assert cell_label(dpa, dpa.specs()[0]) == "vmap@16+dpa+remat"
+
+
+def test_a_cells_device_peak_is_its_own_only_where_it_raised_the_process_peak():
+    from fedjax_lm.bench.measure import device_cell_peak
+    from fedjax_lm.bench.report import _mem_mib
+
+    assert device_cell_peak(2 * 2**30, 3 * 2**30) == (3 * 2**30, "device_peak")
+    assert device_cell_peak(3 * 2**30, 3 * 2**30) == (3 * 2**30, "device_peak_bound")
+    assert _mem_mib({"peak_mem_bytes": 3 * 2**30, "peak_mem_kind": "device_peak"}) == "3072"
+    assert _mem_mib({"peak_mem_bytes": 3 * 2**30, "peak_mem_kind": "device_peak_bound"}) == (
+        "≤ 3072")
+    assert _mem_mib({"peak_mem_bytes": 2**20, "peak_mem_kind": "host_rss"}) == "1"
+    assert _mem_mib({}) == "—"
