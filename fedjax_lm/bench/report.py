@@ -3,12 +3,11 @@ half-written result never replaces a good one."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
 
-from fedjax_lm.runner.io import atomic_write_bytes, atomic_write_text
+from fedjax_lm.runner.io import atomic_savefig, atomic_write_text
 
 PEER_LABELS = ("peer:torch-loop", "peer:flower", "peer:pfl")
 
@@ -20,7 +19,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
     atomic_write_text(out / "bench.json", json.dumps(result, indent=1, default=float) + "\n")
     plot = "bench.png"
     try:
-        atomic_write_bytes(out / plot, _plot_png(result["rows"]))
+        atomic_savefig(_plot(result["rows"]), out / plot, dpi=90)
     except Exception as e:  # noqa: BLE001 — a plot failure must not lose the numbers
         plot = f"(plot failed: {type(e).__name__}: {e})"
     atomic_write_text(out / "report.md", render_markdown(result, plot))
@@ -245,7 +244,7 @@ def _trace_section(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _plot_png(rows: list[dict[str, Any]]) -> bytes:
+def _plot(rows: list[dict[str, Any]]) -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,7 +273,4 @@ def _plot_png(rows: list[dict[str, Any]]) -> bytes:
                 ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return fig

@@ -40,7 +40,7 @@ from fedjax_lm.personalize.cells import append_cell, read_cells
 from fedjax_lm.personalize.clients import select_clients
 from fedjax_lm.personalize.config import load_config, read_yaml
 from fedjax_lm.runner.config import ConfigError
-from fedjax_lm.runner.io import atomic_savefig, atomic_write_text
+from fedjax_lm.runner.io import atomic_savefig, atomic_write_text, write_csv
 
 Params = Any
 ACTIVATIONS = (*ABU_VARIANTS, "relu", "elu", "tanh", "swish", "identity",
@@ -262,7 +262,7 @@ def write_cifar_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, comm
             rows.append({"activation": rec["activation"], "seed": seed,
                          "test_acc": round(acc, 4), "best_val_acc": round(val, 4),
                          "best_step": step})
-    report.write_csv(out_dir / "results.csv", rows)
+    write_csv(out_dir / "results.csv", rows)
     ranked = sorted(recs, key=lambda r: -float(np.mean(r["test_acc"])))
     lines = ["| activation | test accuracy (%) mean ± std | n | best val (%) |",
              "| --- | --- | --- | --- |"]
@@ -356,7 +356,7 @@ def write_federated_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, 
              "seed": r["seed"], "final_accuracy": round(r["final_accuracy"], 4),
              "best_accuracy": round(r["best_accuracy"], 4),
              "final_eval_loss": round(r["final_eval_loss"], 4)} for r in recs]
-    report.write_csv(out_dir / "results.csv", rows)
+    write_csv(out_dir / "results.csv", rows)
     lines = ["| FFN activation | final test accuracy (%) | best-round accuracy (%) | "
              "final test loss | n |", "| --- | --- | --- | --- | --- |"]
     for arm in dict.fromkeys(r["arm"] for r in recs):

@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fedjax_lm.runner.io import atomic_savefig, atomic_write_text
-from fedjax_lm.runner.io import write_csv as io_write_csv
+from fedjax_lm.runner.io import atomic_savefig, atomic_write_text, write_csv
 
 
 def machine() -> str:
@@ -61,11 +60,6 @@ def moe_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                    "cell_wall_s": round(cell["wall_s"], 1)}
             rows.append(row)
     return rows
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    if rows:
-        io_write_csv(path, rows)
 
 
 def moe_table(rows: list[dict[str, Any]], skew_name: str) -> str:

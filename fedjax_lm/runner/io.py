@@ -45,10 +45,13 @@ def atomic_savefig(fig: Any, path: str | Path, dpi: int = 110) -> None:
 
 
 def write_csv(path: str | Path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
-    """Rows of dicts as CSV (columns: `fieldnames`, else the first row's keys)."""
+    """Rows of dicts as CSV (columns: `fieldnames`, else the first row's keys); no rows and
+    no columns write nothing."""
     import csv
     import io
 
+    if not rows and not fieldnames:
+        return
     buf = io.StringIO(newline="")
     writer = csv.DictWriter(buf, fieldnames=fieldnames or list(rows[0]))
     writer.writeheader()

@@ -42,3 +42,10 @@ def test_atomic_savefig_writes_a_png_and_closes_the_figure(tmp_path):
     atomic_savefig(fig, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not plt.fignum_exists(fig.number)
+
+
+def test_write_csv_with_no_rows_writes_nothing_or_just_the_header(tmp_path):
+    write_csv(tmp_path / "empty.csv", [])
+    assert not (tmp_path / "empty.csv").exists()
+    write_csv(tmp_path / "header.csv", [], fieldnames=["a", "b"])
+    assert (tmp_path / "header.csv").read_text().splitlines() == ["a,b"]
