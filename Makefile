@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install peers test test-slow run bench lint clean
+.PHONY: install peers test test-slow run bench plan-gpu lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,8 +50,24 @@ peers: $(PEERS_STAMP)
 bench: $(STAMP) $(PEERS_STAMP)
 	$(VENV)/bin/fedjax-lm bench --preset cpu --peer-timeout 1200 --out benchmarks/results/$$(hostname -s)
 
+# Memory planning for a GPU this machine does not have (`fedjax-lm plan --target ...`): JAX's
+# CUDA plugin compiles for the card without one. Default: BERT-base as the GPU bench runs it.
+PLAN_VENV := .venv-plan-gpu
+PLAN_STAMP := $(PLAN_VENV)/.installed
+PLAN_ARGS ?= --target h200 --model base --bf16 --optimizer adam --batch-size 8 \
+    --max-length 128 --local-steps 4 --clients 32 --headroom 0.95 --largest-clients
+$(PLAN_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(PLAN_VENV)
+	echo '*' > $(PLAN_VENV)/.gitignore
+	$(PLAN_VENV)/bin/pip install -q --upgrade pip
+	$(PLAN_VENV)/bin/pip install -q -e '.[plan-gpu]'
+	touch $(PLAN_STAMP)
+
+plan-gpu: $(PLAN_STAMP)
+	JAX_PLATFORMS=cpu $(PLAN_VENV)/bin/fedjax-lm plan $(PLAN_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) $(PLAN_VENV) .pytest_cache .ruff_cache

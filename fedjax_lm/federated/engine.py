@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
 
 from fedjax_lm.federated import aggregate as agg
@@ -263,10 +263,14 @@ class FederatedEngine:
             fixed_width=self._host_chunks,
         )
 
-    def lower_chunk(self, params: Params, chunk_data: dict[str, Any]) -> jax.stages.Lowered:
+    def lower_chunk(
+        self, params: Params, chunk_data: dict[str, Any], *, sharding: Sharding | None = None
+    ) -> jax.stages.Lowered:
         """Lower, without running or allocating, the program that trains one chunk of K
         clients (`chunk_data` leaves `[K, S, B, ...]`). `params` and `chunk_data` may be
-        `jax.ShapeDtypeStruct`s: memory planning reads the compiled memory analysis."""
+        `jax.ShapeDtypeStruct`s: memory planning reads the compiled memory analysis.
+        `sharding` places every input, e.g. on a compile-only device (`scale.targets`), so the
+        program compiles for that device rather than the default backend."""
         k = chunk_data["mask"].shape[0]
         state = jax.eval_shape(lambda p: self.init(p, jax.random.key(0)), params)
         acc = jax.eval_shape(agg.zeros_accumulator, params)
@@ -275,8 +279,12 @@ class FederatedEngine:
             cs = jax.eval_shape(lambda p: self.init_client_states(p, k), params)
         block = (chunk_data, jax.ShapeDtypeStruct((k,), jnp.int32),
                  jax.ShapeDtypeStruct((k,), jnp.float32), cs)
+        args = (state, acc, block)
+        if sharding is not None:
+            args = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), args)
         step = getattr(self, "_chunk_step", None) or jax.jit(self._block_step, donate_argnums=(1,))
-        return step.lower(state, acc, block)
+        return step.lower(*args)
 
     # -- the round -----------------------------------------------------------------------
 

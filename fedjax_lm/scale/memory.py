@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Sharding
 
 from fedjax_lm.federated.client import LossFn
 from fedjax_lm.federated.engine import EngineConfig, FederatedEngine
@@ -103,13 +104,16 @@ def compiled_chunk_bytes(
     *,
     server_optimizer: ServerOptimizer = None,
     carry_client_state: bool = False,
+    sharding: Sharding | None = None,
 ) -> int:
-    """Peak bytes XLA reports for the engine's chunk program at `width` clients."""
+    """Peak bytes XLA reports for the engine's chunk program at `width` clients, compiled for
+    the device `sharding` names (default: the local backend; see `scale.targets`)."""
     engine = FederatedEngine(loss_fn, client_optimizer, server_optimizer, EngineConfig(
         clients_per_chunk=width, chunk_executor="host", carry_client_state=carry_client_state,
     ))
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    m = engine.lower_chunk(params, batch.shapes(width)).compile().memory_analysis()
+    lowered = engine.lower_chunk(params, batch.shapes(width), sharding=sharding)
+    m = lowered.compile().memory_analysis()
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                - m.alias_size_in_bytes)
 
@@ -123,9 +127,11 @@ def estimate_memory(
     server_optimizer: ServerOptimizer = None,
     carry_client_state: bool = False,
     widths: tuple[int, int] = (2, 4),
+    sharding: Sharding | None = None,
 ) -> MemoryEstimate:
     """Fit `fixed + K · per_client` from two compiles (`widths`) of the chunk program."""
-    kw = dict(server_optimizer=server_optimizer, carry_client_state=carry_client_state)
+    kw = dict(server_optimizer=server_optimizer, carry_client_state=carry_client_state,
+              sharding=sharding)
     k1, k2 = widths
     b1, b2 = (compiled_chunk_bytes(loss_fn, params, client_optimizer, batch, k, **kw)
               for k in (k1, k2))
@@ -139,6 +145,61 @@ def estimate_memory(
         fixed_bytes=max(b1 - k1 * per_client, 0),
         per_client_bytes=per_client,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """One compile of the unchunked program: its bytes beside the linear estimate's."""
+
+    clients: int
+    compiled_bytes: int
+    linear_bytes: int
+
+    @property
+    def rematerialized(self) -> bool:
+        """XLA recomputed activations to fit its own memory limit (the program runs slower)."""
+        return self.compiled_bytes < 0.98 * self.linear_bytes
+
+
+def largest_unchunked(
+    compile_bytes: Callable[[int], int],
+    estimate: MemoryEstimate,
+    budget: int,
+    *,
+    limit: int = 1 << 16,
+) -> tuple[int, list[Probe]]:
+    """The most clients whose unchunked program compiles within `budget` bytes, and the probes.
+
+    The linear estimate is exact until XLA's rematerialization starts (at ~0.76 of a GPU's
+    memory): past it, XLA recomputes activations so that more clients fit, more slowly, up to
+    where the per-client state alone no longer does. So the edge is found by compiling: from
+    the linear edge, double until a program does not fit, then bisect. Assumes the compiled
+    bytes never fall as C grows.
+    """
+    probes: dict[int, Probe] = {}
+
+    def fits(c: int) -> bool:
+        if c not in probes:
+            probes[c] = Probe(c, compile_bytes(c), estimate.chunk_bytes(c))
+        return probes[c].compiled_bytes <= budget
+
+    start = min(max(estimate.max_clients(budget), 1), limit)
+    if fits(start):
+        lo, hi = start, None
+        while hi is None:
+            if lo >= limit:
+                break
+            nxt = min(2 * lo, limit)
+            if fits(nxt):
+                lo = nxt
+            else:
+                hi = nxt
+    else:
+        lo, hi = 0, start
+    while hi is not None and hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, [probes[c] for c in sorted(probes)]
 
 
 def candidate_widths(num_clients: int) -> list[int]:

@@ -2,13 +2,18 @@
 
     fedjax-lm plan --model base --clients 32 --device-memory 80GB --batch-size 32 \\
         --max-length 128 --local-steps 4 --optimizer adam [--remat] [--bf16]
+    fedjax-lm plan --target h200 --model base --clients 32 --bf16 --largest-clients
 
-Compiles the engine's chunk program for the local backend from shapes only (see `memory`).
+Compiles the engine's chunk program from shapes only (see `memory`), for the local backend or,
+with `--target`, for a GPU this machine need not have (see `targets`; needs JAX's CUDA plugin).
+`--largest-clients` then compiles the unchunked program at growing C to find the most clients
+one device holds: past the linear estimate XLA rematerializes, so more fit than it predicts.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -16,6 +21,7 @@ import jax
 import optax
 
 from fedjax_lm.scale import memory as mem
+from fedjax_lm.scale import targets
 
 OPTIMIZERS = {
     "sgd": lambda: optax.sgd(1e-3),
@@ -53,7 +59,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-labels", type=int, default=2)
     p.add_argument("--clients", type=int, required=True, help="clients per round (cohort)")
     p.add_argument("--devices", type=int, default=1, help="devices sharing the clients")
-    p.add_argument("--device-memory", default="80GB", help="per device, e.g. 80GB or 16GiB")
+    p.add_argument("--target", default="local",
+                   help="compile for: local (this backend), a100, h100, h200, or a "
+                   "GpuTargetConfig file (python -m fedjax_lm.scale.targets --dump FILE on a GPU)")
+    p.add_argument("--device-memory", default=None,
+                   help="per device, e.g. 80GB or 16GiB (default: the target's, else 80GB)")
+    p.add_argument("--largest-clients", action="store_true",
+                   help="also find the most clients one unchunked program fits (more compiles)")
     p.add_argument("--headroom", type=float, default=0.9, help="fraction of memory to plan for")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
@@ -65,29 +77,37 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def plan_report(args: argparse.Namespace) -> tuple[mem.MemoryEstimate, list[str]]:
     """The estimate and the lines `run_plan` prints."""
+    if not 0 < args.headroom <= 1:
+        raise ValueError(f"--headroom is the fraction of memory to plan for, in (0, 1]; "
+                         f"got {args.headroom}")
+    target = targets.resolve_target(args.target)
+    memory = (mem.parse_bytes(args.device_memory) if args.device_memory
+              else target.memory_bytes or mem.parse_bytes("80GB"))
+    memory_from = args.device_memory or (target.name if target.memory_bytes else "80GB")
     loss_fn, params = model_loss_and_params(args.model, args.model_type, args.num_labels,
                                             remat=args.remat, bf16=args.bf16)
     batch = mem.text_batch(args.local_steps, args.batch_size, args.max_length)
-    est = mem.estimate_memory(loss_fn, params, OPTIMIZERS[args.optimizer](), batch)
-    budget = int(args.headroom * mem.parse_bytes(args.device_memory))
+    optimizer = OPTIMIZERS[args.optimizer]()
+    est = mem.estimate_memory(loss_fn, params, optimizer, batch, sharding=target.sharding)
+    budget = int(args.headroom * memory)
     per_device = -(-args.clients // args.devices)
     width = mem.widest_fitting(est, per_device, budget)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     f = mem.format_bytes
     lines = [
         f"model {args.model} ({args.model_type}): {n_params / 1e6:.1f}M params, "
-        f"{f(est.params_bytes)}; remat={args.remat} bf16={args.bf16}; "
-        f"backend {jax.default_backend()}",
+        f"{f(est.params_bytes)}; remat={args.remat} bf16={args.bf16}",
+        f"compiled for: {target.name} ({target.description})",
         f"client data: {args.local_steps} steps x {args.batch_size} examples x "
         f"{args.max_length} tokens = {f(est.data_bytes_per_client)} per client",
         f"per client: state {f(est.client_state_bytes)} (params + {args.optimizer} state + "
         f"delta); compiled {f(est.per_client_bytes)} incl. gradients and "
         f"{f(est.activation_bytes_per_client)} activations",
         f"fixed per device: {f(est.fixed_bytes)} (server state, accumulator)",
-        f"budget per device: {f(budget)} ({args.headroom:g} x {args.device_memory}); "
+        f"budget per device: {f(budget)} ({args.headroom:g} x {f(memory)} from {memory_from}); "
         f"{per_device} clients per device",
         f"unchunked: {per_device} clients need {f(est.chunk_bytes(per_device))}; "
-        f"at most {est.max_clients(budget)} clients per device without chunking",
+        f"at most {est.max_clients(budget)} clients per device without chunking (linear)",
     ]
     if width is None:
         lines.append(f"does not fit: one client needs {f(est.chunk_bytes(1))}")
@@ -97,11 +117,36 @@ def plan_report(args: argparse.Namespace) -> tuple[mem.MemoryEstimate, list[str]
             f"{f(est.round_bytes(per_device, width))}; with chunks of {width}, up to "
             f"{est.max_clients(budget, width)} clients per device (data resident)"
         )
+    if args.largest_clients:
+        def compile_bytes(c: int) -> int:
+            return mem.compiled_chunk_bytes(loss_fn, params, optimizer, batch, c,
+                                            sharding=target.sharding)
+
+        largest, probes = mem.largest_unchunked(compile_bytes, est, budget)
+        lines.append(f"largest unchunked C (compiled): {largest} clients per device")
+        lines.append("| C | compiled | linear estimate | fits | XLA rematerialized |")
+        lines.append("|---|---|---|---|---|")
+        lines += [f"| {p.clients} | {f(p.compiled_bytes)} | {f(p.linear_bytes)} | "
+                  f"{'yes' if p.compiled_bytes <= budget else 'no'} | "
+                  f"{'yes' if p.rematerialized else 'no'} |" for p in probes]
     return est, lines
 
 
+def use_cpu_platform_for(target: str) -> None:
+    """A compile-only GPU needs JAX on the CPU platform where no GPU is present (the CUDA
+    plugin fails to start otherwise); planning never runs anything, so that is safe here."""
+    if target != "local" and "JAX_PLATFORMS" not in os.environ \
+            and targets.cuda_plugin_installed():
+        jax.config.update("jax_platforms", "cpu")
+
+
 def run_plan(args: argparse.Namespace) -> int:
-    _, lines = plan_report(args)
+    use_cpu_platform_for(args.target)
+    try:
+        _, lines = plan_report(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("\n".join(lines))
     return 0
 

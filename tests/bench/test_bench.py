@@ -189,3 +189,16 @@ def test_a_cells_device_peak_is_its_own_only_where_it_raised_the_process_peak():
         "≤ 3072")
     assert _mem_mib({"peak_mem_bytes": 2**20, "peak_mem_kind": "host_rss"}) == "1"
     assert _mem_mib({}) == "—"
+
+
+def test_presets_parse_and_the_largest_c_search_is_per_card():
+    from fedjax_lm.bench.grid import PRESETS
+
+    for groups in PRESETS.values():
+        for group in groups:
+            assert group.specs()  # every backend spec parses
+    for card, clients in (("h200", [64, 70, 71, 72]), ("h100", [32, 39, 40, 41])):
+        groups = PRESETS[f"gpu-largest-c-{card}"]
+        assert [c for g in groups for c in g.clients] == clients
+        assert all(g.stop_at_oom and g.backends == ("vmap",) and g.model == "base"
+                   for g in groups)

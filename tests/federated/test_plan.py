@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from fedjax_lm.scale import memory as mem
-from fedjax_lm.scale import plan
+from fedjax_lm.scale import plan, targets
 
 D, H, OUT = 128, 256, 10
 PARAMS = {"w1": jax.ShapeDtypeStruct((D, H), jnp.float32),
@@ -90,3 +90,121 @@ def test_plan_command(capsys, monkeypatch, sgd_estimate):
     assert plan.run_plan(args) == 0
     out = capsys.readouterr().out
     assert "clients_per_chunk: 8 (8 per device)" in out and "tiny (bert)" in out
+
+
+# -- the compiled search for the largest unchunked C ---------------------------------------
+
+def _toy_estimate(per_client: int) -> mem.MemoryEstimate:
+    return mem.MemoryEstimate(params_bytes=1, client_state_bytes=1, data_bytes_per_client=1,
+                              fixed_bytes=0, per_client_bytes=per_client)
+
+
+def _remat_like(c: int) -> int:
+    """Linear to C = 10, then flat (XLA recomputes to hold its limit), then the floor rises."""
+    return 100 * c if c <= 10 else 1000 if c <= 16 else 1000 + 60 * (c - 16)
+
+
+@pytest.mark.parametrize("budget", [50, 99, 100, 999, 1000, 1299, 1300, 1500, 5000, 10**6])
+def test_largest_unchunked_matches_brute_force_past_the_linear_edge(budget):
+    largest, probes = mem.largest_unchunked(_remat_like, _toy_estimate(100), budget, limit=4000)
+    assert largest == max([c for c in range(1, 4001) if _remat_like(c) <= budget], default=0)
+    assert [p.clients for p in probes] == sorted({p.clients for p in probes})
+    assert len(probes) <= 2 * 12 + 2  # doubling then bisecting, not a scan
+    for p in probes:
+        assert p.compiled_bytes == _remat_like(p.clients) and p.linear_bytes == 100 * p.clients
+        assert p.rematerialized == (p.clients > 10)
+
+
+def test_largest_unchunked_on_the_compiled_mlp():
+    def compiled(c):
+        return mem.compiled_chunk_bytes(mlp_loss, PARAMS, optax.sgd(0.1), BATCH, c)
+
+    budget = compiled(5)
+    est = mem.estimate_memory(mlp_loss, PARAMS, optax.sgd(0.1), BATCH)
+    largest, probes = mem.largest_unchunked(compiled, est, budget)
+    assert largest >= 5 and compiled(largest) <= budget < compiled(largest + 1)
+    assert any(p.clients == largest for p in probes)
+
+
+def test_lower_chunk_on_an_explicit_device_compiles_the_same_program():
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("device",))
+    here = NamedSharding(mesh, PartitionSpec())
+    kw = dict(client_optimizer=optax.sgd(0.1), batch=BATCH, width=4)
+    assert (mem.compiled_chunk_bytes(mlp_loss, PARAMS, sharding=here, **kw)
+            == mem.compiled_chunk_bytes(mlp_loss, PARAMS, **kw))
+
+
+# -- compile targets -----------------------------------------------------------------------
+
+def test_builtin_gpu_target_configs():
+    h200 = targets.GPUS["h200"].target_config()
+    assert "device_memory_size: 150754820096" in h200  # 143771 MiB, as nvidia-smi reports
+    assert "core_count: 132" in h200 and "cuda_compute_capability { major: 9 minor: 0 }" in h200
+    assert targets.config_memory_bytes(h200) == 143771 * 2**20
+    assert targets.config_memory_bytes("platform_name: 'CUDA'") is None
+    a100 = targets.GPUS["a100"].target_config()
+    assert "core_count: 108" in a100 and "major: 8 minor: 0" in a100
+
+
+def test_resolve_target_errors(tmp_path, monkeypatch):
+    assert targets.resolve_target("local").sharding is None
+    with pytest.raises(ValueError, match="unknown compile target 'v100'.*a100, h100, h200"):
+        targets.resolve_target("v100")
+    monkeypatch.setattr(targets, "cuda_plugin_installed", lambda: False)
+    with pytest.raises(ValueError, match=r"pip install 'jax\[cuda12\]==" + jax.__version__):
+        targets.resolve_target("H200")
+    config = tmp_path / "card.textproto"
+    config.write_text(targets.GPUS["h100"].target_config())
+    with pytest.raises(ValueError, match="compiling for .*card.textproto without the GPU"):
+        targets.resolve_target(str(config))
+
+
+def test_targets_command(capsys):
+    assert targets.main(["--show", "h100"]) == 0
+    assert 'device_description_str: "NVIDIA H100 80GB HBM3"' in capsys.readouterr().out
+    if jax.default_backend() != "gpu":
+        assert targets.main(["--dump", "unused.textproto"]) == 2
+        assert "no GPU here" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not targets.cuda_plugin_installed() or jax.default_backend() != "cpu",
+                    reason="deviceless GPU compiles need JAX's CUDA plugin (make plan-gpu)")
+def test_deviceless_gpu_compile():
+    target = targets.resolve_target("h200")
+    assert "H200" in target.description and target.memory_bytes == 143771 * 2**20
+    on_gpu = mem.compiled_chunk_bytes(mlp_loss, PARAMS, optax.sgd(0.1), BATCH, 8,
+                                      sharding=target.sharding)
+    # The same program, planned by the GPU compiler: state and activations are the same arrays.
+    on_cpu = mem.compiled_chunk_bytes(mlp_loss, PARAMS, optax.sgd(0.1), BATCH, 8)
+    assert 0.5 < on_gpu / on_cpu < 2.0
+
+
+def test_plan_command_errors_and_largest_clients(capsys, monkeypatch, sgd_estimate):
+    monkeypatch.setattr(plan, "model_loss_and_params", lambda *a, **k: (mlp_loss, PARAMS))
+    monkeypatch.setattr(mem, "estimate_memory", lambda *a, **k: sgd_estimate)
+    parser = argparse.ArgumentParser()
+    plan.add_plan_parser(parser.add_subparsers(dest="command"))
+    base = ["plan", "--clients", "8", "--batch-size", "4", "--max-length", "16",
+            "--local-steps", "1", "--optimizer", "sgd"]
+    assert plan.run_plan(parser.parse_args(base + ["--target", "tpu9"])) == 2
+    assert "error: unknown compile target 'tpu9'" in capsys.readouterr().err
+    assert plan.run_plan(parser.parse_args(base + ["--device-memory", "lots"])) == 2
+    assert "cannot read a memory size from 'lots'" in capsys.readouterr().err
+    assert plan.run_plan(parser.parse_args(base + ["--headroom", "1.5"])) == 2
+    assert "--headroom is the fraction of memory to plan for, in (0, 1]; got 1.5" in \
+        capsys.readouterr().err
+
+    per = sgd_estimate.per_client_bytes
+    monkeypatch.setattr(mem, "compiled_chunk_bytes",
+                        lambda *a, **k: sgd_estimate.chunk_bytes(min(a[4], 6)) + per * a[4] // 7)
+    budget = sgd_estimate.chunk_bytes(9)
+    args = parser.parse_args(base + ["--device-memory", str(budget), "--headroom", "1",
+                                     "--largest-clients"])
+    assert plan.run_plan(args) == 0
+    out = capsys.readouterr().out
+    expect = max(c for c in range(1, 200)
+                 if sgd_estimate.chunk_bytes(min(c, 6)) + per * c // 7 <= budget)
+    assert f"largest unchunked C (compiled): {expect} clients per device" in out
+    assert "| 9 |" in out and "compiled for: local" in out
