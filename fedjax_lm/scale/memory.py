@@ -156,8 +156,9 @@ class Probe:
     linear_bytes: int
 
     @property
-    def rematerialized(self) -> bool:
-        """XLA recomputed activations to fit its own memory limit (the program runs slower)."""
+    def below_linear(self) -> bool:
+        """More than 2 % under the linear estimate: XLA reused buffers across clients, or (near
+        its memory limit, which its log then reports) recomputed activations to fit."""
         return self.compiled_bytes < 0.98 * self.linear_bytes
 
 

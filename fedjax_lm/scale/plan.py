@@ -124,11 +124,11 @@ def plan_report(args: argparse.Namespace) -> tuple[mem.MemoryEstimate, list[str]
 
         largest, probes = mem.largest_unchunked(compile_bytes, est, budget)
         lines.append(f"largest unchunked C (compiled): {largest} clients per device")
-        lines.append("| C | compiled | linear estimate | fits | XLA rematerialized |")
+        lines.append("| C | compiled | linear estimate | fits | below linear |")
         lines.append("|---|---|---|---|---|")
         lines += [f"| {p.clients} | {f(p.compiled_bytes)} | {f(p.linear_bytes)} | "
                   f"{'yes' if p.compiled_bytes <= budget else 'no'} | "
-                  f"{'yes' if p.rematerialized else 'no'} |" for p in probes]
+                  f"{'yes' if p.below_linear else 'no'} |" for p in probes]
     return est, lines
 
 

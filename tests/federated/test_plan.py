@@ -112,7 +112,7 @@ def test_largest_unchunked_matches_brute_force_past_the_linear_edge(budget):
     assert len(probes) <= 2 * 12 + 2  # doubling then bisecting, not a scan
     for p in probes:
         assert p.compiled_bytes == _remat_like(p.clients) and p.linear_bytes == 100 * p.clients
-        assert p.rematerialized == (p.clients > 10)
+        assert p.below_linear == (p.clients > 10)
 
 
 def test_largest_unchunked_on_the_compiled_mlp():
