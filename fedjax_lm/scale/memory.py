@@ -171,11 +171,11 @@ def largest_unchunked(
 ) -> tuple[int, list[Probe]]:
     """The most clients whose unchunked program compiles within `budget` bytes, and the probes.
 
-    The linear estimate is exact until XLA's rematerialization starts (at ~0.76 of a GPU's
-    memory): past it, XLA recomputes activations so that more clients fit, more slowly, up to
-    where the per-client state alone no longer does. So the edge is found by compiling: from
-    the linear edge, double until a program does not fit, then bisect. Assumes the compiled
-    bytes never fall as C grows.
+    The linear estimate (from two narrow compiles) is close while the program is far from
+    XLA's own memory limit (~0.76 of a GPU's memory); past it, XLA recomputes activations so
+    that more clients fit, more slowly, until the per-client state alone no longer does. So
+    the edge is found by compiling: from the linear edge, double until a program does not fit,
+    then bisect. Assumes the compiled bytes never fall as C grows.
     """
     probes: dict[int, Probe] = {}
 
@@ -185,18 +185,10 @@ def largest_unchunked(
         return probes[c].compiled_bytes <= budget
 
     start = min(max(estimate.max_clients(budget), 1), limit)
-    if fits(start):
-        lo, hi = start, None
-        while hi is None:
-            if lo >= limit:
-                break
-            nxt = min(2 * lo, limit)
-            if fits(nxt):
-                lo = nxt
-            else:
-                hi = nxt
-    else:
-        lo, hi = 0, start
+    lo, hi = (start, None) if fits(start) else (0, start)
+    while hi is None and lo < limit:
+        nxt = min(2 * lo, limit)
+        lo, hi = (nxt, None) if fits(nxt) else (lo, nxt)
     while hi is not None and hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
