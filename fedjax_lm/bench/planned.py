@@ -77,9 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--target", default="local", help="as `fedjax-lm plan --target`")
     p.add_argument("--out", help="also write the table here")
     args = p.parse_args(argv)
-    from fedjax_lm.scale.plan import use_cpu_platform_for
-
-    use_cpu_platform_for(args.target)
+    targets.use_cpu_platform_for(args.target)
     try:
         rows = [r for path in args.bench_json for r in json.loads(Path(path).read_text())["rows"]]
         lines = compare(rows, targets.resolve_target(args.target))

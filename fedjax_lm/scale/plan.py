@@ -13,7 +13,6 @@ one device holds: past the linear estimate XLA rematerializes, so more fit than 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
@@ -132,16 +131,8 @@ def plan_report(args: argparse.Namespace) -> tuple[mem.MemoryEstimate, list[str]
     return est, lines
 
 
-def use_cpu_platform_for(target: str) -> None:
-    """A compile-only GPU needs JAX on the CPU platform where no GPU is present (the CUDA
-    plugin fails to start otherwise); planning never runs anything, so that is safe here."""
-    if target != "local" and "JAX_PLATFORMS" not in os.environ \
-            and targets.cuda_plugin_installed():
-        jax.config.update("jax_platforms", "cpu")
-
-
 def run_plan(args: argparse.Namespace) -> int:
-    use_cpu_platform_for(args.target)
+    targets.use_cpu_platform_for(args.target)
     try:
         _, lines = plan_report(args)
     except ValueError as e:

@@ -128,6 +128,14 @@ def cuda_plugin_installed() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in CUDA_PLUGINS)
 
 
+def use_cpu_platform_for(target: str) -> None:
+    """A compile-only GPU needs JAX on the CPU platform where no GPU is present (the CUDA
+    plugin fails to start otherwise). For commands that only compile (`plan`, `bench.planned`)."""
+    if target != "local" and "JAX_PLATFORMS" not in os.environ \
+            and cuda_plugin_installed():
+        jax.config.update("jax_platforms", "cpu")
+
+
 def gpu_target(config: str, name: str) -> CompileTarget:
     """A compile-only CUDA device described by `config` (a `GpuTargetConfig` text proto)."""
     if not cuda_plugin_installed():
