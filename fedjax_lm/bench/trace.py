@@ -35,7 +35,6 @@ KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
                                     r"dynamic.update.slice|dynamic.slice", re.I)),
     ("elementwise fusion", re.compile(r"fusion|loop_|elementwise", re.I)),
 )
-# Host-thread events on CPU that are scheduling, not computation.
 # Host-thread events on CPU that are scheduling or that contain other ops (loops, calls).
 _CPU_NOISE = re.compile(r"^(ThreadpoolListener|SlinkyThreadPool|ThunkExecutor|\$|while\.|"
                         r"call\.|conditional\.)")

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
+from fedjax_lm.runner.io import atomic_write_text
+
 CUDA_PLUGINS = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
 
 
@@ -178,9 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.dump:
-            config = local_target_config()
-            with open(args.dump, "w") as f:
-                f.write(config)
+            atomic_write_text(args.dump, local_target_config())
             print(f"wrote {args.dump} ({jax.devices()[0].device_kind})")
         elif args.show:
             print(GPUS[args.show].target_config(), end="")
