@@ -25,8 +25,8 @@ import jax
 
 from fedjax_lm.bench.measure import client_optimizer
 from fedjax_lm.bench.workload import Workload, encoder_config
+from fedjax_lm.io import atomic_write_text
 from fedjax_lm.models import Model, classification_loss
-from fedjax_lm.runner.io import atomic_write_text
 from fedjax_lm.scale import memory as mem
 from fedjax_lm.scale import targets
 

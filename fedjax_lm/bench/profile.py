@@ -27,8 +27,8 @@ import numpy as np
 from fedjax_lm import federated as fl
 from fedjax_lm.bench.measure import client_optimizer, matmul_roofline
 from fedjax_lm.bench.workload import Workload, encoder_config, synthetic_data, train_flops_per_token
+from fedjax_lm.io import atomic_write_text
 from fedjax_lm.models import EncoderConfig, Model, classification_loss
-from fedjax_lm.runner.io import atomic_write_text
 
 
 @dataclasses.dataclass(frozen=True)

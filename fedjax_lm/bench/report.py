@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedjax_lm.runner.io import atomic_savefig, atomic_write_text
+from fedjax_lm.io import atomic_savefig, atomic_write_text
 
 PEER_LABELS = ("peer:torch-loop", "peer:flower", "peer:pfl")
 

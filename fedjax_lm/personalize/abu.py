@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from fedjax_lm import data as fdata
+from fedjax_lm.io import atomic_savefig, atomic_write_text, write_csv
 from fedjax_lm.models.activations import ABU_BASES, ABU_VARIANTS, blend_weights
 from fedjax_lm.models.cnn import (
     image_classification_eval,
@@ -40,7 +41,6 @@ from fedjax_lm.personalize.cells import append_cell, read_cells
 from fedjax_lm.personalize.clients import select_clients
 from fedjax_lm.personalize.config import load_config, read_yaml
 from fedjax_lm.runner.config import ConfigError
-from fedjax_lm.runner.io import atomic_savefig, atomic_write_text, write_csv
 
 Params = Any
 ACTIVATIONS = (*ABU_VARIANTS, "relu", "elu", "tanh", "swish", "identity",

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fedjax_lm.runner.io import atomic_savefig, atomic_write_text, write_csv
+from fedjax_lm.io import atomic_savefig, atomic_write_text, write_csv
 
 
 def machine() -> str:

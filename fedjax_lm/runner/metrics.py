@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedjax_lm.runner.io import atomic_write_text, read_jsonl
+from fedjax_lm.io import atomic_write_text, read_jsonl
 
 
 class MetricsLog:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from fedjax_lm.runner.io import atomic_savefig, atomic_write_text, read_jsonl, write_csv
+from fedjax_lm.io import atomic_savefig, atomic_write_text, read_jsonl, write_csv
 
 _ALWAYS = ("model", "task", "clients")
 # Not columns of the results: where runs live and how they execute.

@@ -16,8 +16,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from fedjax_lm.io import write_yaml
 from fedjax_lm.runner.config import ConfigError, Preset, RunConfig, from_dict
-from fedjax_lm.runner.io import write_yaml
 from fedjax_lm.runner.report import write_report
 from fedjax_lm.runner.train import TrainingError, train
 

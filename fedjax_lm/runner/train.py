@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 from fedjax_lm import federated as fl
 from fedjax_lm.data import pack_eval
 from fedjax_lm.federated.aggregate import client_update_norm
+from fedjax_lm.io import write_json, write_yaml
 from fedjax_lm.runner.checkpoint import Checkpointer
 from fedjax_lm.runner.config import ConfigError, RunConfig, from_dict
 from fedjax_lm.runner.experiment import Experiment, build_engine, build_experiment, round_data
-from fedjax_lm.runner.io import write_json, write_yaml
 from fedjax_lm.runner.metrics import MetricsLog
 from fedjax_lm.scale.distributed import is_primary
 

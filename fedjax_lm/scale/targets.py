@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
-from fedjax_lm.runner.io import atomic_write_text
+from fedjax_lm.io import atomic_write_text
 
 CUDA_PLUGINS = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
 

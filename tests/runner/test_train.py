@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from fedjax_lm.io import read_jsonl
 from fedjax_lm.runner import RunConfig, TrainingError, train
-from fedjax_lm.runner.io import read_jsonl
 from fedjax_lm.runner.report import write_report
 from fedjax_lm.runner.sweep import run_sweep
 

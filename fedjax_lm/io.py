@@ -1,4 +1,8 @@
-"""Atomic file writes: a reader (or a resumed run) never sees half a file."""
+"""Atomic file writes: a reader (or a resumed run) never sees half a file.
+
+Every layer writes results through here, so it sits at the top of the package and imports
+nothing from it.
+"""
 
 from __future__ import annotations
 

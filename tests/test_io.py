@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from fedjax_lm.runner.io import atomic_savefig, atomic_write_text, write_csv
+from fedjax_lm.io import atomic_savefig, atomic_write_text, write_csv
 
 
 def test_write_csv_round_trips_and_leaves_no_temp_files(tmp_path):
