@@ -14,10 +14,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config that cannot run: unknown field, wrong type or impossible value."""
-
+from fedjax_lm.grid import ConfigError, execution_field, execution_fields
 
 CLIENT_OPTIMIZERS = ("sgd", "adam", "adamw")
 HEAD_INITS = ("shared", "per_client")
@@ -30,7 +27,7 @@ class RunConfig:
 
     # -- data
     task: str = "synthetic"
-    data_dir: str | None = None  # else $FEDJAX_LM_DATA_DIR, else the hub
+    data_dir: str | None = execution_field(None)  # else $FEDJAX_LM_DATA_DIR, else the hub
     train_file: str | None = None  # task "csv": the user's own data
     test_file: str | None = None
     text_column: str = "text"
@@ -67,19 +64,19 @@ class RunConfig:
     weighting: str = "examples"
     carry_client_state: bool = False
     # -- execution
-    backend: str = "vmap"
-    clients_per_chunk: int | None = None
+    backend: str = execution_field("vmap")  # backends agree to float tolerance
+    clients_per_chunk: int | None = execution_field(None)
     # scan: the chunks run inside the one compiled round (on a CPU, chunks of 1 at MiniLM size
     # are fastest); host: one compiled chunk step serves every cohort size (sweeps over C).
-    chunk_executor: str = "scan"
+    chunk_executor: str = execution_field("scan")
     # -- run
     seed: int = 0
     eval_every: int = 1
-    eval_batch_size: int = 64
-    checkpoint_every: int = 1
+    eval_batch_size: int = execution_field(64)
+    checkpoint_every: int = execution_field(1)
     nonfinite: str = "fail"  # fail: stop with a clear message; skip: drop the client
     target_accuracy: float | None = None  # for "rounds to reach" in summaries
-    out: str = "runs/train"
+    out: str = execution_field("runs/train")
 
     def replace(self, **changes: Any) -> RunConfig:
         return from_dict({**dataclasses.asdict(self), **changes})
@@ -89,6 +86,10 @@ class RunConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+# Where and how a run executes, not what it computes: what reports do not tabulate.
+EXECUTION_FIELDS = execution_fields(RunConfig)
+# What may differ when a run directory is resumed: those, and `rounds` (the run continues).
+RESUMABLE_FIELDS = EXECUTION_FIELDS | {"rounds"}
 _HINTS = typing.get_type_hints(RunConfig)
 
 

@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 
 from fedjax_lm.io import atomic_savefig, atomic_write_text, read_jsonl, write_csv
+from fedjax_lm.runner.config import EXECUTION_FIELDS
 
 _ALWAYS = ("model", "task", "clients")
-# Not columns of the results: where runs live and how they execute.
-_IGNORED = {"out", "seed", "data_dir", "clients_per_chunk", "chunk_executor", "backend",
-            "checkpoint_every", "eval_batch_size"}
+# Not columns of the results: where runs live and how they execute, and the seed (a column of
+# its own; rows of the summary average over it).
+_IGNORED = EXECUTION_FIELDS | {"seed"}
 
 
 def load_runs(root: Path) -> list[dict[str, Any]]:

@@ -24,15 +24,14 @@ from fedjax_lm.data import pack_eval
 from fedjax_lm.federated.aggregate import client_update_norm
 from fedjax_lm.io import write_json, write_yaml
 from fedjax_lm.runner.checkpoint import Checkpointer
-from fedjax_lm.runner.config import ConfigError, RunConfig, from_dict
+from fedjax_lm.runner.config import RESUMABLE_FIELDS, ConfigError, RunConfig, from_dict
 from fedjax_lm.runner.experiment import Experiment, build_engine, build_experiment, round_data
 from fedjax_lm.runner.metrics import MetricsLog
 from fedjax_lm.scale.distributed import is_primary
 
 # Fields that may differ when resuming a run directory: where and how it executes, not what
 # it computes (chunking and backends agree to float tolerance).
-_RESUMABLE_CHANGES = {"out", "checkpoint_every", "eval_batch_size", "data_dir", "rounds",
-                      "clients_per_chunk", "chunk_executor", "backend"}
+_RESUMABLE_CHANGES = RESUMABLE_FIELDS
 
 
 class TrainingError(RuntimeError):

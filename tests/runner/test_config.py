@@ -100,3 +100,16 @@ def test_cli_reports_errors_in_one_line_without_traceback(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == "fedjax-lm train: error: clients must be >= 1, got 0"
     assert not (tmp_path / "r").exists()  # nothing was started
+
+
+def test_execution_fields_are_marked_once_and_drive_resume_and_reports():
+    from fedjax_lm.runner import report
+
+    execution, resumable = rc.EXECUTION_FIELDS, rc.RESUMABLE_FIELDS
+    assert execution == {"out", "data_dir", "backend", "clients_per_chunk", "chunk_executor",
+                         "eval_batch_size", "checkpoint_every"}
+    assert resumable == execution | {"rounds"}
+    runs = [{"config": rc.RunConfig(backend=b, lr=lr, seed=s).to_dict()}
+            for b, lr, s in (("vmap", 0.1, 0), ("loop", 0.2, 1))]
+    assert report.varying_fields(runs) == ["model", "task", "clients", "lr"]
+
