@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from fedjax_lm import data as fdata
+from fedjax_lm.grid import ConfigError, append_cell, execution_field, load_yaml, resume_grid
 from fedjax_lm.io import atomic_savefig, atomic_write_text, write_csv
 from fedjax_lm.models.activations import ABU_BASES, ABU_VARIANTS, blend_weights
 from fedjax_lm.models.cnn import (
@@ -37,10 +38,8 @@ from fedjax_lm.models.cnn import (
     make_cnn_model,
 )
 from fedjax_lm.personalize import report
-from fedjax_lm.personalize.cells import append_cell, read_cells
 from fedjax_lm.personalize.clients import select_clients
-from fedjax_lm.personalize.config import load_config, read_yaml
-from fedjax_lm.runner.config import ConfigError
+from fedjax_lm.personalize.config import load_config
 
 Params = Any
 ACTIVATIONS = (*ABU_VARIANTS, "relu", "elu", "tanh", "swish", "identity",
@@ -51,7 +50,7 @@ ACTIVATIONS = (*ABU_VARIANTS, "relu", "elu", "tanh", "swish", "identity",
 class AbuCifarConfig:
     """smcn on CIFAR-10; the paper's budget is 60k minibatches of 256 and 30 runs."""
 
-    name: str = "abu_cifar10"
+    name: str = execution_field("abu_cifar10")
     kind: str = "cifar"
     activations: tuple[str, ...] = ACTIVATIONS
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -66,20 +65,21 @@ class AbuCifarConfig:
     max_train: int | None = None  # a seeded subset of the 95% training split
     max_test: int | None = None
     eval_batch_size: int = 500
-    data_dir: str | None = None
+    data_dir: str | None = execution_field(None)
 
 
 @dataclass(frozen=True)
 class AbuFederatedConfig:
     """`runner.train` for each arm (name → hidden_act, None = the model's own GELU) × seed."""
 
-    name: str = "abu_federated"
+    name: str = execution_field("abu_federated")
     kind: str = "federated"
     arms: dict[str, str | None] = field(default_factory=lambda: {"gelu": None, "abu_n": "abu_n"})
     seeds: tuple[int, ...] = (0, 1, 2)
     run: dict[str, Any] = field(default_factory=dict)  # RunConfig fields shared by all arms
-    work_dir: str = "/tmp/fedjax_lm_abu_federated"  # run dirs (checkpoints) stay out of git
-    data_dir: str | None = None
+    # Run dirs (checkpoints) stay out of git.
+    work_dir: str = execution_field("/tmp/fedjax_lm_abu_federated")
+    data_dir: str | None = execution_field(None)
 
 
 # ----------------------------------------------------------------------------- model
@@ -238,15 +238,13 @@ def run_cifar(cfg: AbuCifarConfig, out_dir: Path, command: str) -> list[dict[str
     out_dir.mkdir(parents=True, exist_ok=True)
     log = _logger(out_dir)
     t0 = time.perf_counter()
-    done = read_cells(out_dir, cfg, grid_fields=("activations", "seeds"))
+    done, todo = resume_grid(out_dir, cfg, {"activation": "activations"})
     arrays = load_cifar(cfg)
     log(f"{cfg.name}: train {len(arrays['train']['label'])}, val {len(arrays['val']['label'])},"
         f" test {len(arrays['test']['label'])}; width {cfg.width}, {cfg.steps} steps of "
         f"{cfg.batch_size}")
-    for act in cfg.activations:
-        if any(d["activation"] == act for d in done):
-            continue
-        rec = train_activation(cfg, act, arrays, log)
+    for cell in todo:
+        rec = train_activation(cfg, cell["activation"], arrays, log)
         done.append(rec)
         append_cell(out_dir, rec)
         write_cifar_report(out_dir, done, cfg, command, time.perf_counter() - t0)
@@ -313,40 +311,39 @@ def run_federated(cfg: AbuFederatedConfig, out_dir: Path, command: str) -> list[
     out_dir.mkdir(parents=True, exist_ok=True)
     log = _logger(out_dir)
     t0 = time.perf_counter()
-    done = read_cells(out_dir, cfg, grid_fields=("arms", "seeds"))
-    for arm, act in cfg.arms.items():
-        for seed in cfg.seeds:
-            if any(d["arm"] == arm and d["seed"] == seed for d in done):
-                continue
-            run_dir = Path(cfg.work_dir) / cfg.name / f"{arm}-seed{seed}"
-            values = {**cfg.run, "hidden_act": act, "seed": seed, "out": str(run_dir)}
-            values["checkpoint_every"] = values.get("rounds", 3)
-            if cfg.data_dir:
-                values["data_dir"] = cfg.data_dir
-            run_cfg = from_dict(values)
-            t1 = time.perf_counter()
-            exp = build_experiment(run_cfg)
-            final = train(run_cfg, progress=False, exp=exp)
-            rec = {"arm": arm, "hidden_act": act, "seed": seed,
-                   "final_accuracy": final["final_accuracy"],
-                   "best_accuracy": final["best_accuracy"],
-                   "final_eval_loss": final["final_eval_loss"],
-                   "final_train_loss": final["final_train_loss"],
-                   "curve": [json.loads(x) for x in
-                             (run_dir / "metrics.jsonl").read_text().splitlines()],
-                   "wall_s": time.perf_counter() - t1}
-            if act and act in ABU_VARIANTS:
-                template = build_engine(run_cfg, exp).init(exp.params, jax.random.key(seed))
-                ckpt = Checkpointer(run_dir / "checkpoints")
-                _, state, _ = ckpt.restore(template)
-                ckpt.close()
-                rec["blend_weights"] = {k: v.tolist() for k, v in
-                                        blend_weights(state.params).items()}
-            log(f"  {arm:8s} seed {seed}: final acc {rec['final_accuracy']:.3f} "
-                f"({rec['wall_s']:.0f}s)")
-            done.append(rec)
-            append_cell(out_dir, rec)
-            write_federated_report(out_dir, done, cfg, command, time.perf_counter() - t0)
+    done, todo = resume_grid(out_dir, cfg, {"arm": "arms", "seed": "seeds"})
+    for cell in todo:
+        arm, seed = cell["arm"], cell["seed"]
+        act = cfg.arms[arm]
+        run_dir = Path(cfg.work_dir) / cfg.name / f"{arm}-seed{seed}"
+        values = {**cfg.run, "hidden_act": act, "seed": seed, "out": str(run_dir)}
+        values["checkpoint_every"] = values.get("rounds", 3)
+        if cfg.data_dir:
+            values["data_dir"] = cfg.data_dir
+        run_cfg = from_dict(values)
+        t1 = time.perf_counter()
+        exp = build_experiment(run_cfg)
+        final = train(run_cfg, progress=False, exp=exp)
+        rec = {"arm": arm, "hidden_act": act, "seed": seed,
+               "final_accuracy": final["final_accuracy"],
+               "best_accuracy": final["best_accuracy"],
+               "final_eval_loss": final["final_eval_loss"],
+               "final_train_loss": final["final_train_loss"],
+               "curve": [json.loads(x) for x in
+                         (run_dir / "metrics.jsonl").read_text().splitlines()],
+               "wall_s": time.perf_counter() - t1}
+        if act and act in ABU_VARIANTS:
+            template = build_engine(run_cfg, exp).init(exp.params, jax.random.key(seed))
+            ckpt = Checkpointer(run_dir / "checkpoints")
+            _, state, _ = ckpt.restore(template)
+            ckpt.close()
+            rec["blend_weights"] = {k: v.tolist() for k, v in
+                                    blend_weights(state.params).items()}
+        log(f"  {arm:8s} seed {seed}: final acc {rec['final_accuracy']:.3f} "
+            f"({rec['wall_s']:.0f}s)")
+        done.append(rec)
+        append_cell(out_dir, rec)
+        write_federated_report(out_dir, done, cfg, command, time.perf_counter() - t0)
     return done
 
 
@@ -432,7 +429,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    kind = read_yaml(args.config).get("kind", "cifar")
+    kind = load_yaml(args.config).get("kind", "cifar")
     cls = AbuCifarConfig if kind == "cifar" else AbuFederatedConfig
     cfg: Any = load_config(cls, args.config, smoke=args.smoke)
     if args.data_dir:

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lm import data as fdata
+from fedjax_lm.grid import append_cell, execution_field, resume_grid
 from fedjax_lm.personalize import report
-from fedjax_lm.personalize.cells import append_cell, read_cells
 from fedjax_lm.personalize.clients import (
     FitConfig,
     Fitter,
@@ -62,7 +62,7 @@ METHODS = ("local", "fedavg", "finetuned", "mixture")
 class MoeConfig:
     """One paper-2 experiment (a grid of skews × seeds)."""
 
-    name: str = "moe"
+    name: str = execution_field("moe")
     task: str = "cifar10"  # cifar10 or a text task (ag_news, imdb, ...)
     model: str = "lenet"  # lenet | smcn | preset:<size> | minilm
     max_length: int = 64  # text only
@@ -79,7 +79,7 @@ class MoeConfig:
     opt_out_fraction: float = 0.0
     batch_size: int = 10
     eval_batch_size: int = 100
-    data_dir: str | None = None
+    data_dir: str | None = execution_field(None)
     fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
     local: FitConfig = field(default_factory=FitConfig)
     finetune: FitConfig = field(default_factory=FitConfig)
@@ -339,20 +339,19 @@ def run(cfg: MoeConfig, out_dir: Path, command: str) -> list[dict[str, Any]]:
         log_file.flush()
 
     t0 = time.perf_counter()
-    done = read_cells(out_dir, cfg, grid_fields=("skews", "seeds"))
+    # Seeds outer: a cut-short run still covers every skew.
+    done, todo = resume_grid(out_dir, cfg, {"seed": "seeds", "skew": "skews"})
     pool = load_pool(cfg)
     meth = build_methods(cfg, build_models(cfg, pool))
     log(f"{cfg.name}: pool {len(pool.features['label'])} examples from {pool.source}; "
         f"global test {len(pool.global_test['label'])}")
-    for seed in cfg.seeds:  # seeds outer: a cut-short run still covers every skew
-        for skew in cfg.skews:
-            if any(d["skew"] == skew and d["seed"] == seed for d in done):
-                continue
-            log(f"skew {skew} seed {seed}")
-            cell = run_cell(cfg, pool, meth, skew, seed, log)
-            done.append(cell)
-            append_cell(out_dir, cell)
-            report.write_moe(out_dir, done, cfg, command, time.perf_counter() - t0)
+    for key in todo:
+        skew, seed = key["skew"], key["seed"]
+        log(f"skew {skew} seed {seed}")
+        cell = run_cell(cfg, pool, meth, skew, seed, log)
+        done.append(cell)
+        append_cell(out_dir, cell)
+        report.write_moe(out_dir, done, cfg, command, time.perf_counter() - t0)
     log_file.close()
     return done
 

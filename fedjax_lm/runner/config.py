@@ -14,7 +14,15 @@ from typing import Any
 
 import yaml
 
-from fedjax_lm.grid import ConfigError, execution_field, execution_fields
+from fedjax_lm.grid import (
+    ConfigError,
+    check_keys,
+    execution_field,
+    execution_fields,
+    expand_grid,
+    load_yaml,
+    require_mapping,
+)
 
 CLIENT_OPTIMIZERS = ("sgd", "adam", "adamw")
 HEAD_INITS = ("shared", "per_client")
@@ -203,27 +211,17 @@ class Preset:
 
 
 def load_preset(path: str | Path) -> Preset:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    """A preset file (`name`, `base`, `sweep`), checked whole before anything runs."""
+    raw = load_yaml(path, keys=("name", "base", "sweep"))
+    base = require_mapping(raw.get("base"), f"{path}: base")
+    grid = require_mapping(raw.get("sweep"), f"{path}: sweep")
+    check_keys(grid, FIELDS, f"{path}: sweep")
+    expand_grid(grid, where=f"{path}: sweep")  # every axis a non-empty list
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    extra = sorted(set(raw) - {"name", "base", "sweep"})
-    if extra:
-        raise ConfigError(f"{path}: unknown top-level key(s) {extra}; use name / base / sweep")
-    base = raw.get("base") or {}
-    grid = raw.get("sweep") or {}
-    for key, values in grid.items():
-        if key not in FIELDS:
-            raise ConfigError(f"{path}: sweep over unknown field {key!r}")
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{path}: sweep.{key} must be a non-empty list")
-    from_dict(base)  # fail early on a bad base
-    return Preset(name=raw.get("name", path.stem), base=dict(base), grid=dict(grid))
+        from_dict(base)  # fail early on a bad base
+    except ConfigError as e:
+        raise ConfigError(f"{path}: base: {e}") from None
+    return Preset(name=raw.get("name", Path(path).stem), base=dict(base), grid=dict(grid))
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -1,12 +1,12 @@
 """A sweep: the grid of a preset (models × tasks × client counts × seeds × any field).
 
 Each cell is an ordinary run in its own directory, so rerunning a sweep skips finished
-cells and resumes the unfinished one from its checkpoint.
+cells and resumes the unfinished one from its checkpoint, after checking that every cell
+already on disk was made under the config it would now get.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import sys
@@ -16,8 +16,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from fedjax_lm.grid import check_same_config, expand_grid, load_yaml
 from fedjax_lm.io import write_yaml
-from fedjax_lm.runner.config import ConfigError, Preset, RunConfig, from_dict
+from fedjax_lm.runner.config import RESUMABLE_FIELDS, ConfigError, Preset, RunConfig, from_dict
 from fedjax_lm.runner.report import write_report
 from fedjax_lm.runner.train import TrainingError, train
 
@@ -29,10 +30,8 @@ def _slug(value: Any) -> str:
 def expand(preset: Preset, overrides: dict[str, Any], out: Path) -> list[RunConfig]:
     """All cells, each validated before anything runs; command-line overrides win."""
     grid = {k: v for k, v in preset.grid.items() if k not in overrides}
-    keys = list(grid)
     cells = []
-    for values in itertools.product(*(grid[k] for k in keys)):
-        cell = dict(zip(keys, values, strict=True))
+    for cell in expand_grid(grid, where=f"{preset.name}: sweep"):
         name = ",".join(f"{k}={_slug(v)}" for k, v in cell.items()) or "run"
         try:
             cfg = from_dict({**preset.base, **overrides, **cell, "out": str(out / name)})
@@ -40,6 +39,16 @@ def expand(preset: Preset, overrides: dict[str, Any], out: Path) -> list[RunConf
             raise ConfigError(f"sweep cell {name}: {e}") from None
         cells.append(cfg)
     return cells
+
+
+def check_resumable(cells: list[RunConfig]) -> None:
+    """Refuse, before any cell runs, a sweep folder holding a run made under another config
+    (rounds and execution fields may differ: the run continues where it stopped)."""
+    for cfg in cells:
+        saved = Path(cfg.out) / "config.yaml"
+        if saved.exists():
+            old = from_dict(load_yaml(saved)).to_dict()
+            check_same_config(saved.parent, "a run", old, cfg, RESUMABLE_FIELDS)
 
 
 def train_in_subprocess(cfg: RunConfig, *, progress: bool) -> dict:
@@ -71,6 +80,7 @@ def run_sweep(
     cell in its own process (what the CLI does)."""
     out = Path(out)
     cells = expand(preset, overrides, out)
+    check_resumable(cells)
     results = []
     started = time.perf_counter()
     bar = tqdm(cells, desc=f"sweep {preset.name}", unit="cell", disable=not progress)

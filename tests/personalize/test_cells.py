@@ -5,17 +5,17 @@ import json
 
 import pytest
 
+from fedjax_lm.grid import ResumeError, append_cell, execution_field, read_cells
 from fedjax_lm.personalize import report
-from fedjax_lm.personalize.cells import ResumeError, append_cell, read_cells
 
 
 @dataclasses.dataclass(frozen=True)
 class _Grid:
-    name: str = "g"
+    name: str = execution_field("g")
     skews: tuple[float, ...] = (0.2, 1.0)
     seeds: tuple[int, ...] = (0,)
     eval_clients: int = 10
-    data_dir: str | None = None
+    data_dir: str | None = execution_field(None)
 
 
 def _finish(out, cfg, cells):

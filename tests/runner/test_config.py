@@ -113,3 +113,21 @@ def test_execution_fields_are_marked_once_and_drive_resume_and_reports():
             for b, lr, s in (("vmap", 0.1, 0), ("loop", 0.2, 1))]
     assert report.varying_fields(runs) == ["model", "task", "clients", "lr"]
 
+
+def test_sweep_refuses_a_cell_made_under_another_config_before_running_any(tmp_path):
+    from fedjax_lm.grid import ResumeError
+    from fedjax_lm.io import write_yaml
+    from fedjax_lm.runner.sweep import check_resumable, run_sweep
+
+    preset = rc.Preset(name="t", base={"rounds": 2}, grid={"clients": [1, 2]})
+    cells = expand(preset, {}, tmp_path)
+    old = tmp_path / "clients=2"
+    # More rounds and execution-only changes resume the run.
+    write_yaml(old / "config.yaml", cells[1].replace(rounds=1, backend="loop").to_dict())
+    check_resumable(cells)
+    write_yaml(old / "config.yaml", cells[1].replace(lr=0.5, backend="loop").to_dict())
+    with pytest.raises(ResumeError) as err:
+        run_sweep(preset, {}, tmp_path, progress=False)
+    assert str(err.value) == (f"{old} holds a run from a different config (lr: 0.5 -> 2e-05). "
+                              f"Use another --out, or delete {old} to start over.")
+    assert not (tmp_path / "clients=1").exists()  # refused before the first cell ran
