@@ -30,7 +30,7 @@ import optax
 
 from fedjax_lm import data as fdata
 from fedjax_lm.grid import ConfigError, append_cell, execution_field, load_yaml, resume_grid
-from fedjax_lm.io import atomic_savefig, atomic_write_text, write_csv
+from fedjax_lm.io import atomic_savefig
 from fedjax_lm.models.activations import ABU_BASES, ABU_VARIANTS, blend_weights
 from fedjax_lm.models.cnn import (
     image_classification_eval,
@@ -260,16 +260,15 @@ def write_cifar_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, comm
             rows.append({"activation": rec["activation"], "seed": seed,
                          "test_acc": round(acc, 4), "best_val_acc": round(val, 4),
                          "best_step": step})
-    write_csv(out_dir / "results.csv", rows)
     ranked = sorted(recs, key=lambda r: -float(np.mean(r["test_acc"])))
     lines = ["| activation | test accuracy (%) mean ± std | n | best val (%) |",
              "| --- | --- | --- | --- |"]
     for rec in ranked:
         lines.append(f"| {rec['activation']} | {report.mean_std(rec['test_acc'])} | "
                      f"{len(rec['test_acc'])} | {100 * np.mean(rec['best_val_acc']):.1f} |")
-    atomic_write_text(out_dir / "table.md", "\n".join(lines) + "\n")
     _plot_blend(out_dir / "blend_weights.png", [r for r in recs if "blend_weights" in r])
-    report.write_meta(out_dir, cfg, command, wall_s, activations_done=len(recs))
+    report.write_results(out_dir, rows, "\n".join(lines) + "\n", cfg, command, wall_s,
+                         activations_done=len(recs))
 
 
 def _plot_blend(path: Path, recs: list[dict[str, Any]]) -> None:
@@ -353,7 +352,6 @@ def write_federated_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, 
              "seed": r["seed"], "final_accuracy": round(r["final_accuracy"], 4),
              "best_accuracy": round(r["best_accuracy"], 4),
              "final_eval_loss": round(r["final_eval_loss"], 4)} for r in recs]
-    write_csv(out_dir / "results.csv", rows)
     lines = ["| FFN activation | final test accuracy (%) | best-round accuracy (%) | "
              "final test loss | n |", "| --- | --- | --- | --- | --- |"]
     for arm in dict.fromkeys(r["arm"] for r in recs):
@@ -362,9 +360,9 @@ def write_federated_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, 
         lines.append(f"| {arm} | {report.mean_std([r['final_accuracy'] for r in rs])} | "
                      f"{report.mean_std([r['best_accuracy'] for r in rs])} | "
                      f"{loss.mean():.3f} | {len(rs)} |")
-    atomic_write_text(out_dir / "table.md", "\n".join(lines) + "\n")
     _plot_federated(out_dir / "plot.png", recs)
-    report.write_meta(out_dir, cfg, command, wall_s, runs_done=len(recs))
+    report.write_results(out_dir, rows, "\n".join(lines) + "\n", cfg, command, wall_s,
+                         runs_done=len(recs))
 
 
 def _plot_federated(path: Path, recs: list[dict[str, Any]]) -> None:

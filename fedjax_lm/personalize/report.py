@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from fedjax_lm.grid import META
 from fedjax_lm.io import atomic_savefig, atomic_write_text, write_csv
 
 
@@ -32,9 +33,20 @@ def mean_std(values: Sequence[float]) -> str:
 
 
 def write_meta(out_dir: Path, cfg: Any, command: str, wall_s: float, **extra: Any) -> None:
+    """meta.json: how the results were made; its config is what a rerun must match to reuse
+    the finished cells (`grid.read_cells`)."""
     meta = {"command": command, "wall_s": round(wall_s, 1), "machine": machine(),
             "config": dataclasses.asdict(cfg), **extra}
-    atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out_dir / META, json.dumps(meta, indent=2) + "\n")
+
+
+def write_results(out_dir: Path, rows: list[dict[str, Any]], table: str, cfg: Any, command: str,
+                  wall_s: float, **extra: Any) -> None:
+    """What every experiment leaves beside its plots: results.csv (one row per run), table.md
+    and meta.json."""
+    write_csv(out_dir / "results.csv", rows)
+    atomic_write_text(out_dir / "table.md", table)
+    write_meta(out_dir, cfg, command, wall_s, **extra)
 
 
 # ----------------------------------------------------------------------------- paper 2
@@ -127,7 +139,6 @@ def write_moe(out_dir: Path, cells: list[dict[str, Any]], cfg: Any, command: str
               wall_s: float) -> None:
     rows = moe_rows(cells)
     skew_name = "p" if cfg.partition == "majority" else "alpha"
-    write_csv(out_dir / "results.csv", rows)
-    atomic_write_text(out_dir / "table.md", moe_table(rows, skew_name))
     moe_plot(out_dir / "plot.png", rows, skew_name, f"{cfg.name}: {cfg.task}, {cfg.model}")
-    write_meta(out_dir, cfg, command, wall_s, cells_done=len(cells))
+    write_results(out_dir, rows, moe_table(rows, skew_name), cfg, command, wall_s,
+                  cells_done=len(cells))

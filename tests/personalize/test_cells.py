@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from fedjax_lm.grid import ResumeError, append_cell, execution_field, read_cells
+from fedjax_lm.grid import ResumeError, append_cell, execution_field, read_cells, resume_grid
 from fedjax_lm.personalize import report
 
 
@@ -52,3 +52,22 @@ def test_moe_driver_refuses_a_changed_config(tmp_path):
     with pytest.raises(ResumeError, match="eval_clients: 3 -> 4"):
         moe.run(dataclasses.replace(cfg, eval_clients=4), tmp_path, "cmd")
     assert json.loads((tmp_path / "cells.jsonl").read_text()) == {"skew": 0.2, "seed": 0}
+
+
+def test_an_experiment_report_writes_results_table_and_the_meta_resume_checks(tmp_path):
+    from fedjax_lm.personalize import abu
+
+    cfg = abu.AbuCifarConfig(activations=("relu", "elu"), seeds=(0, 1))
+    rec = {"activation": "relu", "seeds": [0, 1], "test_acc": [0.5, 0.6],
+           "best_val_acc": [0.5, 0.55], "best_step": [10, 20]}
+    append_cell(tmp_path, rec)
+    abu.write_cifar_report(tmp_path, [rec], cfg, "cmd", 1.0)
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 3  # header + 2 seeds
+    assert "| relu | 55.0 ± 7.1 | 2 | 52.5 |" in (tmp_path / "table.md").read_text()
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["activations_done"] == 1 and meta["command"] == "cmd"
+    assert not (tmp_path / "blend_weights.png").exists()  # no ABU run yet
+    done, todo = resume_grid(tmp_path, cfg, {"activation": "activations"})
+    assert done == [rec] and todo == [{"activation": "elu"}]
+    with pytest.raises(ResumeError, match=r"lr: 0\.001 -> 0\.01"):
+        resume_grid(tmp_path, dataclasses.replace(cfg, lr=1e-2), {"activation": "activations"})
