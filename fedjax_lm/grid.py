@@ -114,10 +114,21 @@ def expand_grid(axes: Mapping[str, Sequence[Any]], where: str = "grid") -> list[
 # ----------------------------------------------------------------------------- resuming
 
 
-def _as_json(cfg: Any) -> dict[str, Any]:
-    """A dataclass or mapping as its JSON round trip would read back (tuples become lists)."""
+def _flat_json(cfg: Any) -> dict[str, Any]:
+    """A dataclass or mapping as its JSON round trip would read back (tuples become lists),
+    nested mappings flattened to dotted keys so a difference names the leaf that differs."""
     values = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
-    return json.loads(json.dumps(values))
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = value
+
+    walk("", json.loads(json.dumps(values)))
+    return flat
 
 
 def check_same_config(where: str | Path, holds: str, old: Any, new: Any,
@@ -125,10 +136,11 @@ def check_same_config(where: str | Path, holds: str, old: Any, new: Any,
     """Raise ResumeError naming every field (outside `ignore`) where `old` and `new` differ.
 
     `holds` says what `where` has from `old` ("3 finished cell(s)"); `start_over` what to
-    delete to discard it (default: `where`).
+    delete to discard it (default: `where`). `ignore` names top-level fields.
     """
-    old, new, skip = _as_json(old), _as_json(new), set(ignore)
-    diff = sorted(k for k in set(old) | set(new) if k not in skip and old.get(k) != new.get(k))
+    old, new, skip = _flat_json(old), _flat_json(new), set(ignore)
+    diff = sorted(k for k in set(old) | set(new)
+                  if k.split(".")[0] not in skip and old.get(k) != new.get(k))
     if diff:
         detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
         raise ResumeError(f"{where} holds {holds} from a different config ({detail}). "

@@ -11,6 +11,7 @@ from fedjax_lm.grid import (
     ConfigError,
     ResumeError,
     append_cell,
+    check_same_config,
     execution_field,
     execution_fields,
     expand_grid,
@@ -163,3 +164,13 @@ def test_resume_refuses_cells_made_under_a_different_config(tmp_path):
         f"{tmp_path} holds 1 finished cell(s) from a different config (lr: 0.1 -> 0.2). "
         f"Use another --out, or delete {tmp_path / 'cells.jsonl'} to start over.")
     assert isinstance(err.value, ConfigError)  # the CLI prints it as one line, exit 2
+
+
+def test_a_nested_difference_names_its_leaf_and_ignore_names_top_level_fields():
+    old = {"run": {"lr": 0.1, "rounds": 2}, "seeds": (0, 1), "name": "a"}
+    new = {"run": {"lr": 0.2, "rounds": 2}, "seeds": [0, 1], "name": "b"}  # tuple == list
+    with pytest.raises(ResumeError) as err:
+        check_same_config("out", "a run", old, new, ignore=("name",))
+    assert str(err.value) == ("out holds a run from a different config (run.lr: 0.1 -> 0.2). "
+                              "Use another --out, or delete out to start over.")
+    check_same_config("out", "a run", old, new, ignore=("name", "run"))
