@@ -102,13 +102,10 @@ def make_engine(
     )
 
 
-def step_cache_size(engine: fl.FederatedEngine) -> int | None:
+def step_cache_size(engine: fl.FederatedEngine) -> int:
     """Executables compiled for the engine's client-step program (the expensive one)."""
-    for name in ("_chunk_step", "_round", "_loop_client", "_pmap_round"):
-        fn = getattr(engine, name, None)
-        if fn is not None and hasattr(fn, "_cache_size"):
-            return int(fn._cache_size())
-    return None
+    counts = engine.compiled_executables()
+    return next(counts[name] for name in ("chunk", "client", "round") if name in counts)
 
 
 def run_cell(

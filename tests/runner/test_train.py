@@ -155,13 +155,14 @@ def test_per_client_heads_reproduce_paper_one_round_one(tmp_path):
 
     import jax
 
-    from fedjax_lm.runner.experiment import build_experiment
+    from fedjax_lm.runner.experiment import build_experiment, per_client_heads
 
     cfg = tiny(tmp_path, clients=1, rounds=1, head_init="per_client")
     exp = build_experiment(cfg)
     per_client = train(cfg, progress=False, exp=exp)
-    # One client: identical to a shared-head run whose server head is client 0's head.
-    head = exp.model.init_head(exp.params, jax.random.fold_in(jax.random.key(cfg.seed + 1), 0))
+    # One client: identical to a shared-head run whose server head is client 0's head
+    # (compiled, as the round's client-init hook draws it).
+    head = jax.jit(per_client_heads(exp.model, cfg.seed))(exp.params, 0)
     ref = train(cfg.replace(head_init="shared", out=str(tmp_path / "ref")), progress=False,
                 exp=dataclasses.replace(exp, params=head))
     assert per_client["params_sha256"] == ref["params_sha256"]
