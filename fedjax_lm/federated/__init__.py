@@ -13,7 +13,13 @@ from fedjax_lm.federated.aggregate import (
     normalize_weights,
     weighted_mean,
 )
-from fedjax_lm.federated.algorithm import Algorithm, LossFn, TrainedClient, train_client
+from fedjax_lm.federated.algorithm import (
+    Algorithm,
+    LossFn,
+    TrainedClient,
+    init_state,
+    train_client,
+)
 from fedjax_lm.federated.cohort import WEIGHTINGS, client_weights, make_cohort
 from fedjax_lm.federated.engine import EngineConfig, FederatedEngine, build_engine
 from fedjax_lm.federated.executors import (
@@ -66,7 +72,8 @@ __all__ = [
     "RoundProgram", "RoundResult", "ServerOptimizer", "ServerState", "TrainedClient",
     "UnsupportedError", "averaging", "build_engine", "client_key", "client_weights",
     "coordinate_median",
-    "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedyogi", "make_client_mesh", "make_cohort",
+    "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedyogi", "init_state",
+    "make_client_mesh", "make_cohort",
     "make_round", "make_server_optimizer", "normalize_weights", "process_client_ids",
     "sample_clients", "sampling_key", "scaffold", "scale_by_fedopt", "train_client",
     "weighted_mean",

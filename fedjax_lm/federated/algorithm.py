@@ -49,6 +49,14 @@ class Algorithm:
         return self.client_state_init is not None
 
 
+def init_state(algorithm: Algorithm, params: Params, rng: jax.Array) -> ServerState:
+    """The round-0 server state: the model, the algorithm's server state, a typed key."""
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng) if rng.ndim else jax.random.key(rng)
+    return ServerState(params=params, opt_state=algorithm.server_init(params),
+                       round=jnp.zeros((), jnp.int32), rng=rng)
+
+
 class TrainedClient(NamedTuple):
     """`train_client`'s result: the hooks' output and the loop's own counts."""
 

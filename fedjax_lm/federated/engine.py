@@ -19,7 +19,7 @@ from jax.sharding import Sharding
 
 from fedjax_lm.federated import placement
 from fedjax_lm.federated import round as rnd
-from fedjax_lm.federated.algorithm import Algorithm, LossFn
+from fedjax_lm.federated.algorithm import Algorithm, LossFn, init_state
 from fedjax_lm.federated.cohort import check_data, client_weights, cohort_ids, make_cohort
 from fedjax_lm.federated.executors import (
     BlockRound,
@@ -67,12 +67,7 @@ class FederatedEngine:
 
     def init(self, params: Params, rng: jax.Array | int) -> ServerState:
         """The round-0 server state (replicated over the mesh for the mesh backend)."""
-        if isinstance(rng, int):
-            rng = jax.random.key(rng)
-        elif not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-            rng = jax.random.wrap_key_data(rng) if rng.ndim else jax.random.key(rng)
-        state = ServerState(params=params, opt_state=self.algorithm.server_init(params),
-                            round=jnp.zeros((), jnp.int32), rng=rng)
+        state = init_state(self.algorithm, params, jnp.asarray(rng))
         # Own copies: the round donates the state's buffers, never the caller's params.
         state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
         if self.config.backend == "mesh":
