@@ -23,6 +23,7 @@ from fedjax_lm.models.pretrained import (
     from_pretrained,
     minilm_path,
 )
+from fedjax_lm.models.stats import classification_stats, masked_classification_stats
 
 __all__ = [
     "MINILM",
@@ -40,8 +41,10 @@ __all__ = [
     "build_model",
     "classification_eval",
     "classification_loss",
+    "classification_stats",
     "config_from_hf",
     "from_pretrained",
+    "masked_classification_stats",
     "minilm_path",
     "preset",
 ]

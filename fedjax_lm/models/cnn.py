@@ -15,10 +15,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from fedjax_lm.models.activations import make_activation
+from fedjax_lm.models.stats import masked_classification_stats
 
 Params = Any  # nested dict of jax arrays
 Batch = dict[str, jax.Array]
@@ -160,24 +160,13 @@ def make_cnn_model(
     return CnnModel(module_fn, graphdef, abstract_state)
 
 
-def _classification_aux(logits: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Masked mean cross-entropy and its sums over real examples (padding contributes 0)."""
-    mask = batch["mask"].astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["label"])
-    count = jnp.sum(mask)
-    loss_sum = jnp.sum(mask * ce)
-    correct = jnp.sum(mask * (jnp.argmax(logits, axis=-1) == batch["label"]))
-    aux = {"loss_sum": loss_sum, "correct": correct.astype(jnp.float32), "count": count}
-    return loss_sum / jnp.maximum(count, 1.0), aux
-
-
 def image_classification_loss(
     model: CnnModel,
 ) -> Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]:
     """The engine's `loss_fn(params, batch, rng) -> (loss, aux)` in training mode."""
 
     def loss_fn(params: Params, batch: Batch, rng: jax.Array):
-        return _classification_aux(model.apply(params, batch, train=True, rng=rng), batch)
+        return masked_classification_stats(model.apply(params, batch, train=True, rng=rng), batch)
 
     return loss_fn
 
@@ -188,6 +177,6 @@ def image_classification_eval(
     """`eval_fn(params, batch) -> aux` (sums over real examples) in inference mode."""
 
     def eval_fn(params: Params, batch: Batch):
-        return _classification_aux(model.apply(params, batch, train=False), batch)[1]
+        return masked_classification_stats(model.apply(params, batch, train=False), batch)[1]
 
     return eval_fn
