@@ -20,6 +20,7 @@ from fedjax_lm.federated.algorithm import (
     init_state,
     train_client,
 )
+from fedjax_lm.federated.client_optimizers import CLIENT_OPTIMIZERS, make_client_optimizer
 from fedjax_lm.federated.cohort import WEIGHTINGS, client_weights, make_cohort
 from fedjax_lm.federated.engine import EngineConfig, FederatedEngine, build_engine
 from fedjax_lm.federated.executors import (
@@ -65,7 +66,8 @@ from fedjax_lm.federated.store import ClientStateStore
 ALGORITHMS = ("fedavg", "fedprox", "scaffold")
 
 __all__ = [
-    "AGGREGATORS", "ALGORITHMS", "BACKENDS", "CHUNK_EXECUTORS", "CLIENT_AXIS", "DATA_AXIS",
+    "AGGREGATORS", "ALGORITHMS", "BACKENDS",
+    "CLIENT_OPTIMIZERS", "CHUNK_EXECUTORS", "CLIENT_AXIS", "DATA_AXIS",
     "SERVER_OPTIMIZERS", "WEIGHTINGS", "Aggregate", "Aggregator", "Algorithm", "ClientInfo",
     "ClientMetrics", "ClientOutput", "ClientStateStore", "Cohort", "EngineConfig",
     "ExecutorConfig", "FederatedEngine", "LossFn", "RoundMetrics", "RoundOutputs",
@@ -73,7 +75,7 @@ __all__ = [
     "UnsupportedError", "averaging", "build_engine", "client_key", "client_weights",
     "coordinate_median",
     "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedyogi", "init_state",
-    "make_client_mesh", "make_cohort",
+    "make_client_mesh", "make_client_optimizer", "make_cohort",
     "make_round", "make_server_optimizer", "normalize_weights", "process_client_ids",
     "sample_clients", "sampling_key", "scaffold", "scale_by_fedopt", "train_client",
     "weighted_mean",

@@ -117,11 +117,8 @@ def build_experiment(cfg: RunConfig) -> Experiment:
 
 
 def client_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
-    if cfg.client_optimizer == "sgd":
-        return optax.sgd(cfg.lr, momentum=cfg.momentum or None)
-    if cfg.client_optimizer == "adam":
-        return optax.adam(cfg.lr)
-    return optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
+    return fl.make_client_optimizer(cfg.client_optimizer, cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
 
 
 def per_client_heads(model: models.Model, seed: int) -> ClientParamsInit:

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
 from fedjax_lm import federated as fl
 from fedjax_lm.data import pack_eval
+from fedjax_lm.models import classification_stats
 from fedjax_lm.runner.checkpoint import Checkpointer
 from fedjax_lm.runner.config import ConfigError, RunConfig, from_dict
 from fedjax_lm.runner.experiment import (
@@ -70,10 +70,9 @@ def make_predict(model):
     """Per-example (correct, nll) for a batch, in eval mode."""
 
     def predict(params, batch):
-        logits = model.apply(params, batch, train=False).logits.astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits)
-        nll = -jnp.take_along_axis(logp, batch["label"][:, None], axis=-1)[:, 0]
-        return jnp.argmax(logits, -1) == batch["label"], nll
+        nll, correct = classification_stats(model.apply(params, batch, train=False).logits,
+                                            batch["label"])
+        return correct, nll
 
     return jax.jit(predict)
 
@@ -197,7 +196,7 @@ def train(
                 "round": r + 1,
                 "train_loss": float(metrics.loss),
                 "update_norm": float(metrics.update_norm),
-                "clients": len(ids),
+                "cohort_size": len(ids),  # this round's clients; config.clients: the population
                 "skipped_clients": bad,
             }
             if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:

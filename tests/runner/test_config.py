@@ -105,3 +105,23 @@ def test_cli_reports_errors_in_one_line_without_traceback(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == "fedjax-lm train: error: clients must be >= 1, got 0"
     assert not (tmp_path / "r").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--algorithm", "fedsgd"],
+     "unknown algorithm 'fedsgd'; choose one of fedavg, fedprox, scaffold"),
+    (["--aggregator", "coordinate_median", "--clients-per-chunk", "2"],
+     "aggregator 'coordinate_median' needs every client's message at once and cannot run in "
+     "chunks (clients_per_chunk=2); unset clients_per_chunk or use backend vmap/mesh/loop"),
+    (["--algorithm", "scaffold", "--client-optimizer", "adam"],
+     "algorithm scaffold runs plain local SGD with its own client state: set "
+     "client_optimizer=sgd, momentum=0, prox_mu=0 and carry_client_state=false"),
+])
+def test_cli_refuses_bad_algorithm_choices_in_one_line(tmp_path, flags, message):
+    out = subprocess.run(
+        [sys.executable, "-m", "fedjax_lm.cli", "train", *flags, "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"fedjax-lm train: error: {message}"
+    assert not (tmp_path / "r").exists()
