@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from fedjax_lm.federated.engine import BACKENDS
+from fedjax_lm.federated.executors import BACKENDS
 
 _SPEC = re.compile(r"^(loop|vmap|mesh|pmap)(?:@(\d+)(s?))?$")
 

@@ -101,13 +101,19 @@ def client_step(cfg: EncoderConfig, w: Workload, *, train: bool = True,
     if not train:  # forward only: the loss, no gradient, no update
         data = {k: v[0, 0] for k, v in synthetic_data(w, cfg.vocab_size).items()}
         return jax.jit(lambda p, b: loss_fn(p, b, jax.random.key(0))[0]), (params, data)
-    update = fl.make_client_update(loss_fn, client_optimizer("sgd"))
+    algorithm = fl.fedavg(loss_fn, client_optimizer("sgd"))
+
+    def update(params, data, key):  # one client's round from the server model: its new model
+        server = fl.init_state(algorithm, params, jax.random.key(0))
+        client = fl.ClientInfo(jnp.int32(0), key, jnp.float32(1.0), None)
+        return fl.train_client(algorithm, server, client, data).output.message
+
     data = synthetic_data(dataclasses.replace(w, clients=clients), cfg.vocab_size)
     if clients == 1:
-        fn = jax.jit(lambda p, d, r: update(p, None, d, r).params)
+        fn = jax.jit(update)
         return fn, (params, {k: v[0] for k, v in data.items()}, jax.random.key(0))
     keys = jax.random.split(jax.random.key(0), clients)
-    fn = jax.jit(jax.vmap(lambda p, d, r: update(p, None, d, r).params, in_axes=(None, 0, 0)))
+    fn = jax.jit(jax.vmap(update, in_axes=(None, 0, 0)))
     return fn, (params, data, keys)
 
 

@@ -9,8 +9,6 @@ from typing import Any
 
 from fedjax_lm.io import atomic_savefig, atomic_write_text
 
-PEER_LABELS = ("peer:torch-loop", "peer:flower", "peer:pfl")
-
 
 def write_outputs(result: dict[str, Any], out: Path) -> None:
     out = Path(out)

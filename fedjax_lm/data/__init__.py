@@ -17,9 +17,10 @@ from fedjax_lm.data.partition import (
     split_clients,
     validate_partition,
 )
+from fedjax_lm.data.registry import TASKS, list_tasks
 from fedjax_lm.data.sources import CACHE_DIR_ENV, DATA_DIR_ENV, read_table
 from fedjax_lm.data.task_data import Split, TaskData
-from fedjax_lm.data.tasks import TASKS, list_tasks, load_task
+from fedjax_lm.data.tasks import load_task
 from fedjax_lm.data.tokenization import (
     TokenizedSplit,
     image_features,

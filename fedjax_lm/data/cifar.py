@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from fedjax_lm.data.errors import DataError
+from fedjax_lm.data.registry import LoadContext, hub_dataset, register_task
 from fedjax_lm.data.sources import require_file, resolve_cache_dir
 from fedjax_lm.data.task_data import Split, TaskData
-from fedjax_lm.data.tasks import LoadContext, _hub, register_task
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def _load_cifar10(ctx: LoadContext, per_class: int | None = None) -> TaskData:
     if per_class is not None and per_class <= 0:
         raise DataError(f"per_class must be positive, got {per_class}")
     if ctx.root is None and ctx.path is None:
-        ds = _hub(ctx)
+        ds = hub_dataset(ctx)
         splits = {}
         for split in _SPLITS:
             part = ds[split]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from fedjax_lm.data.errors import DataError
+from fedjax_lm.data.registry import LoadContext, register_task
 from fedjax_lm.data.task_data import Split, TaskData
-from fedjax_lm.data.tasks import LoadContext, register_task
 
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"

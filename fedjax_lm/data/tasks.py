@@ -1,4 +1,4 @@
-"""The task registry: name -> loader that turns a data directory (or the hub) into `TaskData`.
+"""`load_task`, and the loaders of the text tasks that read published files (or the hub).
 
 Splits follow the papers (see ../shared/seeds/papers.md): IMDB official train/test, AG News
 ALPS dev as train (the full train split is not available offline) + official test, blog authors
@@ -8,18 +8,26 @@ split 80/20 per author, SST-2 train/test files, 20 Newsgroups bydate, Yelp AUG-P
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+# The other loader modules register their tasks when imported: import them all here, where
+# `load_task` needs the full registry.
+from fedjax_lm.data import cifar, synthetic, user_files  # noqa: F401
 from fedjax_lm.data.errors import DataError
+from fedjax_lm.data.registry import (
+    TASKS,
+    LoadContext,
+    PathLike,
+    hub_dataset,
+    list_tasks,
+    register_task,
+)
 from fedjax_lm.data.sources import (
-    load_hub,
     missing_data_message,
     read_table,
     require_column,
@@ -35,53 +43,6 @@ from fedjax_lm.data.task_data import (
 )
 
 log = logging.getLogger(__name__)
-
-PathLike = str | os.PathLike[str]
-
-
-@dataclass(frozen=True)
-class LoadContext:
-    """What every loader gets: the resolved data dir (None = hub), a file override, cache, seed."""
-
-    name: str
-    root: Path | None
-    path: Path | None
-    cache_dir: PathLike | None
-    seed: int
-
-
-Loader = Callable[..., TaskData]
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """A registered task: its loader, files under the data dir, and hub id (None = no hub)."""
-
-    name: str
-    loader: Loader
-    files: tuple[str, ...]
-    hub_id: str | None
-    needs_data: bool = True
-
-
-TASKS: dict[str, TaskSpec] = {}
-
-
-def register_task(
-    name: str, files: tuple[str, ...] = (), hub_id: str | None = None, needs_data: bool = True
-) -> Callable[[Loader], Loader]:
-    """Decorator adding a loader to the registry."""
-
-    def wrap(loader: Loader) -> Loader:
-        TASKS[name] = TaskSpec(name, loader, files, hub_id, needs_data)
-        return loader
-
-    return wrap
-
-
-def list_tasks() -> list[str]:
-    """The registered task names."""
-    return sorted(TASKS)
 
 
 def load_task(
@@ -139,11 +100,6 @@ def _local_file(ctx: LoadContext, relative: str) -> Path:
     return ctx.root / relative
 
 
-def _hub(ctx: LoadContext, config: str | None = None) -> Any:
-    spec = TASKS[ctx.name]
-    return load_hub(ctx.name, spec.hub_id, spec.files, config=config, cache_dir=ctx.cache_dir)
-
-
 def _hub_split(
     ds: Any, split: str, text_col: str, source: str, clean: Callable[[str], str]
 ) -> Split:
@@ -192,7 +148,7 @@ def _by_split_column(
 def _load_imdb(ctx: LoadContext) -> TaskData:
     names = ("neg", "pos")
     if ctx.path is None and ctx.root is None:
-        ds = _hub(ctx)
+        ds = hub_dataset(ctx)
         return TaskData(
             "imdb",
             _hub_split(ds, "train", "text", "hub imdb", clean_imdb),
@@ -223,7 +179,7 @@ AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")  # the hub's label 
 @register_task("ag_news", files=("agnews/alps_dev.tsv", "agnews/alps_test.tsv"), hub_id="ag_news")
 def _load_ag_news(ctx: LoadContext) -> TaskData:
     if ctx.root is None:
-        ds = _hub(ctx)
+        ds = hub_dataset(ctx)
         train = _hub_split(ds, "train", "text", "hub ag_news", _identity)
         test = _hub_split(ds, "test", "text", "hub ag_news", _identity)
         return TaskData("ag_news", train, test, 4, AG_NEWS_LABELS, source="hub:ag_news")
@@ -256,7 +212,7 @@ def _stars(values: list[Any], source: str) -> np.ndarray:
 def _load_yelp5(ctx: LoadContext) -> TaskData:
     names = ("1 star", "2 stars", "3 stars", "4 stars", "5 stars")
     if ctx.root is None:
-        ds = _hub(ctx)
+        ds = hub_dataset(ctx)
         train = _hub_split(ds, "train", "text", "hub yelp_review_full", _identity)
         test = _hub_split(ds, "test", "text", "hub yelp_review_full", _identity)
         return TaskData("yelp5", train, test, 5, names, source="hub:yelp_review_full")
@@ -341,7 +297,8 @@ def _load_blog50(ctx: LoadContext, test_fraction: float = 0.2, dedupe: bool = Fa
 def _load_sst2(ctx: LoadContext) -> TaskData:
     names = ("negative", "positive")
     if ctx.root is None:
-        ds = _hub(ctx, config="sst2")  # GLUE's test labels are hidden: its validation is our test
+        # GLUE's test labels are hidden: its validation is our test.
+        ds = hub_dataset(ctx, config="sst2")
         train = _hub_split(ds, "train", "sentence", "hub glue/sst2", str.strip)
         test = _hub_split(ds, "validation", "sentence", "hub glue/sst2", str.strip)
         return TaskData("sst2", train, test, 2, names, source="hub:glue/sst2")
@@ -359,7 +316,7 @@ def _load_sst2(ctx: LoadContext) -> TaskData:
 @register_task("20news", files=("20news/20news_bydate.parquet",), hub_id="SetFit/20_newsgroups")
 def _load_20news(ctx: LoadContext) -> TaskData:
     if ctx.path is None and ctx.root is None:
-        ds = _hub(ctx)
+        ds = hub_dataset(ctx)
         pairs = sorted(set(zip(ds["train"]["label"], ds["train"]["label_text"], strict=True)))
         names = tuple(name for _, name in pairs)
         train = _hub_split(ds, "train", "text", "hub 20news", str.strip)
@@ -382,8 +339,3 @@ def _load_20news(ctx: LoadContext) -> TaskData:
         source=src,
     )
 
-
-# Loaders in their own modules register themselves on import.
-from fedjax_lm.data import cifar as _cifar  # noqa: E402, F401
-from fedjax_lm.data import synthetic as _synthetic  # noqa: E402, F401
-from fedjax_lm.data import user_files as _user_files  # noqa: E402, F401

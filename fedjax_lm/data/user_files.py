@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from fedjax_lm.data.errors import DataError
+from fedjax_lm.data.registry import LoadContext, register_task
 from fedjax_lm.data.sources import read_table, require_column
 from fedjax_lm.data.task_data import Split, TaskData, clean_texts, int_labels, named_labels
-from fedjax_lm.data.tasks import LoadContext, register_task
 
 log = logging.getLogger(__name__)
 

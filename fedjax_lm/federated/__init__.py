@@ -1,57 +1,82 @@
-"""The federated engine: a model-agnostic round in which clients are a leading array axis."""
+"""The federated engine: a model-agnostic round in which clients are a leading array axis.
 
-from fedjax_lm.federated.aggregate import Accumulator, normalize_weights
-from fedjax_lm.federated.client import LossFn, make_client_update
-from fedjax_lm.federated.engine import (
-    BACKENDS,
-    CLIENT_AXIS,
-    EngineConfig,
-    FederatedEngine,
-    build_engine,
+An `Algorithm` is a few pure hooks over one client (`algorithm`); `make_round(algorithm,
+executor)` builds the round program on an executor (`executors`); `FederatedEngine` is the
+thin host driver around it (`engine`).
+"""
+
+from fedjax_lm.federated.aggregate import (
+    AGGREGATORS,
+    Aggregate,
+    Aggregator,
+    coordinate_median,
+    normalize_weights,
+    weighted_mean,
 )
-from fedjax_lm.federated.placement import DATA_AXIS, make_client_mesh, process_client_ids
-from fedjax_lm.federated.sampling import client_key, data_seed, sample_clients, sampling_key
+from fedjax_lm.federated.algorithm import (
+    Algorithm,
+    LossFn,
+    TrainedClient,
+    init_state,
+    train_client,
+)
+from fedjax_lm.federated.client_optimizers import CLIENT_OPTIMIZERS, make_client_optimizer
+from fedjax_lm.federated.cohort import WEIGHTINGS, client_weights, make_cohort
+from fedjax_lm.federated.engine import EngineConfig, FederatedEngine, build_engine
+from fedjax_lm.federated.executors import (
+    BACKENDS,
+    CHUNK_EXECUTORS,
+    ExecutorConfig,
+    RoundProgram,
+    UnsupportedError,
+    make_round,
+)
+from fedjax_lm.federated.fedavg import fedavg
+from fedjax_lm.federated.placement import (
+    CLIENT_AXIS,
+    DATA_AXIS,
+    make_client_mesh,
+    process_client_ids,
+)
+from fedjax_lm.federated.sampling import client_key, sample_clients, sampling_key
+from fedjax_lm.federated.scaffold import scaffold
 from fedjax_lm.federated.server import (
     SERVER_OPTIMIZERS,
     ServerOptimizer,
+    averaging,
     fedadagrad,
     fedadam,
-    fedavg,
     fedavgm,
     fedyogi,
     make_server_optimizer,
     scale_by_fedopt,
 )
-from fedjax_lm.federated.state import ClientResult, RoundMetrics, RoundResult, ServerState
+from fedjax_lm.federated.state import (
+    ClientInfo,
+    ClientMetrics,
+    ClientOutput,
+    Cohort,
+    RoundMetrics,
+    RoundOutputs,
+    RoundResult,
+    ServerState,
+)
+from fedjax_lm.federated.store import ClientStateStore
+
+ALGORITHMS = ("fedavg", "fedprox", "scaffold")
 
 __all__ = [
-    "BACKENDS",
-    "CLIENT_AXIS",
-    "DATA_AXIS",
-    "SERVER_OPTIMIZERS",
-    "Accumulator",
-    "ClientResult",
-    "EngineConfig",
-    "FederatedEngine",
-    "LossFn",
-    "RoundMetrics",
-    "RoundResult",
-    "ServerOptimizer",
-    "ServerState",
-    "build_engine",
-    "client_key",
-    "data_seed",
-    "fedadagrad",
-    "fedadam",
-    "fedavg",
-    "fedavgm",
-    "fedyogi",
-    "make_client_mesh",
-    "make_client_update",
-    "make_server_optimizer",
-    "normalize_weights",
-    "process_client_ids",
-    "sample_clients",
-    "sampling_key",
-    "scale_by_fedopt",
+    "AGGREGATORS", "ALGORITHMS", "BACKENDS",
+    "CLIENT_OPTIMIZERS", "CHUNK_EXECUTORS", "CLIENT_AXIS", "DATA_AXIS",
+    "SERVER_OPTIMIZERS", "WEIGHTINGS", "Aggregate", "Aggregator", "Algorithm", "ClientInfo",
+    "ClientMetrics", "ClientOutput", "ClientStateStore", "Cohort", "EngineConfig",
+    "ExecutorConfig", "FederatedEngine", "LossFn", "RoundMetrics", "RoundOutputs",
+    "RoundProgram", "RoundResult", "ServerOptimizer", "ServerState", "TrainedClient",
+    "UnsupportedError", "averaging", "build_engine", "client_key", "client_weights",
+    "coordinate_median",
+    "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedyogi", "init_state",
+    "make_client_mesh", "make_client_optimizer", "make_cohort",
+    "make_round", "make_server_optimizer", "normalize_weights", "process_client_ids",
+    "sample_clients", "sampling_key", "scaffold", "scale_by_fedopt", "train_client",
+    "weighted_mean",
 ]

@@ -1,28 +1,47 @@
-"""FedAvg aggregation as a weighted mean over the client axis (axis 0).
+"""Aggregators: how the server reduces the clients' messages over the client axis.
 
-Weights are normalised *before* the clients run (p_i = w_i / Σw), and the engine
-accumulates Σ p_i·x_i in chunks, so chunked, sharded and looped rounds compute the same
-mean; with one client p = 1 and the mean is that client's model bit for bit. Clients
-whose update is not finite are dropped from the sum (their p is removed from Σp).
+An aggregator either **decomposes into chunk sums** (`init` / `add` / `finalize`: the weighted
+mean) — then any chunk width, a `lax.scan` over chunks or a `psum` over devices computes it — or
+needs **every message at once** (`reduce` alone: a coordinate-wise median) — then the executor
+must hold the whole cohort in one block.
+
+Weights reach an aggregator already normalised over the cohort (p_i = w_i / Σw, computed
+before any client runs), with non-finite clients' weights zeroed and their messages replaced by
+zeros. With one client p = 1, so the mean is that client's message bit for bit.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from fedjax_lm.federated.state import ClientResult, Params
+from fedjax_lm.federated.state import PyTree
 
 
-class Accumulator(NamedTuple):
-    """Running sums over the clients processed so far (a pytree: can be psum'ed)."""
+class Aggregate(NamedTuple):
+    """The reduced message; `value` is zeros where no client contributed (`weight == 0`)."""
 
-    weighted_params: Params  # Σ p_i x_i over finite clients
-    weight: jax.Array  # Σ p_i over finite clients
-    loss: jax.Array  # Σ n_i·loss_i over finite clients
-    examples: jax.Array  # Σ n_i over finite clients
+    value: PyTree
+    weight: jax.Array  # Σ p_i over the contributing clients
+
+
+@dataclasses.dataclass(frozen=True)
+class Aggregator:
+    """`reduce(messages[C], p[C]) -> Aggregate`; decomposable ones also chunk-sum."""
+
+    name: str
+    reduce: Callable[[PyTree, jax.Array], Aggregate]
+    init: Callable[[PyTree], PyTree] | None = None  # message template -> zero partial sums
+    add: Callable[[PyTree, PyTree, jax.Array], PyTree] | None = None  # + a chunk [K, ...]
+    finalize: Callable[[PyTree], Aggregate] | None = None
+
+    @property
+    def decomposable(self) -> bool:
+        return self.add is not None
 
 
 def normalize_weights(weights: jax.Array) -> jax.Array:
@@ -31,46 +50,56 @@ def normalize_weights(weights: jax.Array) -> jax.Array:
     return weights / jnp.where(total > 0, total, 1.0)
 
 
-def zeros_accumulator(params: Params) -> Accumulator:
-    zeros = [jnp.zeros((), jnp.float32) for _ in range(3)]  # distinct buffers: donated
-    return Accumulator(jax.tree.map(jnp.zeros_like, params), *zeros)
+class WeightedSum(NamedTuple):
+    """Running Σ p_i x_i and Σ p_i (a pytree: can be scanned, psum'ed and donated)."""
+
+    total: PyTree
+    weight: jax.Array
 
 
-def is_finite(tree: Params) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves))
+def weighted_mean() -> Aggregator:
+    """Σ p_i x_i / Σ p_i: FedAvg's aggregate; decomposes into chunk sums."""
+
+    def init(template: PyTree) -> WeightedSum:
+        return WeightedSum(jax.tree.map(jnp.zeros_like, template), jnp.zeros((), jnp.float32))
+
+    def add(partial: WeightedSum, messages: PyTree, p: jax.Array) -> WeightedSum:
+        total = jax.tree.map(lambda a, x: a + jnp.tensordot(p.astype(x.dtype), x, axes=1),
+                             partial.total, messages)
+        return WeightedSum(total, partial.weight + jnp.sum(p))
+
+    def finalize(partial: WeightedSum) -> Aggregate:
+        has_any = partial.weight > 0
+        denom = jnp.where(has_any, partial.weight, 1.0)
+        value = jax.tree.map(lambda x: jnp.where(has_any, x / denom.astype(x.dtype), 0),
+                             partial.total)
+        return Aggregate(value, partial.weight)
+
+    def reduce(messages: PyTree, p: jax.Array) -> Aggregate:
+        template = jax.tree.map(lambda x: x[0], messages)
+        return finalize(add(init(template), messages, p))
+
+    return Aggregator("weighted_mean", reduce, init, add, finalize)
 
 
-def client_update_norm(client_params: Params, server_params: Params) -> jax.Array:
-    sq = jax.tree.map(lambda c, s: jnp.sum(jnp.square(c - s)), client_params, server_params)
-    return jnp.sqrt(sum(jax.tree.leaves(sq), jnp.zeros((), jnp.float32)))
+def coordinate_median() -> Aggregator:
+    """The coordinate-wise median of the contributing clients' messages (weights only select
+    who contributes). Robust to a minority of outliers; needs every message at once."""
+
+    def reduce(messages: PyTree, p: jax.Array) -> Aggregate:
+        live = p > 0
+
+        def median(x):
+            keep = live.reshape((-1,) + (1,) * (x.ndim - 1))
+            m = jnp.nanmedian(jnp.where(keep, x, jnp.nan), axis=0)
+            return jnp.where(jnp.any(live), m, 0).astype(x.dtype)
+
+        return Aggregate(jax.tree.map(median, messages), jnp.sum(p))
+
+    return Aggregator("coordinate_median", reduce)
 
 
-def accumulate(
-    acc: Accumulator, results: ClientResult, p: jax.Array, finite: jax.Array
-) -> Accumulator:
-    """Add a block of clients (leading axis K) to the running sums."""
-    p = jnp.where(finite, p, 0.0)
-
-    def weighted_sum(acc_leaf, x):
-        x = jnp.where(finite.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
-        return acc_leaf + jnp.tensordot(p.astype(x.dtype), x, axes=1)
-
-    n = jnp.where(finite, results.num_examples, 0.0)
-    return Accumulator(
-        weighted_params=jax.tree.map(weighted_sum, acc.weighted_params, results.params),
-        weight=acc.weight + jnp.sum(p),
-        loss=acc.loss + jnp.sum(n * jnp.where(finite, results.loss, 0.0)),
-        examples=acc.examples + jnp.sum(n),
-    )
-
-
-def weighted_mean(acc: Accumulator, server_params: Params) -> Params:
-    """Σ p_i x_i / Σ p_i; the server params when no client contributed."""
-    has_any = acc.weight > 0
-    denom = jnp.where(has_any, acc.weight, 1.0)
-    return jax.tree.map(
-        lambda s, x: jnp.where(has_any, x / denom.astype(x.dtype), s),
-        server_params,
-        acc.weighted_params,
-    )
+AGGREGATORS: dict[str, Callable[[], Aggregator]] = {
+    "weighted_mean": weighted_mean,
+    "coordinate_median": coordinate_median,
+}

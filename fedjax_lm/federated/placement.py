@@ -17,6 +17,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fedjax_lm.federated.state import Cohort
+
 CLIENT_AXIS = "clients"
 DATA_AXIS = "data"
 
@@ -54,16 +56,19 @@ def client_shards(mesh: Mesh | None) -> int:
     return 1 if mesh is None else mesh.shape[CLIENT_AXIS]
 
 
-def block_shardings(mesh: Mesh, blocks):
-    """Shardings for `(data, ids, weights, client_states)` blocks: K over `clients`, and the
-    batch axis of data leaves over `data` when the mesh has one."""
-    data, *rest = blocks
+def block_shardings(mesh: Mesh, blocks: Cohort) -> Cohort:
+    """Shardings for `[n, K, ...]` cohort blocks: K over `clients`, and the batch axis of data
+    leaves over `data` when the mesh has one."""
     data_spec = P(None, CLIENT_AXIS, None, DATA_AXIS) if DATA_AXIS in mesh.shape else P(
         None, CLIENT_AXIS
     )
-    data_sh = jax.tree.map(lambda _: NamedSharding(mesh, data_spec), data)
-    rest_sh = jax.tree.map(lambda _: NamedSharding(mesh, P(None, CLIENT_AXIS)), rest)
-    return (data_sh, *rest_sh)
+    per_client = NamedSharding(mesh, P(None, CLIENT_AXIS))
+    return Cohort(
+        data=jax.tree.map(lambda _: NamedSharding(mesh, data_spec), blocks.data),
+        client_ids=per_client,
+        weights=per_client,
+        client_states=jax.tree.map(lambda _: per_client, blocks.client_states),
+    )
 
 
 def layout(

@@ -12,7 +12,6 @@ import numpy as np
 
 _CLIENT_STREAM = 0
 _SAMPLING_STREAM = 1
-_DATA_STREAM = 2
 
 
 def round_key(rng: jax.Array, round_index: int | jax.Array) -> jax.Array:
@@ -27,12 +26,6 @@ def client_key(rng: jax.Array, round_index: int | jax.Array, client_id: int | ja
 
 def sampling_key(rng: jax.Array, round_index: int) -> jax.Array:
     return jax.random.fold_in(round_key(rng, round_index), _SAMPLING_STREAM)
-
-
-def data_seed(rng: jax.Array, round_index: int) -> int:
-    """A host-side integer seed for shuffling / packing the round's data."""
-    key = jax.random.fold_in(round_key(rng, round_index), _DATA_STREAM)
-    return int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
 
 
 def sample_clients(key: jax.Array, num_clients: int, cohort_size: int) -> np.ndarray:

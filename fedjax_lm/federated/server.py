@@ -61,7 +61,7 @@ def scale_by_fedopt(
     return optax.GradientTransformation(init, update)
 
 
-def fedavg(learning_rate: float = 1.0) -> ServerOptimizer:
+def averaging(learning_rate: float = 1.0) -> ServerOptimizer:
     """Plain FedAvg; at learning rate 1 the server takes the weighted client mean exactly."""
     return None if learning_rate == 1.0 else optax.sgd(learning_rate)
 
@@ -86,7 +86,7 @@ def fedadagrad(learning_rate: float = 1e-2, tau=1e-3) -> ServerOptimizer:
 def make_server_optimizer(name: str, learning_rate: float = 1.0, **kwargs) -> ServerOptimizer:
     """Build a server optimizer by name (for configs)."""
     factories = {
-        "fedavg": fedavg,
+        "fedavg": averaging,
         "fedavgm": fedavgm,
         "fedadam": fedadam,
         "fedyogi": fedyogi,

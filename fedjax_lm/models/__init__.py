@@ -18,17 +18,16 @@ from fedjax_lm.models.pretrained import (
     MINILM,
     MINILM_DISTIL,
     NAMED_MODELS,
-    PAPER_MODELS,
     Pretrained,
     from_pretrained,
     minilm_path,
 )
+from fedjax_lm.models.stats import classification_stats, masked_classification_stats
 
 __all__ = [
     "MINILM",
     "MINILM_DISTIL",
     "NAMED_MODELS",
-    "PAPER_MODELS",
     "PRESETS",
     "EncoderConfig",
     "EncoderForSequenceClassification",
@@ -40,8 +39,10 @@ __all__ = [
     "build_model",
     "classification_eval",
     "classification_loss",
+    "classification_stats",
     "config_from_hf",
     "from_pretrained",
+    "masked_classification_stats",
     "minilm_path",
     "preset",
 ]

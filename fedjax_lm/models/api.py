@@ -12,12 +12,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_lm.models.config import EncoderConfig
 from fedjax_lm.models.encoder import EncoderForSequenceClassification, EncoderOutput
 from fedjax_lm.models.head import ClassificationHead
+from fedjax_lm.models.stats import masked_classification_stats
 
 Params = dict[str, Any]
 Batch = Mapping[str, jax.Array]
@@ -73,22 +73,6 @@ def build_model(config: EncoderConfig) -> Model:
     return Model(config)
 
 
-def _masked_stats(
-    logits: jax.Array, batch: Batch
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    labels = batch["label"].astype(jnp.int32)
-    mask = batch.get("mask")
-    mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-    count = mask.sum()
-    loss_sum = (nll * mask).sum()
-    correct = ((jnp.argmax(logits, axis=-1) == labels) * mask).sum()
-    loss = loss_sum / jnp.maximum(count, 1.0)
-    aux = {"loss_sum": loss_sum, "correct": correct.astype(jnp.float32), "count": count}
-    return loss, aux
-
-
 def classification_loss(model: Model) -> LossFn:
     """`loss_fn(params, batch, rng) -> (masked mean cross-entropy, aux)` in training mode."""
 
@@ -96,7 +80,7 @@ def classification_loss(model: Model) -> LossFn:
         params: Params, batch: Batch, rng: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         out = model.apply(params, batch, train=True, rng=rng)
-        return _masked_stats(out.logits, batch)
+        return masked_classification_stats(out.logits, batch)
 
     return loss_fn
 
@@ -106,6 +90,6 @@ def classification_eval(model: Model) -> EvalFn:
 
     def eval_fn(params: Params, batch: Batch) -> dict[str, jax.Array]:
         out = model.apply(params, batch, train=False)
-        return _masked_stats(out.logits, batch)[1]
+        return masked_classification_stats(out.logits, batch)[1]
 
     return eval_fn

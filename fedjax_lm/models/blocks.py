@@ -34,6 +34,7 @@ class Embeddings(nnx.Module):
         )
         self.rate = cfg.hidden_dropout_prob
         self.dtype = jnp.dtype(cfg.dtype)
+        self.pad_token_id = cfg.pad_token_id
 
     def __call__(
         self, input_ids: jax.Array, token_type_ids: jax.Array | None, key: jax.Array | None
@@ -44,7 +45,13 @@ class Embeddings(nnx.Module):
                 f"sequence length {length} exceeds max_position_embeddings "
                 f"{self.position.num_embeddings}"
             )
-        x = self.word(input_ids) + self.position(jnp.arange(length))[None]
+        x = self.word(input_ids)
+        if self.pad_token_id is not None:
+            # HF's padding_idx: the pad row gets no gradient, even where padding is attended.
+            # Same values; only the pad positions' cotangents are cut (a [B, L, E] select).
+            is_pad = (input_ids == self.pad_token_id)[..., None]
+            x = jnp.where(is_pad, jax.lax.stop_gradient(x), x)
+        x = x + self.position(jnp.arange(length))[None]
         if self.token_type is not None:
             if token_type_ids is None:
                 token_type_ids = jnp.zeros_like(input_ids)

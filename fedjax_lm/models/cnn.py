@@ -14,24 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from fedjax_lm.models.activations import make_activation
+from fedjax_lm.models.layers import dropout
+from fedjax_lm.models.stats import masked_classification_stats
 
 Params = Any  # nested dict of jax arrays
 Batch = dict[str, jax.Array]
-
-
-def _dropout(x: jax.Array, rate: float, train: bool, rng: jax.Array | None) -> jax.Array:
-    """Inverted dropout; identity outside training so evaluation is deterministic."""
-    if not train or rate == 0.0:
-        return x
-    if rng is None:
-        raise ValueError("dropout in training needs an rng")
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
 def _max_pool(x: jax.Array, window: int, stride: int, padding: str) -> jax.Array:
@@ -104,8 +94,10 @@ class SMCN(nnx.Module):
     def __call__(
         self, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None
     ) -> jax.Array:
-        keys = jax.random.split(rng, 3) if rng is not None else (None, None, None)
-        drop = lambda h, i: _dropout(h, self.dropout_rate, train, keys[i])
+        if train and rng is None and self.dropout_rate:
+            raise ValueError("dropout in training needs an rng")
+        keys = jax.random.split(rng, 3) if train and rng is not None else (None, None, None)
+        drop = lambda h, i: dropout(h, self.dropout_rate, keys[i])
         x = drop(self.act1(self.conv1(x)), 0)
         x = _max_pool(self.act2(self.conv2(x)), 3, 2, "SAME")
         x = drop(self.act3(self.conv3(x)), 1)
@@ -160,24 +152,13 @@ def make_cnn_model(
     return CnnModel(module_fn, graphdef, abstract_state)
 
 
-def _classification_aux(logits: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Masked mean cross-entropy and its sums over real examples (padding contributes 0)."""
-    mask = batch["mask"].astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["label"])
-    count = jnp.sum(mask)
-    loss_sum = jnp.sum(mask * ce)
-    correct = jnp.sum(mask * (jnp.argmax(logits, axis=-1) == batch["label"]))
-    aux = {"loss_sum": loss_sum, "correct": correct.astype(jnp.float32), "count": count}
-    return loss_sum / jnp.maximum(count, 1.0), aux
-
-
 def image_classification_loss(
     model: CnnModel,
 ) -> Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]:
     """The engine's `loss_fn(params, batch, rng) -> (loss, aux)` in training mode."""
 
     def loss_fn(params: Params, batch: Batch, rng: jax.Array):
-        return _classification_aux(model.apply(params, batch, train=True, rng=rng), batch)
+        return masked_classification_stats(model.apply(params, batch, train=True, rng=rng), batch)
 
     return loss_fn
 
@@ -188,6 +169,6 @@ def image_classification_eval(
     """`eval_fn(params, batch) -> aux` (sums over real examples) in inference mode."""
 
     def eval_fn(params: Params, batch: Batch):
-        return _classification_aux(model.apply(params, batch, train=False), batch)[1]
+        return masked_classification_stats(model.apply(params, batch, train=False), batch)[1]
 
     return eval_fn

@@ -27,6 +27,8 @@ class EncoderConfig:
     """Hyper-parameters of an encoder for sequence classification.
 
     `attend_to_padding` ignores the attention mask (paper 1's original code passed none).
+    `pad_token_id`: the word-embedding row that never trains, as with Hugging Face's
+    `nn.Embedding(padding_idx=...)` (None: every row trains).
     `attention_impl`: "xla" (einsum + softmax, HF-exact) or "dot_product"
     (`jax.nn.dot_product_attention`, fused where the backend allows; it has no dropout on the
     attention probabilities, so with it `attention_probs_dropout_prob` is not applied).
@@ -53,6 +55,7 @@ class EncoderConfig:
     num_hidden_groups: int = 1
     inner_group_num: int = 1
     num_labels: int = 2
+    pad_token_id: int | None = 0  # HF's BertConfig / DistilBertConfig / AlbertConfig default
     attend_to_padding: bool = False
     attention_impl: str = "xla"
     remat: bool = False
@@ -81,6 +84,11 @@ class EncoderConfig:
             raise ValueError("num_hidden_groups / inner_group_num are ALBERT-only")
         if self.num_labels < 1:
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"pad_token_id {self.pad_token_id} is not a row of the {self.vocab_size}-word "
+                "embedding table"
+            )
         jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)  # fail early on a bad name
 
     @property
@@ -157,8 +165,8 @@ def config_from_hf(
 ) -> EncoderConfig:
     """Translate a Hugging Face `config.json` (dict, file or folder) into an `EncoderConfig`.
 
-    Missing fields take the Hugging Face class defaults. `num_labels` defaults to the size of
-    `id2label` when present, else 2.
+    Missing fields take the Hugging Face class defaults (`pad_token_id` 0; an explicit null
+    freezes no row). `num_labels` defaults to the size of `id2label` when present, else 2.
     """
     hf = _read_json(source)
     model_type = hf.get("model_type")
@@ -218,6 +226,9 @@ def config_from_hf(
                 num_hidden_groups=hf.get("num_hidden_groups", 1),
                 inner_group_num=hf.get("inner_group_num", 1),
             )
-    return EncoderConfig(model_type=model_type, num_labels=num_labels, **fields).replace(
-        **overrides
-    )
+    return EncoderConfig(
+        model_type=model_type,
+        num_labels=num_labels,
+        pad_token_id=hf.get("pad_token_id", 0),
+        **fields,
+    ).replace(**overrides)

@@ -3,7 +3,7 @@
 Initialisation follows Hugging Face (`normal(initializer_range)` weights, zero biases, unit
 layer-norm scale) so randomly initialised parts (the classification head) start like theirs.
 Dropout is a pure function of an explicit key: no RNG state lives in the modules, so a model's
-state is exactly its parameters.
+state is exactly its parameters. The CNNs use the same `dropout`.
 """
 
 from __future__ import annotations

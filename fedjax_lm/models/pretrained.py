@@ -23,7 +23,6 @@ from fedjax_lm.models.errors import ModelLoadError
 MINILM = "minilm"
 MINILM_DISTIL = "minilm-distil"
 NAMED_MODELS = (MINILM, MINILM_DISTIL)
-PAPER_MODELS = ("bert-base-cased", "albert-base-v1", "distilbert-base-cased")
 
 _HUB_PATTERNS = [
     "config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",

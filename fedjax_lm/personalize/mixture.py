@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fedjax_lm.models.stats import masked_classification_stats
+
 Params = Any
 Batch = Mapping[str, jax.Array]
 # logits(params, batch, train, rng) -> [B, K]
@@ -67,18 +69,6 @@ def mixture_log_probs(
     return mix_log_probs(g, local_logp, global_logp), g
 
 
-def nll_stats(logp: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Masked mean NLL of log-probabilities/scores [B, K] plus sums over real examples."""
-    labels = batch["label"].astype(jnp.int32)
-    mask = batch["mask"].astype(jnp.float32)
-    nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-    count = jnp.sum(mask)
-    loss_sum = jnp.sum(mask * nll)
-    correct = jnp.sum(mask * (jnp.argmax(logp, axis=-1) == labels))
-    aux = {"loss_sum": loss_sum, "correct": correct.astype(jnp.float32), "count": count}
-    return loss_sum / jnp.maximum(count, 1.0), aux
-
-
 def mixture_loss(expert: Classifier, gate: Classifier) -> PersonalLoss:
     """`loss(personal, batch, rng, global_params)`: NLL of the mixture; only `personal` is
     differentiated (the global model is a frozen, stop-gradient argument)."""
@@ -87,7 +77,7 @@ def mixture_loss(expert: Classifier, gate: Classifier) -> PersonalLoss:
         logp, g = mixture_log_probs(
             expert, gate, personal, global_params, batch, train=True, rng=rng
         )
-        loss, aux = nll_stats(logp, batch)
+        loss, aux = masked_classification_stats(logp, batch, log_probs=True)
         mask = batch["mask"].astype(jnp.float32)
         aux["gate_sum"] = jnp.sum(mask * g)
         return loss, aux
@@ -100,7 +90,7 @@ def mixture_eval(expert: Classifier, gate: Classifier) -> PersonalEval:
 
     def eval_fn(personal, batch, global_params):
         logp, g = mixture_log_probs(expert, gate, personal, global_params, batch, train=False)
-        aux = nll_stats(logp, batch)[1]
+        aux = masked_classification_stats(logp, batch, log_probs=True)[1]
         aux["gate_sum"] = jnp.sum(batch["mask"].astype(jnp.float32) * g)
         return aux
 
@@ -113,7 +103,7 @@ def single_loss(model: Classifier) -> PersonalLoss:
 
     def loss_fn(params, batch, rng, _frozen):
         logp = jax.nn.log_softmax(model.logits(params, batch, True, rng).astype(jnp.float32))
-        return nll_stats(logp, batch)
+        return masked_classification_stats(logp, batch, log_probs=True)
 
     return loss_fn
 
@@ -121,7 +111,7 @@ def single_loss(model: Classifier) -> PersonalLoss:
 def single_eval(model: Classifier) -> PersonalEval:
     def eval_fn(params, batch, _frozen):
         logp = jax.nn.log_softmax(model.logits(params, batch, False, None).astype(jnp.float32))
-        return nll_stats(logp, batch)[1]
+        return masked_classification_stats(logp, batch, log_probs=True)[1]
 
     return eval_fn
 

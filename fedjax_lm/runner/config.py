@@ -69,6 +69,8 @@ class RunConfig:
     server_optimizer: str = "fedavg"
     server_lr: float = 1.0
     prox_mu: float = 0.0
+    algorithm: str = "fedavg"  # fedavg | fedprox (needs prox_mu > 0) | scaffold (plain SGD)
+    aggregator: str = "weighted_mean"  # weighted_mean | coordinate_median (unchunked only)
     weighting: str = "examples"
     carry_client_state: bool = False
     # -- execution
@@ -168,25 +170,40 @@ def _check(cfg: RunConfig) -> None:
     need(cfg.nonfinite in NONFINITE_POLICIES, f"nonfinite must be one of {NONFINITE_POLICIES}")
     need(cfg.target_accuracy is None or 0 < cfg.target_accuracy <= 1,
          "target_accuracy must be in (0, 1]")
-    need(cfg.clients_per_chunk is None or cfg.clients_per_chunk >= 1,
-         "clients_per_chunk must be >= 1")
-    # Names checked against the registries of the layers that own them.
-    from fedjax_lm.federated import BACKENDS, SERVER_OPTIMIZERS
-    from fedjax_lm.federated.engine import CHUNK_EXECUTORS
+    # Names and execution fields are checked by the layers that own them, once.
+    from fedjax_lm import federated as fl
 
-    need(cfg.chunk_executor in CHUNK_EXECUTORS,
-         f"chunk_executor must be one of {CHUNK_EXECUTORS}, got {cfg.chunk_executor!r}")
-
-    need(cfg.backend in BACKENDS, f"backend must be one of {BACKENDS}, got {cfg.backend!r}")
-    need(cfg.server_optimizer in SERVER_OPTIMIZERS,
-         f"server_optimizer must be one of {SERVER_OPTIMIZERS}, got {cfg.server_optimizer!r}")
-    need(cfg.weighting in ("examples", "uniform"), "weighting must be examples or uniform")
+    need(cfg.algorithm in fl.ALGORITHMS,
+         f"unknown algorithm {cfg.algorithm!r}; choose one of {', '.join(fl.ALGORITHMS)}")
+    need(cfg.algorithm != "fedprox" or cfg.prox_mu > 0,
+         "algorithm fedprox needs prox_mu > 0 (e.g. --prox-mu 0.01)")
+    need(cfg.algorithm != "scaffold" or (cfg.client_optimizer == "sgd" and not cfg.momentum
+                                         and not cfg.prox_mu and not cfg.carry_client_state),
+         "algorithm scaffold runs plain local SGD with its own client state: set "
+         "client_optimizer=sgd, momentum=0, prox_mu=0 and carry_client_state=false")
+    need(cfg.aggregator in fl.AGGREGATORS,
+         f"unknown aggregator {cfg.aggregator!r}; choose one of {', '.join(fl.AGGREGATORS)}")
+    need(cfg.server_optimizer in fl.SERVER_OPTIMIZERS,
+         f"server_optimizer must be one of {fl.SERVER_OPTIMIZERS}, got {cfg.server_optimizer!r}")
+    need(cfg.weighting in fl.WEIGHTINGS, f"weighting must be one of {fl.WEIGHTINGS}")
+    try:
+        executor(cfg).check_aggregator(fl.AGGREGATORS[cfg.aggregator]())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     from fedjax_lm.data import PARTITIONERS, TASKS
 
     need(cfg.task in TASKS, f"unknown task {cfg.task!r}; valid tasks: {', '.join(sorted(TASKS))}")
     need(cfg.partition in PARTITIONERS,
          f"unknown partition {cfg.partition!r}; valid: {', '.join(sorted(PARTITIONERS))}")
     need(cfg.task != "csv" or cfg.train_file is not None, "task csv needs --train-file")
+
+
+def executor(cfg: RunConfig):
+    """The run's executor config (validated by the engine's own rules)."""
+    from fedjax_lm.federated import ExecutorConfig
+
+    return ExecutorConfig(backend=cfg.backend, clients_per_chunk=cfg.clients_per_chunk,
+                          chunk_executor=cfg.chunk_executor)
 
 
 def from_dict(values: dict[str, Any]) -> RunConfig:

@@ -13,7 +13,8 @@ import optax
 from fedjax_lm import data as fdata
 from fedjax_lm import federated as fl
 from fedjax_lm import models
-from fedjax_lm.runner.config import ConfigError, RunConfig
+from fedjax_lm.federated.fedavg import ClientParamsInit
+from fedjax_lm.runner.config import ConfigError, RunConfig, executor
 
 PRESET_PREFIX = "preset:"
 
@@ -116,25 +117,33 @@ def build_experiment(cfg: RunConfig) -> Experiment:
 
 
 def client_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
-    if cfg.client_optimizer == "sgd":
-        return optax.sgd(cfg.lr, momentum=cfg.momentum or None)
-    if cfg.client_optimizer == "adam":
-        return optax.adam(cfg.lr)
-    return optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
+    return fl.make_client_optimizer(cfg.client_optimizer, cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
+
+
+def per_client_heads(model: models.Model, seed: int) -> ClientParamsInit:
+    """Paper 1's code: in round 1 every client starts from its own random head, drawn from
+    (seed + 1, client id)."""
+    key = jax.random.key(seed + 1)
+    return lambda params, cid: model.init_head(params, jax.random.fold_in(key, cid))
+
+
+def build_algorithm(cfg: RunConfig, exp: Experiment) -> fl.Algorithm:
+    """The run's algorithm as engine hooks."""
+    loss_fn = models.classification_loss(exp.model)
+    server = fl.make_server_optimizer(cfg.server_optimizer, cfg.server_lr)
+    heads = per_client_heads(exp.model, cfg.seed) if cfg.head_init == "per_client" else None
+    if cfg.algorithm == "scaffold":
+        cohort = cfg.cohort_size or exp.num_clients
+        return fl.scaffold(loss_fn, cfg.lr, server, cohort_fraction=cohort / exp.num_clients,
+                           client_params_init=heads)
+    return fl.fedavg(loss_fn, client_optimizer(cfg), server, prox_mu=cfg.prox_mu,
+                     carry_optimizer_state=cfg.carry_client_state, client_params_init=heads,
+                     aggregator=fl.AGGREGATORS[cfg.aggregator]())
 
 
 def build_engine(cfg: RunConfig, exp: Experiment) -> fl.FederatedEngine:
-    return fl.build_engine(
-        models.classification_loss(exp.model),
-        client_optimizer(cfg),
-        fl.make_server_optimizer(cfg.server_optimizer, cfg.server_lr),
-        prox_mu=cfg.prox_mu,
-        backend=cfg.backend,
-        clients_per_chunk=cfg.clients_per_chunk,
-        chunk_executor=cfg.chunk_executor,
-        weighting=cfg.weighting,
-        carry_client_state=cfg.carry_client_state,
-    )
+    return fl.FederatedEngine(build_algorithm(cfg, exp), executor(cfg), weighting=cfg.weighting)
 
 
 def round_data(cfg: RunConfig, exp: Experiment, round_index: int, ids: np.ndarray) -> dict:

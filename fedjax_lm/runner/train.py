@@ -14,18 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
 from fedjax_lm import federated as fl
 from fedjax_lm.data import pack_eval
-from fedjax_lm.federated.aggregate import client_update_norm
 from fedjax_lm.io import write_json, write_yaml
+from fedjax_lm.models import classification_stats
 from fedjax_lm.runner.checkpoint import Checkpointer
 from fedjax_lm.runner.config import RESUMABLE_FIELDS, ConfigError, RunConfig, from_dict
-from fedjax_lm.runner.experiment import Experiment, build_engine, build_experiment, round_data
+from fedjax_lm.runner.experiment import (
+    Experiment,
+    build_engine,
+    build_experiment,
+    client_optimizer,
+    round_data,
+)
 from fedjax_lm.runner.metrics import MetricsLog
 from fedjax_lm.scale.distributed import is_primary
 
@@ -64,10 +69,9 @@ def make_predict(model):
     """Per-example (correct, nll) for a batch, in eval mode."""
 
     def predict(params, batch):
-        logits = model.apply(params, batch, train=False).logits.astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits)
-        nll = -jnp.take_along_axis(logp, batch["label"][:, None], axis=-1)[:, 0]
-        return jnp.argmax(logits, -1) == batch["label"], nll
+        nll, correct = classification_stats(model.apply(params, batch, train=False).logits,
+                                            batch["label"])
+        return correct, nll
 
     return jax.jit(predict)
 
@@ -101,13 +105,13 @@ def memory_plan_lines(cfg: RunConfig, exp: Experiment, engine) -> list[str]:
 
     f = mem.format_bytes
     params = mem.tree_bytes(exp.params)
-    opt = mem.tree_bytes(jax.eval_shape(engine.client_optimizer.init, exp.params))
+    optimizer = client_optimizer(cfg)
+    opt = mem.tree_bytes(jax.eval_shape(optimizer.init, exp.params))
     lines = [f"memory: params {f(params)}; per client state {f(2 * params + opt)} "
              f"(params + {cfg.client_optimizer} state + delta)"]
     if jax.default_backend() != "cpu":
         batch = mem.text_batch(exp.steps_per_round, cfg.batch_size, cfg.max_length)
-        est = mem.estimate_memory(_loss(exp), exp.params,
-                                  engine.client_optimizer, batch)
+        est = mem.estimate_memory(_loss(exp), exp.params, optimizer, batch)
         stats = jax.devices()[0].memory_stats() or {}
         budget = int(0.9 * stats.get("bytes_limit", 0)) or None
         width = cfg.clients_per_chunk or exp.num_clients
@@ -123,37 +127,6 @@ def _loss(exp: Experiment):
     from fedjax_lm.models import classification_loss
 
     return classification_loss(exp.model)
-
-
-def per_client_head_round(engine, state, data, ids, exp: Experiment, cfg: RunConfig):
-    """Round 1 as paper 1's code ran it: every client starts from its own random head.
-
-    The engine broadcasts one model, so each client is trained alone from the server
-    params with its head re-initialised from (seed, client id) — its single-client FedAvg
-    round returns exactly its local model — and the server takes their weighted mean, as
-    FedAvg does. Only round 1 differs; later rounds are ordinary.
-    """
-    weights = np.asarray(data["mask"]).reshape(len(ids), -1).sum(axis=1)
-    p = weights / weights.sum()
-    head_key = jax.random.key(cfg.seed + 1)
-    mean, losses, finite, norms = None, [], [], []
-    for i, cid in enumerate(ids):
-        params = exp.model.init_head(state.params, jax.random.fold_in(head_key, int(cid)))
-        single = engine.init(params, state.rng)
-        out = engine.run_round(single, jax.tree.map(lambda x, i=i: x[i:i + 1], data),
-                               client_ids=[cid])
-        losses.append(float(out.metrics.loss))
-        finite.append(bool(out.metrics.client_finite[0]))
-        norms.append(float(out.metrics.client_update_norm[0]))
-        scaled = jax.tree.map(lambda x, w=p[i]: w * x, out.state.params)
-        mean = scaled if mean is None else jax.tree.map(jnp.add, mean, scaled)
-    metrics = fl.RoundMetrics(
-        loss=jnp.float32(np.dot(p, losses)), client_loss=jnp.asarray(losses),
-        client_examples=jnp.asarray(weights, jnp.float32),
-        client_update_norm=jnp.asarray(norms), client_finite=jnp.asarray(finite),
-        update_norm=client_update_norm(mean, state.params),
-    )
-    return engine.init(mean, state.rng).replace(round=jnp.int32(1)), metrics
 
 
 def train(
@@ -181,13 +154,13 @@ def train(
     engine = build_engine(cfg, exp)
     base_key = jax.random.key(cfg.seed)
     state = engine.init(exp.params, base_key)
-    client_states = (
-        engine.init_client_states(exp.params, exp.num_clients) if cfg.carry_client_state else None
-    )
+    store = (engine.new_store(exp.params, exp.num_clients) if engine.algorithm.stateful
+             else None)
     ckpt = Checkpointer(run_dir / "checkpoints")
     start = 0
     if ckpt.latest_round() is not None:
-        start, state, client_states = ckpt.restore(state, client_states)
+        start, state, states = ckpt.restore(state, store and store.states)
+        store = store and fl.ClientStateStore(states)
     log = MetricsLog(run_dir, start, enabled=primary)
     predict = make_predict(exp.model)
     setup_s = time.perf_counter() - t_setup
@@ -206,14 +179,8 @@ def train(
             else:
                 ids = np.arange(exp.num_clients)
             data = round_data(cfg, exp, r, ids)
-            cs = None
-            if client_states is not None:
-                cs = jax.tree.map(lambda x, i=ids: x[i], client_states)
-            if r == 0 and cfg.head_init == "per_client":
-                state, metrics = per_client_head_round(engine, state, data, ids, exp, cfg)
-            else:
-                state, metrics, cs = engine.run_round(state, data, client_ids=ids,
-                                                      client_states=cs)
+            cs = store and store.gather(ids)
+            state, metrics, cs = engine.run_round(state, data, client_ids=ids, client_states=cs)
             finite = np.asarray(metrics.client_finite)
             bad = [int(i) for i in ids[~finite]]
             if bad and cfg.nonfinite == "fail":
@@ -222,13 +189,13 @@ def train(
                     f"stopping. The last good checkpoint (round {ckpt.latest_round() or 0}) "
                     "is kept; lower the learning rate or set nonfinite=skip to drop such clients"
                 )
-            if cs is not None:
-                client_states = jax.tree.map(lambda a, b, i=ids: a.at[i].set(b), client_states, cs)
+            if store is not None:
+                store.scatter(ids, cs)
             record: dict[str, Any] = {
                 "round": r + 1,
                 "train_loss": float(metrics.loss),
                 "update_norm": float(metrics.update_norm),
-                "clients": len(ids),
+                "cohort_size": len(ids),  # this round's clients; config.clients: the population
                 "skipped_clients": bad,
             }
             if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
@@ -239,7 +206,7 @@ def train(
                             acc=f"{record.get('eval_accuracy', float('nan')):.3f}")
             if cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0
                                          or r + 1 == cfg.rounds):
-                ckpt.save(r + 1, state, client_states)
+                ckpt.save(r + 1, state, store and store.states)
         ckpt.wait()
     finally:
         bar.close()
@@ -247,6 +214,7 @@ def train(
         ckpt.close()
     final = summarize(log.records, cfg)
     final.update(setup_s=setup_s, params_sha256=params_digest(state.params),
+                 client_state_sha256=store and params_digest(store.states),
                  num_clients=exp.num_clients, data_source=exp.source,
                  train_examples=int(sum(len(ix) for ix in exp.partition)),
                  test_examples=int(len(exp.test["label"])), steps_per_round=exp.steps_per_round)

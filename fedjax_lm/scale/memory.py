@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Sharding
 
-from fedjax_lm.federated.client import LossFn
-from fedjax_lm.federated.engine import EngineConfig, FederatedEngine
+from fedjax_lm.federated.algorithm import LossFn
+from fedjax_lm.federated.engine import build_engine
 from fedjax_lm.federated.server import ServerOptimizer
 
 
@@ -108,9 +108,9 @@ def compiled_chunk_bytes(
 ) -> int:
     """Peak bytes XLA reports for the engine's chunk program at `width` clients, compiled for
     the device `sharding` names (default: the local backend; see `scale.targets`)."""
-    engine = FederatedEngine(loss_fn, client_optimizer, server_optimizer, EngineConfig(
-        clients_per_chunk=width, chunk_executor="host", carry_client_state=carry_client_state,
-    ))
+    engine = build_engine(loss_fn, client_optimizer, server_optimizer,
+                          carry_client_state=carry_client_state, clients_per_chunk=width,
+                          chunk_executor="host")
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     lowered = engine.lower_chunk(params, batch.shapes(width), sharding=sharding)
     m = lowered.compile().memory_analysis()

@@ -17,17 +17,10 @@ import sys
 from collections.abc import Sequence
 
 import jax
-import optax
 
+from fedjax_lm.federated.client_optimizers import CLIENT_OPTIMIZERS, make_client_optimizer
 from fedjax_lm.scale import memory as mem
 from fedjax_lm.scale import targets
-
-OPTIMIZERS = {
-    "sgd": lambda: optax.sgd(1e-3),
-    "momentum": lambda: optax.sgd(1e-3, momentum=0.9),
-    "adam": lambda: optax.adam(1e-3),
-    "adamw": lambda: optax.adamw(1e-3),
-}
 
 
 def model_loss_and_params(name: str, model_type: str, num_labels: int, *, remat: bool,
@@ -69,7 +62,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--local-steps", type=int, default=4)
-    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
+    p.add_argument("--optimizer", choices=sorted(CLIENT_OPTIMIZERS), default="adam")
     p.add_argument("--remat", action="store_true", help="recompute layers in the backward pass")
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute (float32 params)")
 
@@ -86,7 +79,7 @@ def plan_report(args: argparse.Namespace) -> tuple[mem.MemoryEstimate, list[str]
     loss_fn, params = model_loss_and_params(args.model, args.model_type, args.num_labels,
                                             remat=args.remat, bf16=args.bf16)
     batch = mem.text_batch(args.local_steps, args.batch_size, args.max_length)
-    optimizer = OPTIMIZERS[args.optimizer]()
+    optimizer = make_client_optimizer(args.optimizer, 1e-3)
     est = mem.estimate_memory(loss_fn, params, optimizer, batch, sharding=target.sharding)
     budget = int(args.headroom * memory)
     per_device = -(-args.clients // args.devices)

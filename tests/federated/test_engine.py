@@ -7,7 +7,6 @@ import optax
 import pytest
 
 from fedjax_lm import federated as fl
-from fedjax_lm.federated import aggregate as agg
 from fedjax_lm.federated.compilation import count_compilations
 from tests.federated import toy
 
@@ -86,7 +85,7 @@ def test_one_client_fedavg_equals_centralised_training(backend):
     data = toy.client_data(1, steps=4, ragged=False)
     params = toy.init_params()
     rng = jax.random.key(3)
-    engine = fl.build_engine(toy.loss_fn, optax.sgd(0.3), fl.fedavg(), backend=backend)
+    engine = fl.build_engine(toy.loss_fn, optax.sgd(0.3), fl.averaging(), backend=backend)
     out = engine.run_round(engine.init(params, rng), data)
 
     opt = optax.sgd(0.3)
@@ -106,23 +105,22 @@ def test_one_client_fedavg_equals_centralised_training(backend):
 
 
 def test_weighted_mean_hand_computed():
-    params = {"w": jnp.zeros((2,))}
-    results = fl.ClientResult(
-        params={"w": jnp.array([[1.0, 2.0], [3.0, 4.0], [10.0, -10.0]])},
-        opt_state=None,
-        loss=jnp.array([1.0, 2.0, 3.0]),
-        num_examples=jnp.array([1.0, 3.0, 4.0]),
-        num_steps=jnp.array([1, 1, 1]),
-    )
-    p = agg.normalize_weights(jnp.array([1.0, 3.0, 4.0]))
-    acc = agg.accumulate(agg.zeros_accumulator(params), results, p, jnp.array([True] * 3))
-    mean = agg.weighted_mean(acc, params)
+    messages = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0], [10.0, -10.0]])}
+    p = fl.normalize_weights(jnp.array([1.0, 3.0, 4.0]))
+    mean = fl.weighted_mean()
     # (1·[1,2] + 3·[3,4] + 4·[10,-10]) / 8 = [50, -26] / 8
-    np.testing.assert_allclose(mean["w"], [6.25, -3.25], rtol=1e-6)
-    np.testing.assert_allclose(acc.loss / acc.examples, (1 + 6 + 12) / 8, rtol=1e-6)
-    # A non-finite client is dropped and the rest renormalised.
-    acc = agg.accumulate(agg.zeros_accumulator(params), results, p, jnp.array([True, True, False]))
-    np.testing.assert_allclose(agg.weighted_mean(acc, params)["w"], [2.5, 3.5], rtol=1e-6)
+    np.testing.assert_allclose(mean.reduce(messages, p).value["w"], [6.25, -3.25], rtol=1e-6)
+    # Chunk sums give the same mean: [0] then [1, 2].
+    partial = mean.init({"w": jnp.zeros(2)})
+    partial = mean.add(partial, jax.tree.map(lambda x: x[:1], messages), p[:1])
+    partial = mean.add(partial, jax.tree.map(lambda x: x[1:], messages), p[1:])
+    np.testing.assert_allclose(mean.finalize(partial).value["w"], [6.25, -3.25], rtol=1e-6)
+    # A dropped client (weight 0) leaves the others' mean, renormalised.
+    agg = mean.reduce(messages, p.at[2].set(0.0))
+    np.testing.assert_allclose(agg.value["w"], [2.5, 3.5], rtol=1e-6)
+    np.testing.assert_allclose(agg.weight, 0.5, rtol=1e-6)
+    # No contributing client: weight 0 and a zero value (the server keeps its model).
+    assert float(mean.reduce(messages, jnp.zeros(3)).weight) == 0.0
 
 
 def test_round_weights_clients_by_examples_and_uniform():
@@ -165,23 +163,25 @@ def test_padding_changes_nothing():
 
 
 def test_all_padding_step_leaves_params_and_adam_state_unchanged():
-    opt = optax.adam(0.1)
-    update = jax.jit(fl.make_client_update(toy.loss_fn, opt))
+    algorithm = fl.fedavg(toy.loss_fn, optax.adam(0.1), carry_optimizer_state=True)
     params = toy.init_params()
+    server = fl.FederatedEngine(algorithm).init(params, jax.random.key(0))
+    client = fl.ClientInfo(jnp.int32(0), jax.random.key(0), jnp.float32(1.0),
+                           optax.adam(0.1).init(params))
+    update = jax.jit(lambda data: fl.train_client(algorithm, server, client, data))
     data = jax.tree.map(lambda x: x[0], toy.client_data(1, steps=2, ragged=False))
     data["mask"][1] = 0.0  # the second step is all padding
-    key = jax.random.key(0)
-    both = update(params, None, data, key)
+    both = update(data)
     # What the padded step holds is irrelevant: same program, bitwise the same result.
     other = jax.tree.map(np.copy, data)
     other["x"][1] = 100.0
     other["y"][1] = 0
-    assert toy.max_abs_diff(both.params, update(params, None, other, key).params) == 0.0
-    first_only = update(params, None, jax.tree.map(lambda x: x[:1], data), key)
-    assert toy.max_abs_diff(both.params, first_only.params) <= 1e-7
-    assert toy.max_abs_diff(both.opt_state, first_only.opt_state) <= 1e-7
-    assert int(both.opt_state[0].count) == 1  # Adam's step counter did not advance
-    assert int(both.num_steps) == 1 and float(both.num_examples) == 4.0
+    assert toy.max_abs_diff(both.output.message, update(other).output.message) == 0.0
+    first_only = update(jax.tree.map(lambda x: x[:1], data))
+    assert toy.max_abs_diff(both.output.message, first_only.output.message) <= 1e-7
+    assert toy.max_abs_diff(both.output.client_state, first_only.output.client_state) <= 1e-7
+    assert int(both.output.client_state[0].count) == 1  # Adam's step counter did not advance
+    assert float(both.examples) == 4.0
 
 
 def _fedopt_reference(kind, x0, mean, lr, b1=0.9, b2=0.99, tau=1e-3):
@@ -202,7 +202,7 @@ def test_server_optimizers_match_reference(name):
     data = toy.client_data(4)
     params = toy.init_params()
     rng = jax.random.key(0)
-    fedavg = fl.build_engine(toy.loss_fn, optax.sgd(0.5), fl.fedavg())
+    fedavg = fl.build_engine(toy.loss_fn, optax.sgd(0.5), fl.averaging())
     mean = fedavg.run_round(fedavg.init(params, rng), data).state.params
     server = fl.make_server_optimizer(name, 0.3)
     engine = fl.build_engine(toy.loss_fn, optax.sgd(0.5), server)
@@ -225,7 +225,7 @@ def test_fedavgm_second_round_uses_momentum():
     x0 = toy.init_params()
     x1 = jax.tree.map(np.asarray, s1.params)
     # Reproduce round 2 by hand: mean of clients from x1 with round-1 keys.
-    plain = fl.build_engine(toy.loss_fn, optax.sgd(0.5), fl.fedavg())
+    plain = fl.build_engine(toy.loss_fn, optax.sgd(0.5), fl.averaging())
     s = plain.init(x1, jax.random.key(0)).replace(round=jnp.int32(1))
     mean2 = plain.run_round(s, data).state.params
     s2 = engine.run_round(s1, data).state
@@ -297,7 +297,7 @@ def test_round_compiles_once_over_five_rounds():
             state = engine.run_round(state, data).state
         jax.block_until_ready(state)
     assert compiles.count == 0
-    assert engine._round._cache_size() == 1
+    assert engine.compiled_executables() == {"round": 1}
     assert int(state.round) == 5
 
 
@@ -310,12 +310,11 @@ def test_chunk_step_compiles_once_across_client_counts():
         state = engine.init(params, jax.random.key(0))
         for _ in range(2):
             state = engine.run_round(state, toy.client_data(c)).state
-    assert engine._chunk_step._cache_size() == 1
-    assert engine._finish._cache_size() == 1
+    assert engine.compiled_executables() == {"finish": 1, "chunk": 1}
     # Cohorts smaller than the chunk are padded to it: still the same executable.
     for c in (1, 2):
         engine.run_round(engine.init(params, jax.random.key(0)), toy.client_data(c))
-    assert engine._chunk_step._cache_size() == 1
+    assert engine.compiled_executables()["chunk"] == 1
 
 
 def test_pmap_rounds_do_not_recompile():

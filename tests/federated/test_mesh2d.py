@@ -35,8 +35,8 @@ def test_data_parallel_mesh_matches_1d_mesh_and_vmap(monkeypatch):
     np.testing.assert_allclose(metrics.client_loss, ref_metrics.client_loss, atol=1e-5)
     # The round's input really is split over both axes: [n=1, K=4, S=3, B=4, D] → one
     # client and half a batch per device.
-    (blocks_data, ids, _, _) = placed[-1]
-    x = blocks_data["x"]
+    blocks = placed[-1]
+    x, ids = blocks.data["x"], blocks.client_ids
     assert x.sharding.spec == P(None, "clients", None, "data")
     assert len(x.sharding.device_set) == 8
     assert {s.data.shape for s in x.addressable_shards} == {(1, 1, 3, 2, toy.DIM)}

@@ -28,8 +28,13 @@ def test_defaults_validate_and_round_trip():
         ({"alpha": 0}, "alpha must be > 0"),
         ({"local_steps": 4}, "set exactly one of local_epochs / local_steps"),
         ({"cohort_size": 9, "clients": 4}, r"cohort_size must be in \[1, clients=4\]"),
-        ({"backend": "tpu"}, "backend must be one of"),
-        ({"chunk_executor": "threads"}, "chunk_executor must be one of"),
+        ({"backend": "tpu"}, "unknown backend 'tpu'"),
+        ({"chunk_executor": "threads"}, "unknown chunk_executor 'threads'"),
+        ({"algorithm": "fedsgd"}, "unknown algorithm 'fedsgd'; choose one of fedavg, fedprox"),
+        ({"algorithm": "fedprox"}, "algorithm fedprox needs prox_mu > 0"),
+        ({"algorithm": "scaffold", "client_optimizer": "adam"}, "scaffold runs plain local SGD"),
+        ({"aggregator": "coordinate_median", "clients_per_chunk": 2},
+         "needs every client's message at once and cannot run in chunks"),
         ({"server_optimizer": "sgd"}, "server_optimizer must be one of"),
         ({"task": "mnist"}, "unknown task 'mnist'"),
         ({"partition": "random"}, "unknown partition 'random'"),
@@ -100,6 +105,26 @@ def test_cli_reports_errors_in_one_line_without_traceback(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == "fedjax-lm train: error: clients must be >= 1, got 0"
     assert not (tmp_path / "r").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--algorithm", "fedsgd"],
+     "unknown algorithm 'fedsgd'; choose one of fedavg, fedprox, scaffold"),
+    (["--aggregator", "coordinate_median", "--clients-per-chunk", "2"],
+     "aggregator 'coordinate_median' needs every client's message at once and cannot run in "
+     "chunks (clients_per_chunk=2); unset clients_per_chunk or use backend vmap/mesh/loop"),
+    (["--algorithm", "scaffold", "--client-optimizer", "adam"],
+     "algorithm scaffold runs plain local SGD with its own client state: set "
+     "client_optimizer=sgd, momentum=0, prox_mu=0 and carry_client_state=false"),
+])
+def test_cli_refuses_bad_algorithm_choices_in_one_line(tmp_path, flags, message):
+    out = subprocess.run(
+        [sys.executable, "-m", "fedjax_lm.cli", "train", *flags, "--out", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"fedjax-lm train: error: {message}"
+    assert not (tmp_path / "r").exists()
 
 
 def test_execution_fields_are_marked_once_and_drive_resume_and_reports():

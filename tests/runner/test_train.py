@@ -31,7 +31,7 @@ def test_run_writes_config_metrics_tensorboard_and_final(tmp_path):
     records = read_jsonl(run / "metrics.jsonl")
     assert [r["round"] for r in records] == [1, 2, 3]
     assert "eval_accuracy" not in records[0] and "eval_accuracy" in records[1]  # every 2 + last
-    for key in ("train_loss", "update_norm", "wall_s", "skipped_clients", "clients"):
+    for key in ("train_loss", "update_norm", "wall_s", "skipped_clients", "cohort_size"):
         assert key in records[0]
     for key in ("eval_loss", "client_accuracy_min", "client_accuracy_mean", "client_accuracy_max"):
         assert key in records[2]
@@ -48,7 +48,7 @@ def test_partial_participation_trains_the_cohort_only(tmp_path):
     final = train(tiny(tmp_path, clients=4, cohort_size=2, max_train_examples=128),
                   progress=False)
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert [r["clients"] for r in records] == [2, 2, 2]
+    assert [r["cohort_size"] for r in records] == [2, 2, 2]
     assert final["rounds"] == 3
 
 
@@ -155,13 +155,14 @@ def test_per_client_heads_reproduce_paper_one_round_one(tmp_path):
 
     import jax
 
-    from fedjax_lm.runner.experiment import build_experiment
+    from fedjax_lm.runner.experiment import build_experiment, per_client_heads
 
     cfg = tiny(tmp_path, clients=1, rounds=1, head_init="per_client")
     exp = build_experiment(cfg)
     per_client = train(cfg, progress=False, exp=exp)
-    # One client: identical to a shared-head run whose server head is client 0's head.
-    head = exp.model.init_head(exp.params, jax.random.fold_in(jax.random.key(cfg.seed + 1), 0))
+    # One client: identical to a shared-head run whose server head is client 0's head
+    # (compiled, as the round's client-init hook draws it).
+    head = jax.jit(per_client_heads(exp.model, cfg.seed))(exp.params, 0)
     ref = train(cfg.replace(head_init="shared", out=str(tmp_path / "ref")), progress=False,
                 exp=dataclasses.replace(exp, params=head))
     assert per_client["params_sha256"] == ref["params_sha256"]
@@ -170,3 +171,22 @@ def test_per_client_heads_reproduce_paper_one_round_one(tmp_path):
     assert shared["params_sha256"] != per_client["params_sha256"]
     with pytest.raises(ValueError, match="head_init=per_client reproduces paper 1's code"):
         cfg.replace(server_optimizer="fedadam")
+
+
+def test_scaffold_from_the_cli_resumes_bitwise_with_its_client_state(tmp_path):
+    """`--algorithm scaffold` with partial participation: its control variates live in the
+    client-state store, are checkpointed, and a resumed run ends bitwise identical."""
+    flags = ["--algorithm", "scaffold", "--clients", "4", "--cohort-size", "2",
+             "--partition", "dirichlet", "--alpha", "0.1", "--no-progress"]
+    for name, rounds in (("straight", 4), ("resumed", 2), ("resumed", 4)):
+        args = [sys.executable, "-m", "fedjax_lm.cli", "train", *flags,
+                *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "clients"],
+                "--rounds", str(rounds), "--out", str(tmp_path / name)]
+        out = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+    a = json.loads((tmp_path / "straight" / "final.json").read_text())
+    b = json.loads((tmp_path / "resumed" / "final.json").read_text())
+    assert a["config"]["algorithm"] == "scaffold" and a["client_state_sha256"]
+    assert (a["params_sha256"], a["client_state_sha256"]) == (b["params_sha256"],
+                                                               b["client_state_sha256"])
+    assert [r["round"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3, 4]
