@@ -76,10 +76,6 @@ class ExecutorConfig:
         return (self.chunk_executor == "host" and self.clients_per_chunk is not None
                 and self.backend in ("vmap", "mesh"))
 
-    @property
-    def pure(self) -> bool:
-        return self.backend in ("vmap", "mesh") and not self.host_chunks
-
     def check_aggregator(self, aggregator: Aggregator) -> None:
         """Refuse an aggregator this executor cannot run, before anything compiles."""
         if not aggregator.decomposable and (

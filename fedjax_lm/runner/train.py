@@ -20,10 +20,11 @@ from tqdm.auto import tqdm
 
 from fedjax_lm import federated as fl
 from fedjax_lm.data import pack_eval
+from fedjax_lm.grid import check_same_config
 from fedjax_lm.io import write_json, write_yaml
 from fedjax_lm.models import classification_stats
 from fedjax_lm.runner.checkpoint import Checkpointer
-from fedjax_lm.runner.config import RESUMABLE_FIELDS, ConfigError, RunConfig, from_dict
+from fedjax_lm.runner.config import RESUMABLE_FIELDS, RunConfig, from_dict
 from fedjax_lm.runner.experiment import (
     Experiment,
     build_engine,
@@ -57,12 +58,7 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     if not saved.exists():
         return
     old = from_dict(yaml.safe_load(saved.read_text()))
-    diff = {k for k, v in cfg.to_dict().items() if old.to_dict()[k] != v} - _RESUMABLE_CHANGES
-    if diff:
-        raise ConfigError(
-            f"{run_dir} holds a run with a different config ({', '.join(sorted(diff))} "
-            "differ); choose another --out or delete the directory"
-        )
+    check_same_config(run_dir, "a run", old.to_dict(), cfg.to_dict(), _RESUMABLE_CHANGES)
 
 
 def make_predict(model):

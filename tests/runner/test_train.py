@@ -70,7 +70,8 @@ def test_finished_run_is_not_rerun_and_config_mismatch_is_refused(tmp_path):
     cfg = tiny(tmp_path, rounds=1)
     first = train(cfg, progress=False)
     assert train(cfg, progress=False) == first
-    with pytest.raises(ValueError, match="holds a run with a different config.*lr"):
+    with pytest.raises(ValueError,
+                       match=r"holds a run from a different config \(lr: 0.05 -> 0.5\)"):
         train(cfg.replace(lr=0.5), progress=False)
 
 
