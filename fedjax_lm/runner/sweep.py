@@ -16,9 +16,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fedjax_lm.grid import check_same_config, expand_grid, load_yaml
+from fedjax_lm.grid import expand_grid
 from fedjax_lm.io import write_yaml
-from fedjax_lm.runner.config import RESUMABLE_FIELDS, ConfigError, Preset, RunConfig, from_dict
+from fedjax_lm.runner import rundir
+from fedjax_lm.runner.config import ConfigError, Preset, RunConfig, from_dict
 from fedjax_lm.runner.report import write_report
 from fedjax_lm.runner.train import TrainingError, train
 
@@ -43,12 +44,9 @@ def expand(preset: Preset, overrides: dict[str, Any], out: Path) -> list[RunConf
 
 def check_resumable(cells: list[RunConfig]) -> None:
     """Refuse, before any cell runs, a sweep folder holding a run made under another config
-    (rounds and execution fields may differ: the run continues where it stopped)."""
+    (more rounds and execution fields may differ: the run continues where it stopped)."""
     for cfg in cells:
-        saved = Path(cfg.out) / "config.yaml"
-        if saved.exists():
-            old = from_dict(load_yaml(saved)).to_dict()
-            check_same_config(saved.parent, "a run", old, cfg, RESUMABLE_FIELDS)
+        rundir.check_resumable(cfg, Path(cfg.out))
 
 
 def train_in_subprocess(cfg: RunConfig, *, progress: bool) -> dict:

@@ -163,6 +163,8 @@ def test_sweep_refuses_a_cell_made_under_another_config_before_running_any(tmp_p
     write_yaml(old / "config.yaml", cells[1].replace(rounds=1, backend="loop").to_dict())
     check_resumable(cells)
     write_yaml(old / "config.yaml", cells[1].replace(lr=0.5, backend="loop").to_dict())
+    check_resumable(cells)  # nothing trained there yet: the folder binds nothing
+    (old / "final.json").write_text('{"rounds": 1}')
     with pytest.raises(ResumeError) as err:
         run_sweep(preset, {}, tmp_path, progress=False)
     assert str(err.value) == (f"{old} holds a run from a different config (lr: 0.5 -> 2e-05). "
