@@ -159,14 +159,19 @@ def test_sweep_refuses_a_cell_made_under_another_config_before_running_any(tmp_p
     preset = rc.Preset(name="t", base={"rounds": 2}, grid={"clients": [1, 2]})
     cells = expand(preset, {}, tmp_path)
     old = tmp_path / "clients=2"
+    write_yaml(old / "config.yaml", cells[1].replace(lr=0.5).to_dict())
+    check_resumable(cells)  # nothing trained there yet: the folder binds nothing
+    (old / "final.json").write_text('{"rounds": 1}')
     # More rounds and execution-only changes resume the run.
     write_yaml(old / "config.yaml", cells[1].replace(rounds=1, backend="loop").to_dict())
     check_resumable(cells)
     write_yaml(old / "config.yaml", cells[1].replace(lr=0.5, backend="loop").to_dict())
-    check_resumable(cells)  # nothing trained there yet: the folder binds nothing
-    (old / "final.json").write_text('{"rounds": 1}')
     with pytest.raises(ResumeError) as err:
         run_sweep(preset, {}, tmp_path, progress=False)
     assert str(err.value) == (f"{old} holds a run from a different config (lr: 0.5 -> 2e-05). "
                               f"Use another --out, or delete {old} to start over.")
     assert not (tmp_path / "clients=1").exists()  # refused before the first cell ran
+    write_yaml(old / "config.yaml", cells[1].to_dict())
+    (old / "final.json").write_text('{"rounds": 3}')  # the preset now asks for fewer rounds
+    with pytest.raises(ResumeError, match=r"holds a run trained for 3 rounds: --rounds 2 cannot"):
+        check_resumable(cells)
