@@ -216,3 +216,22 @@ def test_a_killed_extension_does_not_leave_a_stale_final(tmp_path, monkeypatch):
     assert not (out / "final.json").exists() and checkpointed_round(out) == 2
     monkeypatch.undo()
     assert np.isfinite(train(tiny(tmp_path, rounds=3), progress=False)["final_train_loss"])
+
+
+def test_a_non_finite_checkpoint_from_an_older_version_is_refused_on_resume(tmp_path):
+    from fedjax_lm.runner.checkpoint import Checkpointer
+    from fedjax_lm.runner.experiment import build_engine
+
+    cfg = tiny(tmp_path, rounds=1)
+    exp = build_experiment(cfg)
+    train(cfg, progress=False, exp=exp)
+    run = tmp_path / "run"
+    ckpt = Checkpointer(run / "checkpoints")
+    _, state, _ = ckpt.restore(build_engine(cfg, exp).init(exp.params, jax.random.key(0)))
+    ckpt.save(2, state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params)))
+    ckpt.close()
+    with pytest.raises(TrainingError) as err:
+        train(cfg.replace(rounds=3), progress=False, exp=exp)
+    assert str(err.value) == (
+        f"the round-2 checkpoint in {run} holds non-finite server params (saved by a version "
+        f"that did not check the server update); delete {run} to start over")
