@@ -101,10 +101,11 @@ def make_engine(
     )
 
 
-def step_cache_size(engine: fl.FederatedEngine) -> int:
-    """Executables compiled for the engine's client-step program (the expensive one)."""
+def step_cache_size(engine: fl.FederatedEngine) -> int | None:
+    """Executables compiled for the engine's client-step program (the expensive one); None
+    where the program cannot say (pmap)."""
     counts = engine.compiled_executables()
-    return next(counts[name] for name in ("chunk", "client", "round") if name in counts)
+    return next((counts[name] for name in ("chunk", "client", "round") if name in counts), None)
 
 
 def run_cell(

@@ -117,9 +117,10 @@ class RoundProgram:
         return {"finish": self._finish}
 
     def executables(self) -> dict[str, int]:
-        """How many executables each compiled program of this round holds (the public way to
-        check that rounds do not recompile)."""
-        return {name: fn._cache_size() for name, fn in self._jitted().items()}
+        """How many executables each jitted program of this round holds (the public way to
+        check that rounds do not recompile; `pmap`'s program does not say, so it is absent)."""
+        counts = {name: getattr(fn, "_cache_size", None) for name, fn in self._jitted().items()}
+        return {name: count() for name, count in counts.items() if count is not None}
 
     def chunk_step(self, state: ServerState, sums: rnd.RoundSums, block: Cohort,
                    keep_messages: bool = False):

@@ -326,6 +326,7 @@ def test_pmap_rounds_do_not_recompile():
             state = engine.run_round(state, data).state
         jax.block_until_ready(state)
     assert compiles.count == 0
+    assert engine.compiled_executables() == {}  # pmap's program keeps no countable cache
 
 
 def test_carried_client_state_loop_equals_vmap_and_differs_from_fresh():
