@@ -46,14 +46,29 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
     return path
 
 
-def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The cache directory (argument, else `$FEDJAX_LM_CACHE_DIR`, else ~/.cache/fedjax_lm).
+def resolve_cache_dir(
+    cache_dir: str | os.PathLike[str] | None = None, subdir: str | None = None
+) -> Path:
+    """The cache directory (argument, else `$FEDJAX_LM_CACHE_DIR`, else ~/.cache/fedjax_lm), or
+    its `subdir`, created if needed; one that cannot be a writable folder is a DataError.
 
     Decoded images, tokenised arrays and `datasets`' Arrow files go here, never into the repo.
     """
     value = cache_dir if cache_dir is not None else os.environ.get(CACHE_DIR_ENV) or None
-    path = Path(value if value is not None else DEFAULT_CACHE_DIR).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    root = Path(value if value is not None else DEFAULT_CACHE_DIR).expanduser()
+    path = root / subdir if subdir else root
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        usable = os.access(path, os.W_OK | os.X_OK)
+    except OSError as e:  # a file in the way (FileExistsError, NotADirectoryError), permissions
+        usable, why = False, e.strerror or type(e).__name__
+    else:
+        why = "not writable"
+    if not usable:
+        raise DataError(
+            f"cache directory {path} is unusable ({why}); point ${CACHE_DIR_ENV} at a writable "
+            "folder or remove what is in the way"
+        )
     return path
 
 
@@ -114,7 +129,7 @@ def read_table(
         kwargs["column_names"] = list(column_names)
     import datasets
 
-    hf_cache = resolve_cache_dir(cache_dir) / "hf_datasets"
+    hf_cache = resolve_cache_dir(cache_dir, "hf_datasets")
     bars_were_on = not datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:
@@ -198,7 +213,7 @@ def load_hub(
         raise DataError(message)
     import datasets
 
-    hf_cache = resolve_cache_dir(cache_dir) / "hf_datasets"
+    hf_cache = resolve_cache_dir(cache_dir, "hf_datasets")
     try:
         return datasets.load_dataset(hub_id, config, cache_dir=str(hf_cache))
     except Exception as e:
