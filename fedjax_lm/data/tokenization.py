@@ -46,11 +46,12 @@ class TokenizedSplit:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> Any:
-    """`transformers.AutoTokenizer.from_pretrained` (a local folder works offline)."""
+    """`transformers.AutoTokenizer.from_pretrained` (a local folder works offline); never runs
+    code shipped with the tokenizer."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(name_or_path))
+        return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False)
     except Exception as e:
         raise DataError(f"cannot load tokenizer {name_or_path!r}: {type(e).__name__}: {e}") from e
 

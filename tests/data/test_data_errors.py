@@ -10,10 +10,12 @@ import pytest
 
 from fedjax_lm.data import (
     DataError,
+    dirichlet,
     iid,
     load_task,
     majority,
     make_partitioner,
+    natural,
     pack_clients,
     split_clients,
     validate_partition,
@@ -218,6 +220,8 @@ def test_unknown_partitioner_lists_valid() -> None:
         ("majority", {"p": -0.1}, r"invalid p=-0\.1"),
         ("majority", {"p": 0.5, "k": 0}, r"invalid k=0"),
         ("quantity_skew", {"beta": 0}, r"invalid beta=0"),
+        ("dirichlet", {"alpha": float("inf")}, r"invalid alpha=inf; it must be a finite number"),
+        ("quantity_skew", {"beta": float("nan")}, r"invalid beta=nan; it must be a finite"),
         ("iid", {"alpha": 1.0}, r"unknown \['alpha'\]"),
     ],
 )
@@ -236,6 +240,10 @@ def test_invalid_params_in_direct_calls() -> None:
         majority(y, 4, p=1.0, k=1, client_size=6)  # 4th client reuses a class: 12 > 10
     with pytest.raises(DataError, match=r"val_fraction \+ test_fraction must be < 1"):
         split_clients([np.arange(5)], 0.5, 0.5)
+    with pytest.raises(DataError, match=r"alpha must be a finite number > 0, got inf"):
+        dirichlet(y, 3, alpha=float("inf"))
+    with pytest.raises(DataError, match=r"partition 'natural' needs per-example groups"):
+        natural(y, 3, groups=None)
 
 
 def test_fewer_examples_than_clients() -> None:
