@@ -89,3 +89,34 @@ def read_jsonl(path: str | Path) -> list[dict]:
             break
     return records
 
+
+class DamagedFileError(ValueError):
+    """A results file that exists but cannot be parsed; the message names it and the fix."""
+
+
+def read_json(path: str | Path, fix: str) -> Any:
+    """The JSON in `path`, or a one-line DamagedFileError naming it and saying `fix`."""
+    return _parse(path, fix, "JSON", json.loads, json.JSONDecodeError)
+
+
+def read_yaml(path: str | Path, fix: str) -> Any:
+    """The YAML in `path`, or a one-line DamagedFileError naming it and saying `fix`."""
+    return _parse(path, fix, "YAML", yaml.safe_load, yaml.YAMLError)
+
+
+def _parse(path: str | Path, fix: str, what: str, parse: Callable[[str], Any],
+           error: type[Exception]) -> Any:
+    path = Path(path)
+    try:
+        return parse(path.read_text())
+    except (error, UnicodeDecodeError) as e:
+        problem = yaml_problem(e) if isinstance(e, yaml.YAMLError) else " ".join(str(e).split())
+        raise DamagedFileError(f"{path} is damaged (not valid {what}: {problem}); {fix}") from None
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """What PyYAML found and where, on one line (its own message spans several)."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(e).split())

@@ -62,6 +62,10 @@ def load_model(cfg: RunConfig, num_labels: int) -> tuple[models.Model, Any, Any]
     loaded = models.from_pretrained(cfg.model, num_labels, head_seed=cfg.seed, **overrides)
     if loaded.tokenizer is None:
         raise ConfigError(f"model {cfg.model!r} ships no tokenizer files")
+    if len(loaded.tokenizer) > loaded.config.vocab_size:  # jax would clamp the lookups silently
+        raise ConfigError(f"model {cfg.model!r}: its tokenizer has {len(loaded.tokenizer)} "
+                          f"tokens but the model only {loaded.config.vocab_size} embeddings; "
+                          "use the tokenizer the model was trained with")
     if cfg.max_length > loaded.config.max_position_embeddings:
         raise ConfigError(f"max_length {cfg.max_length} exceeds model {cfg.model!r}'s "
                           f"{loaded.config.max_position_embeddings} positions; use --max-length "

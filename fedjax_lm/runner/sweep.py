@@ -7,7 +7,8 @@ already on disk was made under the config it would now get.
 
 from __future__ import annotations
 
-import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,10 +17,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fedjax_lm.grid import check_same_config, expand_grid, load_yaml
+from fedjax_lm.grid import check_same_config, expand_grid
 from fedjax_lm.io import write_yaml
 from fedjax_lm.runner.config import RESUMABLE_FIELDS, ConfigError, Preset, RunConfig, from_dict
-from fedjax_lm.runner.report import write_report
+from fedjax_lm.runner.report import check_run_files, read_final, write_report
 from fedjax_lm.runner.train import TrainingError, train
 
 
@@ -45,10 +46,23 @@ def check_resumable(cells: list[RunConfig]) -> None:
     """Refuse, before any cell runs, a sweep folder holding a run made under another config
     (rounds and execution fields may differ: the run continues where it stopped)."""
     for cfg in cells:
-        saved = Path(cfg.out) / "config.yaml"
-        if saved.exists():
-            old = from_dict(load_yaml(saved)).to_dict()
-            check_same_config(saved.parent, "a run", old, cfg, RESUMABLE_FIELDS)
+        old = check_run_files(Path(cfg.out))
+        if old is not None:
+            check_same_config(cfg.out, "a run", old.to_dict(), cfg, RESUMABLE_FIELDS)
+
+
+class CellFailed(TrainingError):
+    """A sweep cell's process failed; with exit status 2 it has printed why in one line."""
+
+    def __init__(self, message: str, reported: bool) -> None:
+        super().__init__(message)
+        self.reported = reported
+
+
+class CellInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a sweep cell, which has said so itself (one line, not two)."""
+
+    reported = True
 
 
 def train_in_subprocess(cfg: RunConfig, *, progress: bool) -> dict:
@@ -65,11 +79,19 @@ def train_in_subprocess(cfg: RunConfig, *, progress: bool) -> dict:
     cmd = [sys.executable, "-m", "fedjax_lm.cli", "train", "--config", str(spec)]
     if not progress:
         cmd.append("--no-progress")
-    result = subprocess.run(cmd)
-    if result.returncode != 0:
-        raise TrainingError(f"sweep cell {run_dir.name} failed (exit {result.returncode}); "
-                            "rerun the sweep to resume it")
-    return json.loads((run_dir / "final.json").read_text())
+    from fedjax_lm.cli import CELL_ENV
+
+    proc = subprocess.Popen(cmd, env={**os.environ, CELL_ENV: run_dir.name})
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # the cell got the same Ctrl-C: it stops cleanly and says so
+        code = proc.wait()
+    if code in (130, -signal.SIGINT):
+        raise CellInterrupted()
+    if code != 0:
+        raise CellFailed(f"sweep cell {run_dir.name} failed (exit {code}); rerun the sweep to "
+                         "resume it", reported=code == 2)
+    return read_final(run_dir / "final.json", "rerun the sweep")
 
 
 def run_sweep(
