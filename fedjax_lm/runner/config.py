@@ -122,7 +122,8 @@ def _coerce(name: str, value: Any) -> Any:
             raise ConfigError(f"{name} must be a list of names (a,b,c), got {value!r}")
         return tuple(str(i).strip() for i in items)
     if isinstance(value, list | tuple | dict):  # str(value) would pass for any str field
-        raise ConfigError(f"{name} must be one {getattr(base, '__name__', base)}, got {value!r}")
+        raise ConfigError(f"{name} must be a single {getattr(base, '__name__', base)}, "
+                          f"got {value!r}")
     try:
         if base is bool:
             if isinstance(value, bool):
