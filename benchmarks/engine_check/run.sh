@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Engine v1 (commit d2be5ff, before the hooks) vs v2 (this tree) on `make bench`'s headline CPU
 # cells, interleaved in one run (v1, v2, v1, v2) so that machine drift hits both alike:
-#   tiny  C = 8, 32: loop, vmap, vmap@8, mesh      MiniLM size C = 8: loop, vmap@1s
+#   tiny  C = 8, 32: loop, vmap, vmap@8, mesh, pmap      MiniLM size C = 8: loop, vmap@1s
 # bash benchmarks/engine_check/run.sh [OUT]   (about 10 minutes on 2 idle cores)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,7 +15,7 @@ for rep in 1 2; do
   for version in v1 v2; do
     src=$PWD; [ "$version" = v1 ] && src=$V1
     PYTHONPATH=$src $PY -m fedjax_lm.bench --model tiny --clients 8,32 \
-      --backends loop,vmap,vmap@8,mesh --rounds 7 --out "$OUT/$version-tiny-$rep"
+      --backends loop,vmap,vmap@8,mesh,pmap --rounds 7 --out "$OUT/$version-tiny-$rep"
     PYTHONPATH=$src $PY -m fedjax_lm.bench --model mini --clients 8 \
       --backends loop,vmap@1s --rounds 3 --out "$OUT/$version-mini-$rep"
   done

@@ -104,7 +104,7 @@ class ExecutorConfig:
 class RoundProgram:
     """`program(state, cohort) -> (state, RoundOutputs)` for one algorithm on one executor."""
 
-    pure = False
+    pure = False  # True where `__call__` traces: jit it, scan it, call it in your program
 
     def __init__(self, algorithm: Algorithm, config: ExecutorConfig, mesh: Mesh | None):
         config.check_aggregator(algorithm.aggregator)

@@ -38,8 +38,9 @@ def tree_distance(a: PyTree, b: PyTree) -> jax.Array:
 
 
 def tree_all_finite(tree: PyTree) -> jax.Array:
-    """True iff no leaf holds a NaN or Inf (a scalar bool)."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+    """True iff no leaf holds a NaN or Inf (a scalar bool); an empty tree is finite (plain
+    FedAvg's server optimizer state)."""
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)], bool))
 
 
 def tree_stack(trees: list[PyTree]) -> PyTree:

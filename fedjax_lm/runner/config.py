@@ -7,6 +7,7 @@ enough to reproduce or resume the run. Bad configs fail here, before any work st
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -140,8 +141,12 @@ def _coerce(name: str, value: Any) -> Any:
         if base is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            if not math.isfinite(number := float(value)):  # inf/nan pass every range check
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+            return number
         return str(value)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(
             f"{name} must be {getattr(base, '__name__', base)}, got {value!r}"

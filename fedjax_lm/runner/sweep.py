@@ -17,10 +17,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fedjax_lm.grid import check_same_config, expand_grid
+from fedjax_lm.grid import expand_grid
 from fedjax_lm.io import write_yaml
-from fedjax_lm.runner.config import RESUMABLE_FIELDS, ConfigError, Preset, RunConfig, from_dict
-from fedjax_lm.runner.report import check_run_files, read_final, write_report
+from fedjax_lm.runner import rundir
+from fedjax_lm.runner.config import ConfigError, Preset, RunConfig, from_dict
+from fedjax_lm.runner.report import read_final, write_report
 from fedjax_lm.runner.train import TrainingError, train
 
 
@@ -44,11 +45,9 @@ def expand(preset: Preset, overrides: dict[str, Any], out: Path) -> list[RunConf
 
 def check_resumable(cells: list[RunConfig]) -> None:
     """Refuse, before any cell runs, a sweep folder holding a run made under another config
-    (rounds and execution fields may differ: the run continues where it stopped)."""
+    (more rounds and execution fields may differ: the run continues where it stopped)."""
     for cfg in cells:
-        old = check_run_files(Path(cfg.out))
-        if old is not None:
-            check_same_config(cfg.out, "a run", old.to_dict(), cfg, RESUMABLE_FIELDS)
+        rundir.check_resumable(cfg, Path(cfg.out))
 
 
 class CellFailed(TrainingError):

@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-import yaml
 from tqdm.auto import tqdm
 
 from fedjax_lm import federated as fl
 from fedjax_lm.data import pack_eval
-from fedjax_lm.grid import check_same_config
+from fedjax_lm.federated.tree import tree_all_finite
 from fedjax_lm.io import write_json, write_yaml
 from fedjax_lm.models import classification_stats
 from fedjax_lm.runner.checkpoint import Checkpointer
-from fedjax_lm.runner.config import RESUMABLE_FIELDS, RunConfig, from_dict
+from fedjax_lm.runner.config import RunConfig, from_dict
 from fedjax_lm.runner.experiment import (
     Experiment,
     build_engine,
@@ -33,11 +34,13 @@ from fedjax_lm.runner.experiment import (
     round_data,
 )
 from fedjax_lm.runner.metrics import MetricsLog
+from fedjax_lm.runner.rundir import check_data, check_resumable, locked
 from fedjax_lm.scale.distributed import is_primary
 
-# Fields that may differ when resuming a run directory: where and how it executes, not what
-# it computes (chunking and backends agree to float tolerance).
-_RESUMABLE_CHANGES = RESUMABLE_FIELDS
+# A train loss above either multiple is divergence: warn (a run at chance accuracy otherwise
+# finishes looking like any other).
+LOSS_GROWTH = 100  # x round 1's train loss
+CHANCE_MULTIPLE = 10  # x a uniform guess's loss, ln(num_classes): catches blowing up in round 1
 
 
 class TrainingError(RuntimeError):
@@ -53,12 +56,75 @@ def params_digest(params: Any) -> str:
     return h.hexdigest()
 
 
-def _check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
-        return
-    old = from_dict(yaml.safe_load(saved.read_text()))
-    check_same_config(run_dir, "a run", old.to_dict(), cfg.to_dict(), _RESUMABLE_CHANGES)
+def data_fingerprint(exp: Experiment) -> dict[str, Any]:
+    """What a resumed run must train on again: the tokenised splits and the partition."""
+    return {
+        "train_examples": int(len(exp.train["label"])),
+        "test_examples": int(len(exp.test["label"])),
+        "num_classes": exp.num_classes,
+        "train_sha256": params_digest(exp.train),
+        "test_sha256": params_digest(exp.test),
+        "partition_sha256": params_digest([exp.partition, exp.test_shards]),
+        "source": exp.source,
+    }
+
+
+@jax.jit
+def _server_finite(state: fl.ServerState) -> tuple[jax.Array, jax.Array]:
+    return tree_all_finite(state.params), tree_all_finite(state.opt_state)
+
+
+def nonfinite_server_parts(state: fl.ServerState, update_norm: Any = 0.0) -> str | None:
+    """What of the server's new state holds a NaN/Inf ("params", ...), or None. A step whose
+    norm overflows counts too: finite params that far off (~1e19) are already lost."""
+    params_ok, opt_ok = (bool(x) for x in _server_finite(state))
+    checks = (("params", params_ok), ("optimizer state", opt_ok),
+              ("step norm", math.isfinite(float(update_norm))))
+    return " and ".join(name for name, ok in checks if not ok) or None
+
+
+def _advice(fixes: str, run_dir: Path, last_good: int) -> str:
+    """Advice that works: the directory resumes only its own config, so a changed config
+    needs a new --out unless nothing was checkpointed (then the directory binds nothing)."""
+    if not last_good:
+        return f"No round was checkpointed, so {run_dir} can be reused: rerun with {fixes}."
+    return (f"The last good checkpoint is round {last_good} (kept). Rerun with {fixes} in a new "
+            f"--out ({run_dir} resumes only its own config), or delete {run_dir} to start over.")
+
+
+def nonfinite_error(cfg: RunConfig, round_number: int, ids: np.ndarray, bad: list[int],
+                    server_parts: str | None, run_dir: Path, last_good: int) -> str | None:
+    """Why this round must stop (clients or the server update went non-finite), or None."""
+    lower_lr = f"a lower lr (now {cfg.lr:g})"
+    if bad and len(bad) == len(ids) and cfg.nonfinite == "skip":
+        return (f"round {round_number}: every client of the round ({bad}) produced a "
+                "non-finite update (NaN/Inf), so nothing was trained and there is no loss to "
+                f"report; stopping. {_advice(lower_lr, run_dir, last_good)}")
+    if bad and cfg.nonfinite == "fail":
+        fixes = lower_lr if len(bad) == len(ids) else f"{lower_lr} or nonfinite=skip"
+        return (f"round {round_number}: client(s) {bad} produced a non-finite update (NaN/Inf); "
+                f"stopping. {_advice(fixes, run_dir, last_good)}")
+    if server_parts:
+        fixes = f"a lower server_lr (now {cfg.server_lr:g}) or {lower_lr}"
+        return (f"round {round_number}: the server update (server_optimizer="
+                f"{cfg.server_optimizer}, server_lr={cfg.server_lr:g}) made the server "
+                f"{server_parts} non-finite (NaN/Inf) from finite client updates; stopping. "
+                f"{_advice(fixes, run_dir, last_good)}")
+    return None
+
+
+def divergence_warning(cfg: RunConfig, round_number: int, loss: float, first: float,
+                       num_classes: int) -> str | None:
+    """A one-line warning when the train loss is orders of magnitude too large, else None."""
+    chance = math.log(max(num_classes, 2))
+    if loss > CHANCE_MULTIPLE * chance:
+        why = f"{loss / chance:.0f}x a uniform guess's (ln {num_classes} = {chance:.3g})"
+    elif first > 0 and loss > LOSS_GROWTH * first:
+        why = f"{loss / first:.0f}x round 1's ({first:.3g})"
+    else:
+        return None
+    return (f"warning: round {round_number} train loss {loss:.4g} is {why}: the run is "
+            f"diverging; try a lower lr (now {cfg.lr:g}) or server_lr (now {cfg.server_lr:g})")
 
 
 def make_predict(model):
@@ -128,23 +194,22 @@ def _loss(exp: Experiment):
 def train(
     cfg: RunConfig, *, progress: bool = True, exp: Experiment | None = None
 ) -> dict[str, Any]:
-    """Run (or resume, or return the result of a finished) federated run in `cfg.out`."""
+    """Run (or resume, or return the result of a finished) federated run in `cfg.out`,
+    holding the directory's lock throughout."""
+    cfg = from_dict(cfg.to_dict())  # a RunConfig built directly has not been validated
     run_dir = Path(cfg.out)
-    final_path = run_dir / "final.json"
-    _check_run_dir(cfg, run_dir)
-    if final_path.exists():
-        import json
-
-        final = json.loads(final_path.read_text())
-        if final.get("rounds") == cfg.rounds:
-            return final
     # Multi-host: every process trains (and joins orbax's collective save); only process 0
-    # writes config, metrics, TensorBoard and results.
+    # locks the directory and writes config, metrics, TensorBoard and results.
     primary = is_primary()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if primary:
-        write_yaml(run_dir / "config.yaml", cfg.to_dict())
+    with locked(run_dir, enabled=primary):
+        finished = check_resumable(cfg, run_dir)
+        if finished is not None:
+            return finished
+        return _train(cfg, run_dir, primary, progress, exp)
 
+
+def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
+           exp: Experiment | None) -> dict[str, Any]:
     t_setup = time.perf_counter()
     exp = exp or build_experiment(cfg)
     engine = build_engine(cfg, exp)
@@ -152,11 +217,23 @@ def train(
     state = engine.init(exp.params, base_key)
     store = (engine.new_store(exp.params, exp.num_clients) if engine.algorithm.stateful
              else None)
+    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(run_dir / "checkpoints")
-    start = 0
-    if ckpt.latest_round() is not None:
+    start = ckpt.latest_round() or 0
+    check_data(run_dir, data_fingerprint(exp), rounds_done=start, write=primary)
+    # Setup succeeded: only now does the directory record its config. A final.json of fewer
+    # rounds no longer describes it once training continues.
+    if primary:
+        write_yaml(run_dir / "config.yaml", cfg.to_dict())
+        (run_dir / "final.json").unlink(missing_ok=True)
+    if start:
         start, state, states = ckpt.restore(state, store and store.states)
         store = store and fl.ClientStateStore(states)
+        if bad_parts := nonfinite_server_parts(state):
+            raise TrainingError(
+                f"the round-{start} checkpoint in {run_dir} holds non-finite server "
+                f"{bad_parts} (saved by a version that did not check the server update); "
+                f"delete {run_dir} to start over")
     log = MetricsLog(run_dir, start, enabled=primary)
     predict = make_predict(exp.model)
     setup_s = time.perf_counter() - t_setup
@@ -165,6 +242,7 @@ def train(
             tqdm.write(line)
 
     cohort = cfg.cohort_size or exp.num_clients
+    warnings: list[str] = []
     bar = tqdm(range(start, cfg.rounds), initial=start, total=cfg.rounds, desc=run_dir.name,
                disable=not progress, unit="round", leave=False)
     try:
@@ -177,14 +255,13 @@ def train(
             data = round_data(cfg, exp, r, ids)
             cs = store and store.gather(ids)
             state, metrics, cs = engine.run_round(state, data, client_ids=ids, client_states=cs)
-            finite = np.asarray(metrics.client_finite)
-            bad = [int(i) for i in ids[~finite]]
-            if bad and cfg.nonfinite == "fail":
-                raise TrainingError(
-                    f"round {r + 1}: client(s) {bad} produced a non-finite update (NaN/Inf); "
-                    f"stopping. The last good checkpoint (round {ckpt.latest_round() or 0}) "
-                    "is kept; lower the learning rate or set nonfinite=skip to drop such clients"
-                )
+            bad = [int(i) for i in ids[~np.asarray(metrics.client_finite)]]
+            # Checked before anything is logged or checkpointed: only finite states are saved,
+            # so the latest checkpoint is a good one.
+            server = nonfinite_server_parts(state, metrics.update_norm)
+            stop = nonfinite_error(cfg, r + 1, ids, bad, server, run_dir, ckpt.latest_round() or 0)
+            if stop:
+                raise TrainingError(stop)
             if store is not None:
                 store.scatter(ids, cs)
             record: dict[str, Any] = {
@@ -198,6 +275,12 @@ def train(
                 record.update(evaluate(predict, state.params, exp, cfg.eval_batch_size))
             record["wall_s"] = time.perf_counter() - t0
             log.write(record)
+            if not warnings and (warning := divergence_warning(
+                    cfg, r + 1, record["train_loss"], log.records[0]["train_loss"],
+                    exp.num_classes)):
+                warnings.append(warning)
+                if primary:
+                    tqdm.write(warning, file=sys.stderr)
             bar.set_postfix(loss=f"{record['train_loss']:.3f}",
                             acc=f"{record.get('eval_accuracy', float('nan')):.3f}")
             if cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0
@@ -213,9 +296,10 @@ def train(
                  client_state_sha256=store and params_digest(store.states),
                  num_clients=exp.num_clients, data_source=exp.source,
                  train_examples=int(sum(len(ix) for ix in exp.partition)),
-                 test_examples=int(len(exp.test["label"])), steps_per_round=exp.steps_per_round)
+                 test_examples=int(len(exp.test["label"])), steps_per_round=exp.steps_per_round,
+                 warnings=warnings)
     if primary:
-        write_json(final_path, final)
+        write_json(run_dir / "final.json", final)
     return final
 
 

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import typing
 
 import pytest
 
@@ -45,6 +46,16 @@ def test_defaults_validate_and_round_trip():
 def test_bad_configs_fail_with_one_clear_message(values, message):
     with pytest.raises(rc.ConfigError, match=message):
         rc.from_dict(values)
+
+
+def test_every_float_field_refuses_inf_and_nan():
+    floats = [name for name, hint in rc._HINTS.items() if float in (hint, *typing.get_args(hint))]
+    assert {"lr", "server_lr", "momentum", "weight_decay", "prox_mu", "alpha", "beta"} <= set(
+        floats)
+    for name in floats:
+        for bad in ("inf", "-inf", "nan", float("inf"), float("nan")):
+            with pytest.raises(rc.ConfigError, match=rf"^{name} must be a finite number, got "):
+                rc.from_dict({name: bad})
 
 
 def test_strings_from_the_command_line_are_coerced():
@@ -113,6 +124,7 @@ def test_cli_reports_errors_in_one_line_without_traceback(tmp_path):
     (["--aggregator", "coordinate_median", "--clients-per-chunk", "2"],
      "aggregator 'coordinate_median' needs every client's message at once and cannot run in "
      "chunks (clients_per_chunk=2); unset clients_per_chunk or use backend vmap/mesh/loop"),
+    (["--server-lr", "inf"], "server_lr must be a finite number, got 'inf'"),
     (["--algorithm", "scaffold", "--client-optimizer", "adam"],
      "algorithm scaffold runs plain local SGD with its own client state: set "
      "client_optimizer=sgd, momentum=0, prox_mu=0 and carry_client_state=false"),
@@ -147,6 +159,9 @@ def test_sweep_refuses_a_cell_made_under_another_config_before_running_any(tmp_p
     preset = rc.Preset(name="t", base={"rounds": 2}, grid={"clients": [1, 2]})
     cells = expand(preset, {}, tmp_path)
     old = tmp_path / "clients=2"
+    write_yaml(old / "config.yaml", cells[1].replace(lr=0.5).to_dict())
+    check_resumable(cells)  # nothing trained there yet: the folder binds nothing
+    (old / "final.json").write_text('{"rounds": 1}')
     # More rounds and execution-only changes resume the run.
     write_yaml(old / "config.yaml", cells[1].replace(rounds=1, backend="loop").to_dict())
     check_resumable(cells)
@@ -156,3 +171,7 @@ def test_sweep_refuses_a_cell_made_under_another_config_before_running_any(tmp_p
     assert str(err.value) == (f"{old} holds a run from a different config (lr: 0.5 -> 2e-05). "
                               f"Use another --out, or delete {old} to start over.")
     assert not (tmp_path / "clients=1").exists()  # refused before the first cell ran
+    write_yaml(old / "config.yaml", cells[1].to_dict())
+    (old / "final.json").write_text('{"rounds": 3}')  # the preset now asks for fewer rounds
+    with pytest.raises(ResumeError, match=r"holds a run trained for 3 rounds: --rounds 2 cannot"):
+        check_resumable(cells)

@@ -42,6 +42,7 @@ def test_run_writes_config_metrics_tensorboard_and_final(tmp_path):
     # 96 examples over 3 clients = 32 each = 4 batches of 8.
     assert final["steps_per_round"] == 4
     assert json.loads((run / "final.json").read_text())["params_sha256"] == final["params_sha256"]
+    assert final["warnings"] == []  # a healthy run raises no divergence warning
 
 
 def test_partial_participation_trains_the_cohort_only(tmp_path):
@@ -75,15 +76,24 @@ def test_finished_run_is_not_rerun_and_config_mismatch_is_refused(tmp_path):
         train(cfg.replace(lr=0.5), progress=False)
 
 
-def test_non_finite_update_fails_clearly_or_is_skipped(tmp_path):
-    with pytest.raises(TrainingError, match=r"round 1: client\(s\) \[0, 1, 2\] produced a "
-                                            r"non-finite update"):
+def test_non_finite_update_fails_clearly_and_a_fully_skipped_round_is_an_error(tmp_path):
+    """No round of data reached the model: neither policy reports a loss for it."""
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError) as err:
         train(tiny(tmp_path, lr=1e30, rounds=2), progress=False)
-    final = train(tiny(tmp_path, lr=1e30, rounds=2, nonfinite="skip",
-                       out=str(tmp_path / "skip")), progress=False)
-    records = read_jsonl(tmp_path / "skip" / "metrics.jsonl")
-    assert records[0]["skipped_clients"] == [0, 1, 2]
-    assert final["skipped_client_updates"] == 6
+    assert str(err.value) == (
+        "round 1: client(s) [0, 1, 2] produced a non-finite update (NaN/Inf); stopping. No round "
+        f"was checkpointed, so {run} can be reused: rerun with a lower lr (now 1e+30).")
+    with pytest.raises(TrainingError) as err:
+        train(tiny(tmp_path, lr=1e30, rounds=2, nonfinite="skip"), progress=False)
+    assert str(err.value) == (
+        "round 1: every client of the round ([0, 1, 2]) produced a non-finite update (NaN/Inf), "
+        "so nothing was trained and there is no loss to report; stopping. No round was "
+        f"checkpointed, so {run} can be reused: rerun with a lower lr (now 1e+30).")
+    assert read_jsonl(run / "metrics.jsonl") == [] and not (run / "final.json").exists()
+    # The advice works: the corrected command reuses the same --out.
+    final = train(tiny(tmp_path, rounds=2, nonfinite="skip"), progress=False)
+    assert final["rounds"] == 2 and final["skipped_client_updates"] == 0
 
 
 def _cli_train(out: Path, rounds: int) -> subprocess.Popen:
