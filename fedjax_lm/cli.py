@@ -1,26 +1,36 @@
 """`fedjax-lm`: federated fine-tuning runs, sweeps, reports, benchmarks and planning.
 
 Thin by design: parse flags into a typed config, then call the runner. Errors a user can
-fix (bad config, missing data, unloadable model, a diverged run) are printed as one line
-with exit status 2, never as a traceback.
+fix (bad config or flag, missing or damaged file, unloadable model, a folder that cannot be
+written, a diverged run) are printed as one line with exit status 2, never as a traceback;
+Ctrl-C is one line and exit status 130 at any point (imports are lazy, inside the handler).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import sys
 import typing
 from pathlib import Path
 from typing import Any
 
-from fedjax_lm.runner import config as rc
-
 QUICK_PRESET = Path(__file__).resolve().parents[1] / "experiments" / "quick.yaml"
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line naming the fix (argparse prints the whole usage first)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One `--field-name` flag per RunConfig field (values are validated by the config)."""
+    from fedjax_lm.runner import config as rc
+
     parser.add_argument("--config", type=Path, help="a YAML preset from experiments/")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any config field (repeatable)")
@@ -28,12 +38,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in rc.FIELDS.items():
         types_ = [t for t in typing.get_args(rc._HINTS[name]) or (rc._HINTS[name],)
                   if t is not type(None)]
+        many = typing.get_origin(types_[0]) is tuple
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"field_{name}", default=None,
-                           metavar=types_[0].__name__.upper(),
+                           metavar="A,B,..." if many else types_[0].__name__.upper(),
                            help=f"default: {field.default!r}")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from fedjax_lm.runner import config as rc
+
     out = rc.parse_overrides(args.set)
     for name in rc.FIELDS:
         value = getattr(args, f"field_{name}")
@@ -42,13 +55,52 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _preset(args: argparse.Namespace) -> rc.Preset:
+def _preset(args: argparse.Namespace) -> Any:
+    from fedjax_lm.runner import config as rc
+
     if args.config is None:
         return rc.Preset(name="cli", base={}, grid={})
     return rc.load_preset(args.config)
 
 
+def check_out_dir(path: str | Path, flag: str = "--out") -> None:
+    """An output folder that cannot be a writable folder: one line now, naming the flag, rather
+    than an OSError once the run has started."""
+    from fedjax_lm.grid import ConfigError
+
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a folder; choose another {flag}")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path} lies under a file ({existing}); choose another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path} cannot be written ({existing} is not writable); "
+                          f"choose another {flag} or fix the permissions")
+
+
+def check_paths(cfg: Any) -> None:
+    """What a run reads and writes outside its config: the output, cache and data folders, the
+    user's files and an earlier run's files in `out`; one line before the run directory is
+    touched, not an error once setup has begun."""
+    from fedjax_lm.data import TASKS
+    from fedjax_lm.data.sources import require_file, resolve_cache_dir, resolve_data_dir
+    from fedjax_lm.runner.report import check_run_files
+
+    check_out_dir(cfg.out)
+    check_run_files(Path(cfg.out))
+    resolve_cache_dir()
+    if TASKS[cfg.task].needs_data:
+        resolve_data_dir(cfg.data_dir)
+    for file in (cfg.train_file, cfg.test_file) if cfg.task == "csv" else ():
+        if file is not None:
+            require_file(Path(file).expanduser())
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from fedjax_lm.runner import config as rc
     from fedjax_lm.runner.train import train
 
     preset = _preset(args)
@@ -57,6 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               "runs its base config only (use `fedjax-lm sweep` for the grid)", file=sys.stderr)
     overrides = _overrides(args)
     cfg = rc.from_dict({**preset.base, **overrides})
+    check_paths(cfg)
     final = train(cfg, progress=not args.no_progress)
     print(f"final accuracy {final['final_accuracy']:.4f} (best {final['best_accuracy']:.4f}) "
           f"after {final['rounds']} rounds; results in {cfg.out}")
@@ -68,7 +121,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     preset = _preset(args)
     overrides = _overrides(args)
+    flag = "--out" if overrides.get("out") else "--out-dir"
     out = Path(overrides.pop("out", None) or args.out_dir or Path("runs") / preset.name)
+    check_out_dir(out, flag)
     run_sweep(preset, overrides, out, progress=not args.no_progress, isolate=True)
     print((out / "summary.md").read_text())
     print(f"results: {out}/results.csv; plots: {out}/accuracy_vs_round.png, "
@@ -86,6 +141,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_quick(args: argparse.Namespace) -> int:
     """`make run`: the quick sweep on MiniLM, on IMDB when a data dir is configured."""
+    from fedjax_lm.runner import config as rc
+
     data_dir = args.data_dir or os.environ.get("FEDJAX_LM_DATA_DIR")
     preset = rc.load_preset(QUICK_PRESET)
     overrides: dict[str, Any] = {}
@@ -97,6 +154,7 @@ def cmd_quick(args: argparse.Namespace) -> int:
         print("quick run: no data directory configured (--data-dir or FEDJAX_LM_DATA_DIR), "
               "so this uses the generated `synthetic` task instead of IMDB")
     out = Path(args.out_dir or "runs/quick")
+    check_out_dir(out, "--out-dir")
     from fedjax_lm.runner.sweep import run_sweep
 
     run_sweep(preset, overrides, out, progress=not args.no_progress, isolate=True)
@@ -106,7 +164,7 @@ def cmd_quick(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fedjax-lm", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
@@ -152,28 +210,120 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user can fix, printed as one line: bad config, data, model, files, a stopped run."""
+    import yaml
+
     from fedjax_lm.data import DataError
+    from fedjax_lm.grid import ConfigError
+    from fedjax_lm.io import DamagedFileError
     from fedjax_lm.models import ModelLoadError
     from fedjax_lm.runner.train import TrainingError
 
-    args = build_parser().parse_args(argv)
+    return (ConfigError, DataError, ModelLoadError, TrainingError, DamagedFileError, OSError,
+            yaml.YAMLError, json.JSONDecodeError)
+
+
+# Code a KeyboardInterrupt must not land in: a checkpoint being written (orbax logs a traceback
+# and the step may be left half-saved); it arrives once that code returns.
+_PROTECTED = (f"{os.sep}orbax{os.sep}", f"fedjax_lm{os.sep}runner{os.sep}checkpoint.py")
+_PATIENCE_S = 20.0  # how long Ctrl-C waits for protected code before it interrupts anyway
+
+
+@contextlib.contextmanager
+def _reliable_ctrl_c() -> typing.Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt, but not inside a garbage-collector callback (jax has one)
+    or a `__del__`, where Python prints "Exception ignored", drops it and the run goes on, nor
+    while a checkpoint is being written: there it is delivered again a moment later."""
+    import gc
+    import signal
+    import threading
+    import time
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield  # ignored (a background job), or handled by an embedding program
+        return
+    first_press: list[float] = []
+
+    def must_wait(frame: Any) -> bool:
+        code = frame.f_code
+        if code.co_name == "__del__" or any(getattr(cb, "__code__", None) is code
+                                            for cb in gc.callbacks):
+            return True
+        while frame is not None:
+            if any(part in frame.f_code.co_filename for part in _PROTECTED):
+                return True
+            frame = frame.f_back
+        return False
+
+    def handler(signum: int, frame: Any) -> None:
+        first_press[:] = first_press or [time.monotonic()]
+        if frame is not None and must_wait(frame) and (
+                time.monotonic() - first_press[0] < _PATIENCE_S):
+            again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+            again.daemon = True
+            again.start()
+            return
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
     try:
-        if args.command in ("train", "sweep", "quick"):
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:  # "[Errno 28] ..." says less than this
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror}; check the path, its permissions and free space"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `fedjax-lm` command; the exit status. Without `argv` (the installed script,
+    `python -m fedjax_lm.cli`) it owns the process."""
+    with _reliable_ctrl_c():
+        code = _main(argv)
+    if code == 130 and argv is None:
+        # Interrupted mid-computation, XLA's native teardown at interpreter exit can crash
+        # (status -11, not 130). The run has closed its checkpoints and logs by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
+    prog, resumable = "fedjax-lm", False
+    try:
+        args = build_parser().parse_args(argv)
+        # a sweep runs each cell as `fedjax-lm train`; its errors then name the sweep and cell
+        cell = os.environ.get(CELL_ENV)
+        prog = f"fedjax-lm sweep: cell {cell}" if cell else f"fedjax-lm {args.command}"
+        resumable = args.command in ("train", "sweep", "quick")
+        if resumable:
             from fedjax_lm.scale.distributed import DistributedConfig, maybe_initialize_distributed
 
             # Joins a multi-process run when the environment says so (FEDJAX_LM_* variables,
             # SLURM with several tasks, a TPU pod); a no-op on one machine.
             maybe_initialize_distributed(DistributedConfig.from_env())
         return args.func(args)
-    except (rc.ConfigError, DataError, ModelLoadError, TrainingError, FileNotFoundError) as e:
-        print(f"fedjax-lm {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"fedjax-lm {args.command}: interrupted; rerun the same command to resume "
-              "from the last checkpoint", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if not getattr(e, "reported", False):  # a sweep cell has said it already
+            resume = "; rerun the same command to resume from the last checkpoint"
+            print(f"{prog}: interrupted{resume if resumable else ''}", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
+        if not getattr(e, "reported", False):  # a sweep cell has said it already
+            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
 
+
+CELL_ENV = "FEDJAX_LM_SWEEP_CELL"
 
 if __name__ == "__main__":
     sys.exit(main())

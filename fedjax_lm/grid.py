@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from fedjax_lm.io import read_jsonl
+from fedjax_lm.io import read_jsonl, yaml_problem
 
 CELLS = "cells.jsonl"  # one finished cell per line, appended as cells finish
 META = "meta.json"  # {"config": ...}: the config the cells were made under (among other things)
@@ -76,21 +76,13 @@ def load_yaml(path: str | Path, keys: Iterable[str] | None = None) -> dict[str, 
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(e)}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file not readable: {path} ({e})") from None
     raw = require_mapping(raw, str(path))
     if keys is not None:
         check_keys(raw, keys, str(path))
     return raw
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """What PyYAML found and where, on one line (its own message spans several)."""
-    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
-    if problem and mark is not None:
-        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
-    return " ".join(str(e).split())
 
 
 # ----------------------------------------------------------------------------- grids

@@ -9,20 +9,21 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """`write(f)` into a temp file in the same folder, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
@@ -30,6 +31,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -83,3 +88,35 @@ def read_jsonl(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             break
     return records
+
+
+class DamagedFileError(ValueError):
+    """A results file that exists but cannot be parsed; the message names it and the fix."""
+
+
+def read_json(path: str | Path, fix: str) -> Any:
+    """The JSON in `path`, or a one-line DamagedFileError naming it and saying `fix`."""
+    return _parse(path, fix, "JSON", json.loads, json.JSONDecodeError)
+
+
+def read_yaml(path: str | Path, fix: str) -> Any:
+    """The YAML in `path`, or a one-line DamagedFileError naming it and saying `fix`."""
+    return _parse(path, fix, "YAML", yaml.safe_load, yaml.YAMLError)
+
+
+def _parse(path: str | Path, fix: str, what: str, parse: Callable[[str], Any],
+           error: type[Exception]) -> Any:
+    path = Path(path)
+    try:
+        return parse(path.read_text())
+    except (error, UnicodeDecodeError) as e:
+        problem = yaml_problem(e) if isinstance(e, yaml.YAMLError) else " ".join(str(e).split())
+        raise DamagedFileError(f"{path} is damaged (not valid {what}: {problem}); {fix}") from None
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """What PyYAML found and where, on one line (its own message spans several)."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(e).split())

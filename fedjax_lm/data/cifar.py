@@ -1,4 +1,4 @@
-"""CIFAR-10 from the JPEG tarball in the data dir, decoded once and cached as .npy.
+"""CIFAR-10 from the JPEG tarball in the data dir, decoded once and cached as .npz.
 
 The tarball (train/<class>/NNNN.jpg, test/<class>/NNNN.jpg) is read in place with `tarfile` and
 PIL; the decoded uint8 arrays go to the cache dir (keyed by the tarball's size/mtime and the
@@ -12,11 +12,11 @@ import io
 import logging
 import os
 import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from fedjax_lm.data.cache import load_arrays, save_arrays
 from fedjax_lm.data.errors import DataError
 from fedjax_lm.data.registry import LoadContext, hub_dataset, register_task
 from fedjax_lm.data.sources import require_file, resolve_cache_dir
@@ -29,18 +29,6 @@ CIFAR10_CLASSES = (
 )  # fmt: skip
 CIFAR10_TARBALL = "cifar10/cifar10_jpeg.tar.gz"
 _SPLITS = ("train", "test")
-
-
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """Write via a temp file + rename so a crashed or parallel run never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _decode(data: bytes, name: str) -> np.ndarray:
@@ -101,18 +89,26 @@ def load_cifar10_arrays(
     """Decoded arrays (from the .npy cache when present) and whether the cache was hit."""
     stat = require_file(tarball).stat()
     key = f"{stat.st_size}-{int(stat.st_mtime)}-{'all' if per_class is None else per_class}"
-    folder = resolve_cache_dir(cache_dir) / "cifar10" / key
-    paths = {(s, k): folder / f"{s}_{k}.npy" for s in _SPLITS for k in ("images", "labels")}
-    if all(p.is_file() for p in paths.values()):
-        arrays = {s: (np.load(paths[s, "images"]), np.load(paths[s, "labels"])) for s in _SPLITS}
-        return arrays, True
-    log.info("decoding %s (per_class=%s); cached in %s", tarball, per_class, folder)
+    path = resolve_cache_dir(cache_dir, "cifar10") / f"{key}.npz"
+    cached = load_arrays(path, _entry_check)
+    if cached is not None:
+        return {s: (cached[f"{s}_images"], cached[f"{s}_labels"]) for s in _SPLITS}, True
+    log.info("decoding %s (per_class=%s); cached in %s", tarball, per_class, path)
     arrays = read_cifar10_tarball(tarball, per_class)
-    folder.mkdir(parents=True, exist_ok=True)
-    for s in _SPLITS:
-        _save_npy_atomic(paths[s, "images"], arrays[s][0])
-        _save_npy_atomic(paths[s, "labels"], arrays[s][1])
+    save_arrays(path, {f"{s}_{k}": a for s in _SPLITS for k, a in zip(("images", "labels"),
+                                                                      arrays[s], strict=True)})
     return arrays, False
+
+
+def _entry_check(arrays: dict[str, np.ndarray]) -> str | None:
+    """A cache entry holds images [N, 32, 32, 3] and labels [N] for both splits."""
+    for s in _SPLITS:
+        images, labels = arrays.get(f"{s}_images"), arrays.get(f"{s}_labels")
+        if images is None or labels is None:
+            return f"split {s}: no images or no labels"
+        if images.shape[1:] != (32, 32, 3) or labels.shape != images.shape[:1]:
+            return f"split {s}: images {images.shape}, labels {labels.shape}"
+    return None
 
 
 @register_task("cifar10", files=(CIFAR10_TARBALL,), hub_id="cifar10")

@@ -8,6 +8,7 @@ The label-skew schemes follow the papers: `iid` / `label_sorted` (Hilmkil et al.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -112,8 +113,8 @@ def dirichlet(
     out, the client's remaining draw is renormalised over the classes that still have examples,
     so later clients can be a little less skewed than their q_c.
     """
-    if not alpha > 0:
-        raise DataError(f"dirichlet alpha must be > 0, got {alpha}")
+    if not 0 < alpha < math.inf:
+        raise DataError(f"dirichlet alpha must be a finite number > 0, got {alpha}")
     labels, n_c = _check_counts(labels, num_clients)
     k = int(num_classes or labels.max() + 1)
     rng = _rng(seed)
@@ -190,6 +191,9 @@ def natural(
     groups: np.ndarray | Sequence[Any],
 ) -> Partition:
     """One client per distinct value of `groups` (e.g. blog author), in sorted group order."""
+    if groups is None:
+        raise DataError("partition 'natural' needs per-example groups (e.g. blog authors), "
+                        "and this data has none: use task blog10 / blog50 or another partition")
     groups = np.asarray(groups)
     if len(groups) != len(labels):
         raise DataError(f"groups has {len(groups)} rows, labels has {len(labels)}")
@@ -210,8 +214,8 @@ def quantity_skew(
 ) -> Partition:
     """Client sizes 1 + round(q * (len - N)) with q ~ Dir(beta) (at least 1 each, all examples
     used), IID labels (FedNLP's quantity skew). Small beta: a few large clients."""
-    if not beta > 0:
-        raise DataError(f"quantity_skew beta must be > 0, got {beta}")
+    if not 0 < beta < math.inf:
+        raise DataError(f"quantity_skew beta must be a finite number > 0, got {beta}")
     labels, n_c = _check_counts(labels, num_clients)
     rng = _rng(seed)
     # largest-remainder rounding of q * (n - N): no sampling noise on top of the Dirichlet, so a
@@ -260,17 +264,19 @@ def make_partitioner(name: str, **params: Any) -> Partitioner:
             f"partitioner {name!r}: missing {missing}, unknown {unknown}; "
             f"takes {list(spec.required)} (required) and {list(spec.optional)} (optional)"
         )
-    checks = {
-        "alpha": lambda v: v > 0,
-        "beta": lambda v: v > 0,
-        "p": lambda v: 0.0 <= v <= 1.0,
-        "k": lambda v: int(v) == v and v >= 1,
-        "client_size": lambda v: v is None or (int(v) == v and v >= 1),
-        "num_classes": lambda v: v is None or (int(v) == v and v >= 2),
+    checks = {  # (valid?, what valid is); inf is no concentration a sampler can draw from
+        "alpha": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+        "beta": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+        "p": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+        "k": (lambda v: int(v) == v and v >= 1, "an integer >= 1"),
+        "client_size": (lambda v: v is None or (int(v) == v and v >= 1), "an integer >= 1"),
+        "num_classes": (lambda v: v is None or (int(v) == v and v >= 2), "an integer >= 2"),
     }
     for key, value in params.items():
-        if key in checks and not checks[key](value):
-            raise DataError(f"partitioner {name!r}: invalid {key}={value!r}")
+        if key in checks and not checks[key][0](value):
+            raise DataError(
+                f"partitioner {name!r}: invalid {key}={value!r}; it must be {checks[key][1]}"
+            )
     return partial(spec.fn, **params)
 
 

@@ -41,18 +41,20 @@ class TaskSpec:
     files: tuple[str, ...]
     hub_id: str | None
     needs_data: bool = True
+    groups: bool = False  # its examples carry natural client keys (partition "natural")
 
 
 TASKS: dict[str, TaskSpec] = {}
 
 
 def register_task(
-    name: str, files: tuple[str, ...] = (), hub_id: str | None = None, needs_data: bool = True
+    name: str, files: tuple[str, ...] = (), hub_id: str | None = None, needs_data: bool = True,
+    groups: bool = False,
 ) -> Callable[[Loader], Loader]:
     """Decorator adding a loader to the registry."""
 
     def wrap(loader: Loader) -> Loader:
-        TASKS[name] = TaskSpec(name, loader, files, hub_id, needs_data)
+        TASKS[name] = TaskSpec(name, loader, files, hub_id, needs_data, groups)
         return loader
 
     return wrap

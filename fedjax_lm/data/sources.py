@@ -10,6 +10,8 @@ hub is tried only when neither is given. Offline, the hub is never contacted: th
 from __future__ import annotations
 
 import codecs
+import csv
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,14 +48,29 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
     return path
 
 
-def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The cache directory (argument, else `$FEDJAX_LM_CACHE_DIR`, else ~/.cache/fedjax_lm).
+def resolve_cache_dir(
+    cache_dir: str | os.PathLike[str] | None = None, subdir: str | None = None
+) -> Path:
+    """The cache directory (argument, else `$FEDJAX_LM_CACHE_DIR`, else ~/.cache/fedjax_lm), or
+    its `subdir`, created if needed; one that cannot be a writable folder is a DataError.
 
     Decoded images, tokenised arrays and `datasets`' Arrow files go here, never into the repo.
     """
     value = cache_dir if cache_dir is not None else os.environ.get(CACHE_DIR_ENV) or None
-    path = Path(value if value is not None else DEFAULT_CACHE_DIR).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    root = Path(value if value is not None else DEFAULT_CACHE_DIR).expanduser()
+    path = root / subdir if subdir else root
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        usable = os.access(path, os.W_OK | os.X_OK)
+    except OSError as e:  # a file in the way (FileExistsError, NotADirectoryError), permissions
+        usable, why = False, e.strerror or type(e).__name__
+    else:
+        why = "not writable"
+    if not usable:
+        raise DataError(
+            f"cache directory {path} is unusable ({why}); point ${CACHE_DIR_ENV} at a writable "
+            "folder or remove what is in the way"
+        )
     return path
 
 
@@ -114,19 +131,90 @@ def read_table(
         kwargs["column_names"] = list(column_names)
     import datasets
 
-    hf_cache = resolve_cache_dir(cache_dir) / "hf_datasets"
+    hf_cache = resolve_cache_dir(cache_dir, "hf_datasets")
     bars_were_on = not datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
+    ds_log = logging.getLogger("datasets")
+    level = ds_log.level
+    ds_log.setLevel(logging.CRITICAL)  # its "Failed to read file" lines: the DataError says it
     try:
         ds = datasets.load_dataset(
             builder, data_files={"train": str(path)}, cache_dir=str(hf_cache), **kwargs
         )["train"]
-    except Exception as e:  # pandas/pyarrow errors carry no file name; add it.
-        raise DataError(f"could not read {path}: {type(e).__name__}: {e}") from e
+    except Exception as e:  # pandas/pyarrow errors name neither the file nor the line; find them
+        problem = diagnose_table(path, column_names)
+        if problem is None:
+            problem = f"could not read {path}: {type(e).__name__}: {' '.join(str(e).split())}"
+        raise DataError(problem) from e
     finally:
+        ds_log.setLevel(level)
         if bars_were_on:
             datasets.enable_progress_bars()
-    return ColumnTable(ds.data.table)
+    table = ds.data.table
+    # pandas reads rows with one field more than the header as an index column, shifting every
+    # column by one without an error; and a file may hold no rows at all
+    if "__index_level_0__" in table.column_names or table.num_rows == 0:
+        raise DataError(diagnose_table(path, column_names) or f"{path}: no rows to read")
+    return ColumnTable(table)
+
+
+def diagnose_table(path: Path, column_names: Sequence[str] | None = None) -> str | None:
+    """What is structurally wrong with a csv / tsv / json(l) file, naming the line: empty, a
+    header and no rows, a row with more fields than the header, a line that is not JSON.
+    None when none of those (or for parquet). Run only after a read failed: it rereads the file."""
+    suffix = path.suffix.lower()
+    if suffix not in _TEXT_FORMATS:
+        return None
+    with open(path, encoding="utf-8", newline="") as f:
+        if not f.read(1 << 16).strip():
+            return f"{path} is empty: it needs a header line and at least one row"
+        f.seek(0)
+        if suffix in (".csv", ".tsv"):
+            return _diagnose_csv(path, f, "\t" if suffix == ".tsv" else ",", column_names)
+        return _diagnose_json(path, f)
+
+
+def _diagnose_csv(
+    path: Path, f: Any, delimiter: str, column_names: Sequence[str] | None
+) -> str | None:
+    reader = csv.reader(f, delimiter=delimiter)
+    header = list(column_names) if column_names is not None else next(reader, [])
+    rows = 0
+    for row in reader:
+        if not any(field.strip() for field in row):
+            continue
+        rows += 1
+        if len(row) > len(header):
+            name = "tab" if delimiter == "\t" else "comma"
+            return (
+                f"{path} line {reader.line_num}: {len(row)} fields, but the header has "
+                f"{len(header)} {header}; quote a text that contains a {name} "
+                "or remove the extra field"
+            )
+    if rows == 0:
+        return f"{path} has a header line {header} but no rows"
+    return None
+
+
+def _diagnose_json(path: Path, f: Any) -> str | None:
+    text = f.read()
+    if text.lstrip().startswith("["):  # one JSON array of records
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"{path} line {e.lineno}: not valid JSON ({e.msg})"
+        return None if records else f"{path} holds an empty JSON array: no rows"
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            return (f"{path} line {number}: not valid JSON ({e.msg}); JSON Lines needs one "
+                    "object per line")
+        if not isinstance(record, dict):
+            return f"{path} line {number}: a JSON {type(record).__name__}, not an object"
+    return None
 
 
 class ColumnTable(Mapping[str, list[Any]]):
@@ -198,7 +286,7 @@ def load_hub(
         raise DataError(message)
     import datasets
 
-    hf_cache = resolve_cache_dir(cache_dir) / "hf_datasets"
+    hf_cache = resolve_cache_dir(cache_dir, "hf_datasets")
     try:
         return datasets.load_dataset(hub_id, config, cache_dir=str(hf_cache))
     except Exception as e:

@@ -283,12 +283,12 @@ def _load_blog(ctx: LoadContext, rel: str, test_fraction: float, dedupe: bool) -
     return TaskData(ctx.name, split(tr), split(te), len(names), names, source=src, info=info)
 
 
-@register_task("blog10", files=("blog/blog_top10_authors.parquet",))
+@register_task("blog10", files=("blog/blog_top10_authors.parquet",), groups=True)
 def _load_blog10(ctx: LoadContext, test_fraction: float = 0.2, dedupe: bool = False) -> TaskData:
     return _load_blog(ctx, "blog/blog_top10_authors.parquet", test_fraction, dedupe)
 
 
-@register_task("blog50", files=("blog/blog_top50_authors.parquet",))
+@register_task("blog50", files=("blog/blog_top50_authors.parquet",), groups=True)
 def _load_blog50(ctx: LoadContext, test_fraction: float = 0.2, dedupe: bool = False) -> TaskData:
     return _load_blog(ctx, "blog/blog_top50_authors.parquet", test_fraction, dedupe)
 

@@ -3,8 +3,8 @@
 A sweep runs the same (task, tokenizer, max length) many times; tokenising 50k reviews costs
 more than a short federated run, so the arrays are cached as .npz keyed by the task, split,
 tokenizer identity (name + vocab size + hash of its serialised pipeline), max length and a hash
-of the texts themselves (so a subset or a changed file never hits a stale entry). Files are
-written atomically (temp file + rename) so parallel sweeps can share one cache dir.
+of the texts themselves (so a subset or a changed file never hits a stale entry). Entries are
+written atomically (parallel sweeps share one cache dir) and verified when read (`data.cache`).
 
 (Named `tokenization` rather than `tokenize` so it never shadows the standard-library module.)
 """
@@ -15,13 +15,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedjax_lm.data.cache import Check, load_arrays, save_arrays
 from fedjax_lm.data.errors import DataError
 from fedjax_lm.data.sources import resolve_cache_dir
 from fedjax_lm.data.task_data import Split, TaskData
@@ -46,11 +46,12 @@ class TokenizedSplit:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> Any:
-    """`transformers.AutoTokenizer.from_pretrained` (a local folder works offline)."""
+    """`transformers.AutoTokenizer.from_pretrained` (a local folder works offline); never runs
+    code shipped with the tokenizer."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(name_or_path))
+        return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False)
     except Exception as e:
         raise DataError(f"cannot load tokenizer {name_or_path!r}: {type(e).__name__}: {e}") from e
 
@@ -113,17 +114,6 @@ def encode_texts(texts: list[str], tokenizer: Any, max_length: int) -> dict[str,
     return out
 
 
-def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def tokenize_split(
     split: Split,
     tokenizer: Any,
@@ -147,22 +137,31 @@ def tokenize_split(
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path: Path | None = None
     if use_cache:
-        folder = resolve_cache_dir(cache_dir) / "tokenized"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{task}-{split_name}-L{max_length}-{digest}.npz"
-        if path.is_file():
-            with np.load(path) as z:
-                features = {k: z[k] for k in z.files}
-            if len(features.get("label", ())) == len(split):
-                features["label"] = split.labels.astype(np.int32)
-                log.info("tokenised %s/%s from cache %s", task, split_name, path)
-                return TokenizedSplit(features, True, path)
+        path = resolve_cache_dir(cache_dir, "tokenized") / (
+            f"{task}-{split_name}-L{max_length}-{digest}.npz")
+        features = load_arrays(path, _entry_check(len(split), max_length))
+        if features is not None:
+            features["label"] = split.labels.astype(np.int32)
+            log.info("tokenised %s/%s from cache %s", task, split_name, path)
+            return TokenizedSplit(features, True, path)
     features = encode_texts(split.texts, tokenizer, max_length)
     features["label"] = split.labels.astype(np.int32)
     if path is not None:
-        _save_npz_atomic(path, features)
+        save_arrays(path, features)
         log.info("tokenised %s/%s (%d texts) -> %s", task, split_name, len(split), path)
     return TokenizedSplit(features, False, path)
+
+
+def _entry_check(n: int, max_length: int) -> Check:
+    """What a cache entry for `n` texts must hold: every text key as [n, max_length]."""
+
+    def check(arrays: dict[str, np.ndarray]) -> str | None:
+        shapes = {k: getattr(arrays.get(k), "shape", None) for k in TEXT_KEYS}
+        if any(shape != (n, max_length) for shape in shapes.values()):
+            return f"expected {list(TEXT_KEYS)} of shape {(n, max_length)}, found {shapes}"
+        return None
+
+    return check
 
 
 def tokenize_task(

@@ -18,9 +18,11 @@ from fedjax_lm.models.pretrained import (
     MINILM,
     MINILM_DISTIL,
     NAMED_MODELS,
+    PRESET_PREFIX,
     Pretrained,
     from_pretrained,
     minilm_path,
+    suggest_model,
 )
 from fedjax_lm.models.stats import classification_stats, masked_classification_stats
 
@@ -29,6 +31,7 @@ __all__ = [
     "MINILM_DISTIL",
     "NAMED_MODELS",
     "PRESETS",
+    "PRESET_PREFIX",
     "EncoderConfig",
     "EncoderForSequenceClassification",
     "EncoderOutput",
@@ -45,4 +48,5 @@ __all__ = [
     "masked_classification_stats",
     "minilm_path",
     "preset",
+    "suggest_model",
 ]

@@ -17,9 +17,13 @@ from typing import Any
 import jax.numpy as jnp
 
 from fedjax_lm.models.errors import ModelLoadError
+from fedjax_lm.models.hidden_act import hidden_act_names
 
 MODEL_TYPES = ("bert", "distilbert", "albert")
 ATTENTION_IMPLS = ("xla", "dot_product")
+# The field annotations (strings, under `from __future__ import annotations`) → accepted types.
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+          "None": (type(None),)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,33 +67,54 @@ class EncoderConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        """Every value that would otherwise fail (or silently misbehave) deep inside the model:
+        one ModelLoadError, before any parameter exists."""
+        for f in dataclasses.fields(self):  # e.g. a config.json with "hidden_size": "384"
+            value = getattr(self, f.name)
+            allowed = tuple(t for name in f.type.split("|") for t in _TYPES[name.strip()])
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                raise ModelLoadError(f"{f.name} must be {f.type}, got {value!r}")
         if self.model_type not in MODEL_TYPES:
             raise ModelLoadError(
                 f"unsupported model_type {self.model_type!r}; supported: {', '.join(MODEL_TYPES)}"
             )
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(
+            raise ModelLoadError(
                 f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
             )
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "intermediate_size", "max_position_embeddings", "num_hidden_groups",
+                 "inner_group_num")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ModelLoadError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise ModelLoadError(
                 f"hidden_size {self.hidden_size} is not a multiple of "
                 f"num_attention_heads {self.num_attention_heads}"
             )
+        if self.hidden_act not in hidden_act_names():
+            raise ModelLoadError(f"unknown hidden_act {self.hidden_act!r}; valid: "
+                                 f"{', '.join(hidden_act_names())}")
         if self.model_type == "distilbert" and self.type_vocab_size:
-            raise ValueError("DistilBERT has no token-type embeddings: type_vocab_size must be 0")
+            raise ModelLoadError(
+                "DistilBERT has no token-type embeddings: type_vocab_size must be 0")
         if self.model_type == "albert" and self.embedding_size is None:
-            raise ValueError("ALBERT needs embedding_size (factorised embeddings)")
+            raise ModelLoadError("ALBERT needs embedding_size (factorised embeddings)")
         if self.model_type != "albert" and (self.num_hidden_groups, self.inner_group_num) != (1, 1):
-            raise ValueError("num_hidden_groups / inner_group_num are ALBERT-only")
+            raise ModelLoadError("num_hidden_groups / inner_group_num are ALBERT-only")
         if self.num_labels < 1:
-            raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
+            raise ModelLoadError(f"num_labels must be >= 1, got {self.num_labels}")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(
+            raise ModelLoadError(
                 f"pad_token_id {self.pad_token_id} is not a row of the {self.vocab_size}-word "
                 "embedding table"
             )
-        jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)  # fail early on a bad name
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError:
+                raise ModelLoadError(f"{name} {getattr(self, name)!r} is not a dtype") from None
 
     @property
     def head_dim(self) -> int:
@@ -146,18 +171,24 @@ def preset(name: str, model_type: str = "bert", **overrides: Any) -> EncoderConf
     return EncoderConfig(**fields).replace(**overrides)
 
 
+def _config_path(source: str | Path) -> Path:
+    path = Path(source)
+    return path / "config.json" if path.is_dir() else path
+
+
 def _read_json(source: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     if isinstance(source, Mapping):
         return dict(source)
-    path = Path(source)
-    if path.is_dir():
-        path = path / "config.json"
+    path = _config_path(source)
     if not path.is_file():
         raise ModelLoadError(f"config file not found: {path}")
     try:
-        return json.loads(path.read_text())
+        hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(hf, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(hf).__name__}, not an object")
+    return hf
 
 
 def config_from_hf(
@@ -226,9 +257,10 @@ def config_from_hf(
                 num_hidden_groups=hf.get("num_hidden_groups", 1),
                 inner_group_num=hf.get("inner_group_num", 1),
             )
-    return EncoderConfig(
-        model_type=model_type,
-        num_labels=num_labels,
-        pad_token_id=hf.get("pad_token_id", 0),
-        **fields,
-    ).replace(**overrides)
+    try:
+        config = EncoderConfig(model_type=model_type, num_labels=num_labels,
+                               pad_token_id=hf.get("pad_token_id", 0), **fields)
+    except ModelLoadError as e:
+        where = "config" if isinstance(source, Mapping) else _config_path(source)
+        raise ModelLoadError(f"{where}: {e}; fix that config or use another model") from None
+    return config.replace(**overrides)

@@ -52,6 +52,13 @@ class HFActivation(nnx.Module):
         return HF_ACTIVATIONS[self.name](x)
 
 
+def hidden_act_names() -> tuple[str, ...]:
+    """Every valid `hidden_act`: the Hugging Face names, then the trainable / scaled ones."""
+    from fedjax_lm.models.activations import ACTIVATIONS  # lazy: optional sibling module
+
+    return (*HF_ACTIVATIONS, *(a for a in ACTIVATIONS if a not in HF_ACTIVATIONS))
+
+
 def make_hidden_act(name: str, *, rngs: nnx.Rngs) -> nnx.Module:
     """Build the activation module for `hidden_act` = `name`."""
     if name in HF_ACTIVATIONS:

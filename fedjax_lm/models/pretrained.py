@@ -10,6 +10,7 @@ Never `trust_remote_code`, never unpickle.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,13 @@ import jax
 
 from fedjax_lm.models.api import Model, Params
 from fedjax_lm.models.checkpoint import SafetensorsCheckpoint, load_params
-from fedjax_lm.models.config import EncoderConfig, config_from_hf
+from fedjax_lm.models.config import PRESETS, EncoderConfig, config_from_hf
 from fedjax_lm.models.errors import ModelLoadError
 
 MINILM = "minilm"
 MINILM_DISTIL = "minilm-distil"
 NAMED_MODELS = (MINILM, MINILM_DISTIL)
+PRESET_PREFIX = "preset:"  # `preset:<size>`: a randomly initialised encoder of a size preset
 
 _HUB_PATTERNS = [
     "config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
@@ -143,13 +145,26 @@ def _download(repo_id: str, local_files_only: bool) -> Path:
             repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=local_files_only
         )
     except Exception as e:  # offline, unknown repo, invalid id: all the same advice
+        meant = suggest_model(repo_id)
+        hint = f"Did you mean {meant}? " if meant else ""
         raise ModelLoadError(
-            f"could not get {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
-            "No network? Download it where there is one and set a local path instead: a "
-            "folder with config.json and model.safetensors (named offline defaults: "
-            f"{', '.join(NAMED_MODELS)})."
+            f"could not get {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: "
+            f"{' '.join(str(e).split())}). {hint}No network? Download it where there is one and "
+            "set a local path instead: a folder with config.json and model.safetensors (named "
+            f"offline defaults: {', '.join(NAMED_MODELS)}; random inits: "
+            f"{', '.join('preset:' + p for p in PRESETS)})."
         ) from e
     return Path(folder)
+
+
+def suggest_model(name: str) -> str | None:
+    """The model a user probably meant by a name that is no folder: `preset:tiny` for `tiny`,
+    `minilm` for `MiniLM` or `minlm`; None when nothing is close."""
+    if name in PRESETS:
+        return f"{PRESET_PREFIX}{name}"
+    choices = (*NAMED_MODELS, *(f"{PRESET_PREFIX}{p}" for p in PRESETS))
+    close = difflib.get_close_matches(name.lower(), choices, n=1, cutoff=0.8)
+    return close[0] if close else None
 
 
 def _tokenizer(folder: Path) -> Any | None:
@@ -158,6 +173,6 @@ def _tokenizer(folder: Path) -> Any | None:
     from transformers import AutoTokenizer  # lazy: slow import, tokenizers only
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:
         raise ModelLoadError(f"cannot load the tokenizer in {folder}: {e}") from e

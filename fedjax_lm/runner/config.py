@@ -41,6 +41,8 @@ class RunConfig:
     test_file: str | None = None
     text_column: str = "text"
     label_column: str = "label"
+    num_labels: int | None = None  # task csv: pin the classes 0..K-1 (else: the labels' set)
+    label_names: tuple[str, ...] | None = None  # task csv: pin class names and order (a,b,c)
     max_train_examples: int | None = None  # seeded subset, for CPU-scale runs
     max_test_examples: int | None = None
     max_length: int = 128
@@ -114,6 +116,15 @@ def _coerce(name: str, value: Any) -> Any:
         if optional:
             return None
         raise ConfigError(f"{name} may not be empty")
+    if typing.get_origin(base) is tuple:  # a YAML list, or "a,b,c" from the command line
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str | int)
+                                                          for i in items):
+            raise ConfigError(f"{name} must be a list of names (a,b,c), got {value!r}")
+        return tuple(str(i).strip() for i in items)
+    if isinstance(value, list | tuple | dict):  # str(value) would pass for any str field
+        raise ConfigError(f"{name} must be a single {getattr(base, '__name__', base)}, "
+                          f"got {value!r}")
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -201,6 +212,77 @@ def _check(cfg: RunConfig) -> None:
     need(cfg.partition in PARTITIONERS,
          f"unknown partition {cfg.partition!r}; valid: {', '.join(sorted(PARTITIONERS))}")
     need(cfg.task != "csv" or cfg.train_file is not None, "task csv needs --train-file")
+    _check_inputs(cfg)
+
+
+SEED_MAX = 2**32 - 2  # jax keys hold 32 bits (2**32 is seed 0 again); runs also use seed + 1
+
+
+def _check_inputs(cfg: RunConfig) -> None:
+    """Values that would otherwise fail (or not fail) only deep inside data, model or partition
+    code, after a run directory exists: refused here, naming the flag and what it takes."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(0 <= cfg.seed <= SEED_MAX, f"seed must be in [0, {SEED_MAX}], got {cfg.seed}")
+    need(cfg.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
+    for name in ("max_train_examples", "max_test_examples"):
+        value = getattr(cfg, name)
+        need(value is None or value >= 1, f"{name} must be >= 1 (or unset), got {value}")
+    # -- the csv task's classes
+    if cfg.task != "csv":
+        need(cfg.num_labels is None and cfg.label_names is None,
+             f"num_labels / label_names pin the classes of task csv; task {cfg.task!r} has its "
+             "own: unset them")
+    need(cfg.num_labels is None or cfg.num_labels >= 2,
+         f"num_labels must be >= 2, got {cfg.num_labels}")
+    names = cfg.label_names
+    need(names is None or (len(names) >= 2 and all(names) and len(set(names)) == len(names)),
+         f"label_names must be 2 or more distinct names, got {names}")
+    need(names is None or cfg.num_labels is None or cfg.num_labels == len(names),
+         f"num_labels={cfg.num_labels} but label_names has {len(names or ())} names")
+    # -- the model
+    from fedjax_lm.models.config import MODEL_TYPES, PRESETS
+    from fedjax_lm.models.hidden_act import hidden_act_names
+    from fedjax_lm.models.pretrained import PRESET_PREFIX
+
+    if cfg.model.startswith(PRESET_PREFIX):
+        size = cfg.model[len(PRESET_PREFIX):]
+        need(size in PRESETS, f"unknown model preset {size!r}; valid: "
+                              f"{', '.join(PRESET_PREFIX + p for p in PRESETS)}")
+    elif cfg.model in PRESETS and not Path(cfg.model).expanduser().exists():
+        raise ConfigError(f"model {cfg.model!r} is neither a folder nor a named model; for the "
+                          f"randomly initialised {cfg.model} size use --model "
+                          f"{PRESET_PREFIX}{cfg.model}")
+    need(cfg.model_type in MODEL_TYPES,
+         f"model_type must be one of {', '.join(MODEL_TYPES)}, got {cfg.model_type!r}")
+    need(cfg.hidden_act is None or cfg.hidden_act in hidden_act_names(),
+         f"unknown hidden_act {cfg.hidden_act!r}; valid: {', '.join(hidden_act_names())}")
+    # -- the partition, by the data layer's own rules
+    from fedjax_lm.data import TASKS, DataError, make_partitioner
+
+    if cfg.partition == "natural":
+        need(cfg.task not in TASKS or TASKS[cfg.task].groups,
+             f"partition natural needs a task whose examples have natural clients (authors): "
+             f"{', '.join(t for t, spec in TASKS.items() if spec.groups)}; task {cfg.task!r} "
+             "has none: use another partition (iid, dirichlet, ...)")
+    else:
+        try:
+            make_partitioner(cfg.partition, **partition_params(cfg))
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+
+
+def partition_params(cfg: RunConfig) -> dict[str, Any]:
+    """The partitioner's parameters from the config (all but `natural`'s per-example groups)."""
+    return {
+        "dirichlet": {"alpha": cfg.alpha},
+        "majority": {"p": cfg.p, "k": cfg.k},
+        "quantity_skew": {"beta": cfg.beta},
+    }.get(cfg.partition, {})
+
 
 
 def executor(cfg: RunConfig):
@@ -256,5 +338,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key = key.strip().replace("-", "_")
         if key not in FIELDS:
             raise ConfigError(f"unknown config field {key!r} in override {pair!r}")
-        out[key] = yaml.safe_load(value) if value else None
+        try:
+            out[key] = yaml.safe_load(value) if value else None
+        except yaml.YAMLError:
+            raise ConfigError(f"override {pair!r}: {value!r} is not a valid YAML value "
+                              "(quote it, or write lists as [a, b])") from None
     return out

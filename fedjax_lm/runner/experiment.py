@@ -14,9 +14,9 @@ from fedjax_lm import data as fdata
 from fedjax_lm import federated as fl
 from fedjax_lm import models
 from fedjax_lm.federated.fedavg import ClientParamsInit
-from fedjax_lm.runner.config import ConfigError, RunConfig, executor
+from fedjax_lm.runner.config import ConfigError, RunConfig, executor, partition_params
 
-PRESET_PREFIX = "preset:"
+PRESET_PREFIX = models.PRESET_PREFIX
 
 
 @dataclasses.dataclass
@@ -62,16 +62,20 @@ def load_model(cfg: RunConfig, num_labels: int) -> tuple[models.Model, Any, Any]
     loaded = models.from_pretrained(cfg.model, num_labels, head_seed=cfg.seed, **overrides)
     if loaded.tokenizer is None:
         raise ConfigError(f"model {cfg.model!r} ships no tokenizer files")
+    if len(loaded.tokenizer) > loaded.config.vocab_size:  # jax would clamp the lookups silently
+        raise ConfigError(f"model {cfg.model!r}: its tokenizer has {len(loaded.tokenizer)} "
+                          f"tokens but the model only {loaded.config.vocab_size} embeddings; "
+                          "use the tokenizer the model was trained with")
+    if cfg.max_length > loaded.config.max_position_embeddings:
+        raise ConfigError(f"max_length {cfg.max_length} exceeds model {cfg.model!r}'s "
+                          f"{loaded.config.max_position_embeddings} positions; use --max-length "
+                          f"{loaded.config.max_position_embeddings} or less")
     return loaded.model, loaded.params, loaded.tokenizer
 
 
 def _partition(cfg: RunConfig, task: fdata.TaskData) -> list[np.ndarray]:
-    params: dict[str, Any] = {
-        "dirichlet": {"alpha": cfg.alpha},
-        "majority": {"p": cfg.p, "k": cfg.k},
-        "quantity_skew": {"beta": cfg.beta},
-        "natural": {"groups": task.train.groups},
-    }.get(cfg.partition, {})
+    params = ({"groups": task.train.groups} if cfg.partition == "natural"
+              else partition_params(cfg))
     partitioner = fdata.make_partitioner(cfg.partition, **params)
     return [np.asarray(ix) for ix in partitioner(task.train.labels, cfg.clients, cfg.seed)]
 
@@ -81,9 +85,12 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         cfg.task, cfg.data_dir, max_train=cfg.max_train_examples,
         max_test=cfg.max_test_examples, seed=cfg.seed,
         **({"train_file": cfg.train_file, "test_file": cfg.test_file,
-            "text_column": cfg.text_column, "label_column": cfg.label_column}
+            "text_column": cfg.text_column, "label_column": cfg.label_column,
+            "num_classes": cfg.num_labels, "label_names": cfg.label_names}
            if cfg.task == "csv" else {}),
     )
+    if "label_summary" in task.info:  # the user's own labels: say how they were read, each run
+        print(task.info["label_summary"], flush=True)
     if task.modality != "text":
         raise ConfigError(
             f"task {cfg.task!r} is an image task; the fine-tuning runner takes text tasks "

@@ -13,8 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from fedjax_lm.io import atomic_savefig, atomic_write_text, read_jsonl, write_csv
-from fedjax_lm.runner.config import EXECUTION_FIELDS
+from fedjax_lm.io import (
+    DamagedFileError,
+    atomic_savefig,
+    atomic_write_text,
+    read_json,
+    read_jsonl,
+    read_yaml,
+    write_csv,
+)
+from fedjax_lm.runner.config import EXECUTION_FIELDS, ConfigError, RunConfig, from_dict
 
 _ALWAYS = ("model", "task", "clients")
 # Not columns of the results: where runs live and how they execute, and the seed (a column of
@@ -25,11 +33,47 @@ _IGNORED = EXECUTION_FIELDS | {"seed"}
 def load_runs(root: Path) -> list[dict[str, Any]]:
     runs = []
     for final_path in sorted(Path(root).glob("**/final.json")):
-        final = json.loads(final_path.read_text())
+        final = read_final(final_path, f"rerun that run to rewrite it, or move "
+                                       f"{final_path.parent} out of {root}")
+        # a run older than a config field ran with that field's default
+        final["config"] = {**RunConfig().to_dict(), **final["config"]}
         final["metrics"] = read_jsonl(final_path.parent / "metrics.jsonl")
         final["run_dir"] = str(final_path.parent)
         runs.append(final)
     return runs
+
+
+def read_final(path: Path, fix: str) -> dict[str, Any]:
+    """A run's final.json, or one DamagedFileError line naming it and saying `fix`."""
+    final = read_json(path, fix)
+    if not isinstance(final, dict) or not isinstance(final.get("config"), dict):
+        raise DamagedFileError(f"{path} is damaged (no config mapping in it); {fix}")
+    return final
+
+
+def read_run_config(path: Path, fix: str) -> RunConfig:
+    """A run's config.yaml as a validated config, or one line naming the file and `fix`."""
+    raw = read_yaml(path, fix)
+    if not isinstance(raw, dict):
+        raise DamagedFileError(f"{path} is damaged (a {type(raw).__name__}, not a mapping); {fix}")
+    try:
+        return from_dict(raw)
+    except ConfigError as e:
+        raise DamagedFileError(f"{path} is damaged ({e}); {fix}") from None
+
+
+def check_run_files(run_dir: Path) -> RunConfig | None:
+    """The config of the earlier run in `run_dir` (None: there is none), after refusing in one
+    line naming the file a config.yaml or final.json that cannot be read, before a rerun trips
+    over it."""
+    cfg = None
+    if (run_dir / "config.yaml").is_file():
+        cfg = read_run_config(run_dir / "config.yaml",
+                              f"restore it, or delete {run_dir} to start the run over")
+    if (run_dir / "final.json").is_file():
+        read_final(run_dir / "final.json", "delete it and rerun the same command: the run "
+                                           "resumes from its last checkpoint and writes it again")
+    return cfg
 
 
 def varying_fields(runs: list[dict]) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any
 from fedjax_lm.grid import ConfigError, ResumeError, check_same_config, load_yaml
 from fedjax_lm.io import write_json
 from fedjax_lm.runner.config import RESUMABLE_FIELDS, RunConfig, from_dict
+from fedjax_lm.runner.report import check_run_files
 
 LOCK = ".lock"  # flock'ed by the run writing the directory; holds "pid P on HOST"
 DATA = "data.json"  # the fingerprint of the data the run trains on
@@ -77,6 +78,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
 def check_resumable(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
     """Refuse a rerun that would continue another config's run or relabel this one's
     parameters with fewer rounds; return final.json if the run is finished at `cfg.rounds`."""
+    check_run_files(run_dir)  # a damaged config.yaml / final.json: one line naming it
     final = read_json(run_dir / "final.json")
     done = max(checkpointed_round(run_dir) or 0, int(final.get("rounds", 0)) if final else 0)
     if not done and final is None:

@@ -7,7 +7,8 @@ already on disk was made under the config it would now get.
 
 from __future__ import annotations
 
-import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from fedjax_lm.grid import expand_grid
 from fedjax_lm.io import write_yaml
 from fedjax_lm.runner import rundir
 from fedjax_lm.runner.config import ConfigError, Preset, RunConfig, from_dict
-from fedjax_lm.runner.report import write_report
+from fedjax_lm.runner.report import read_final, write_report
 from fedjax_lm.runner.train import TrainingError, train
 
 
@@ -49,6 +50,20 @@ def check_resumable(cells: list[RunConfig]) -> None:
         rundir.check_resumable(cfg, Path(cfg.out))
 
 
+class CellFailed(TrainingError):
+    """A sweep cell's process failed; with exit status 2 it has printed why in one line."""
+
+    def __init__(self, message: str, reported: bool) -> None:
+        super().__init__(message)
+        self.reported = reported
+
+
+class CellInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a sweep cell, which has said so itself (one line, not two)."""
+
+    reported = True
+
+
 def train_in_subprocess(cfg: RunConfig, *, progress: bool) -> dict:
     """Run one cell as `fedjax-lm train` in a fresh process and read its final.json.
 
@@ -63,11 +78,19 @@ def train_in_subprocess(cfg: RunConfig, *, progress: bool) -> dict:
     cmd = [sys.executable, "-m", "fedjax_lm.cli", "train", "--config", str(spec)]
     if not progress:
         cmd.append("--no-progress")
-    result = subprocess.run(cmd)
-    if result.returncode != 0:
-        raise TrainingError(f"sweep cell {run_dir.name} failed (exit {result.returncode}); "
-                            "rerun the sweep to resume it")
-    return json.loads((run_dir / "final.json").read_text())
+    from fedjax_lm.cli import CELL_ENV
+
+    proc = subprocess.Popen(cmd, env={**os.environ, CELL_ENV: run_dir.name})
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # the cell got the same Ctrl-C: it stops cleanly and says so
+        code = proc.wait()
+    if code in (130, -signal.SIGINT):
+        raise CellInterrupted()
+    if code != 0:
+        raise CellFailed(f"sweep cell {run_dir.name} failed (exit {code}); rerun the sweep to "
+                         "resume it", reported=code == 2)
+    return read_final(run_dir / "final.json", "rerun the sweep")
 
 
 def run_sweep(

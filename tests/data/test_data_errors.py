@@ -10,10 +10,12 @@ import pytest
 
 from fedjax_lm.data import (
     DataError,
+    dirichlet,
     iid,
     load_task,
     majority,
     make_partitioner,
+    natural,
     pack_clients,
     split_clients,
     validate_partition,
@@ -74,10 +76,12 @@ def test_label_not_integer_names_value(tmp_path: Path) -> None:
 
 def test_label_out_of_range_names_value(tmp_path: Path) -> None:
     path = _csv(tmp_path, "text,label\na,0\nb,1\nc,7\n")
-    with pytest.raises(DataError, match=r"label 7 in row 2 is out of range \[0, 1\]"):
+    with pytest.raises(DataError, match=r"label\(s\) outside 0\.\.1 \(--num-labels 2\): 7 "
+                                        r"\(row 2\)"):
         load_task("csv", train_file=path, num_classes=2)
-    path = _csv(tmp_path, "text,label\na,0\nb,-1\n", "neg.csv")
-    with pytest.raises(DataError, match=r"neg\.csv: label -1 in row 1 is out of range"):
+    path = _csv(tmp_path, "text,label\na,0\nb,-1\nc,1\n", "neg.csv")
+    with pytest.raises(DataError, match=r"neg\.csv column 'label' has negative label\(s\): -1 "
+                                        r"\(row 1\)"):
         load_task("csv", train_file=path)
 
 
@@ -100,10 +104,95 @@ def test_unsupported_extension(tmp_path: Path) -> None:
         load_task("csv", train_file=path)
 
 
-def test_unreadable_file_is_wrapped(tmp_path: Path) -> None:
-    path = _csv(tmp_path, "", "empty.csv")
-    with pytest.raises(DataError, match=r"could not read .*empty\.csv"):
-        load_task("csv", train_file=path)
+@pytest.mark.parametrize("name, body, message", [
+    ("empty.csv", "", r"empty\.csv is empty: it needs a header line and at least one row"),
+    ("header.csv", "text,label\n",
+     r"header\.csv has a header line \['text', 'label'\] but no rows"),
+    ("header.tsv", "text\tlabel\n\n", r"header\.tsv has a header line .* but no rows"),
+    ("extra.csv", "text,label\ngood,1\nbad,0,oops\nfine,1\n",
+     r"extra\.csv line 3: 3 fields, but the header has 2 \['text', 'label'\]; quote a text "
+     r"that contains a comma or remove the extra field"),
+    # every row one field too many: pandas would silently read the first column as an index
+    ("shifted.csv", "text,label\ngood,1,a\nbad,0,b\n", r"shifted\.csv line 2: 3 fields"),
+    ("broken.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label"\n',
+     r"broken\.jsonl line 2: not valid JSON"),
+    ("none.json", "[]", r"none\.json holds an empty JSON array: no rows"),
+])
+def test_file_structure_names_file_line_and_cause(tmp_path: Path, name: str, body: str,
+                                                  message: str) -> None:
+    with pytest.raises(DataError, match=message) as err:
+        load_task("csv", train_file=_csv(tmp_path, body, name))
+    assert "\n" not in str(err.value)
+
+
+def _rows(labels: list) -> str:
+    return "text,label\n" + "".join(f"review {i},{label}\n" for i, label in enumerate(labels))
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([0, 1] * 10 + [1000000], r"gap \(999998 values from 2 to 999999 never occur\): 1000000 "
+                              r"\(row 20\); .* --num-labels K"),
+    ([1] * 20, r"has a single class \(1 in all 20 rows\)"),
+    ([0, 1] * 10 + ["pos"], r"a mix of numbers and names \(mostly numbers\): 'pos' \(row 20\)"),
+    (["neg", "pos"] * 10 + [0, 1], r"a mix of numbers and names \(mostly names\): 0 \(row 20\), "
+                                   r"1 \(row 21\)"),
+    ([1, 2, 3] * 5, r"\(0 never occurs\): .*labels 1\.\.3 look 1-based: renumber them 0\.\.2, "
+                    r"or use them as names with --label-names 1,2,3"),
+    ([0, 1, -1, 1], r"negative label\(s\): -1 \(row 2\)"),
+    (list(range(30)), r"looks like texts or ids, not labels: 30 distinct values in 30 rows"),
+])
+def test_suspicious_label_columns_are_refused_with_values_and_rows(
+    tmp_path: Path, labels: list, message: str
+) -> None:
+    with pytest.raises(DataError, match=r"train\.csv column 'label' .*" + message):
+        load_task("csv", train_file=_csv(tmp_path, _rows(labels)))
+
+
+def test_swapped_columns_are_refused(tmp_path: Path) -> None:
+    body = "label,text\n" + "".join(f"review {i},{i % 2}\n" for i in range(30))
+    with pytest.raises(DataError, match=r"looks like texts or ids.*e\.g\. 'review 0'"):
+        load_task("csv", train_file=_csv(tmp_path, body))
+
+
+def test_class_only_in_the_test_file_is_refused_unless_pinned(tmp_path: Path) -> None:
+    train = _csv(tmp_path, _rows(["neg", "pos"] * 3))
+    test = _csv(tmp_path, _rows(["pos", "neutral", "neg"]), "test.csv")
+    with pytest.raises(DataError, match=r"test\.csv column 'label' has label\(s\) that never "
+                                        r"occur in .*train\.csv: 'neutral' \(row 1\); .*"
+                                        r"--label-names"):
+        load_task("csv", train_file=train, test_file=test)
+    task = load_task("csv", train_file=train, test_file=test,
+                     label_names=["neg", "neutral", "pos"])
+    assert task.label_names == ("neg", "neutral", "pos") and task.num_classes == 3
+    assert task.test.labels.tolist() == [2, 1, 0]
+    ints = _csv(tmp_path, _rows([0, 2, 1]), "test_int.csv")
+    with pytest.raises(DataError, match=r"2 \(row 1\); .*--num-labels"):
+        load_task("csv", train_file=_csv(tmp_path, _rows([0, 1] * 3)), test_file=ints)
+
+
+def test_pinned_classes(tmp_path: Path) -> None:
+    gaps = _csv(tmp_path, _rows([0, 3, 0, 3]))
+    test = _csv(tmp_path, _rows([3, 0]), "test.csv")
+    task = load_task("csv", train_file=gaps, test_file=test, num_classes=5)
+    assert task.num_classes == 5 and task.train.labels.tolist() == [0, 3, 0, 3]
+    assert task.info["label_summary"].endswith("5 classes: 0 (2 rows), 1 (0 rows), 2 (0 rows), "
+                                               "3 (2 rows), 4 (0 rows)")
+    one_based = _csv(tmp_path, _rows([1, 2, 3] * 2), "one_based.csv")
+    test_1 = _csv(tmp_path, _rows([3, 1]), "test_1.csv")
+    task = load_task("csv", train_file=one_based, test_file=test_1, label_names=["1", "2", "3"])
+    assert task.train.labels.tolist() == [0, 1, 2] * 2 and task.test.labels.tolist() == [2, 0]
+    named = load_task("csv", train_file=_csv(tmp_path, _rows([1, 0]), "idx.csv"),
+                      test_file=_csv(tmp_path, _rows([0, 1]), "t.csv"),
+                      label_names=["neg", "pos"])
+    assert named.label_names == ("neg", "pos") and named.train.labels.tolist() == [1, 0]
+    assert "0='neg' (1 row), 1='pos' (1 row)" in named.info["label_summary"]
+    with pytest.raises(DataError, match=r"label\(s\) outside 0\.\.2 \(--num-labels 3\): 3 "):
+        load_task("csv", train_file=gaps, num_classes=3)
+    with pytest.raises(DataError, match=r"neither one of --label-names \['neg', 'pos'\] nor an "
+                                        r"index 0\.\.1: 3 \(rows 1, 3\)"):
+        load_task("csv", train_file=gaps, label_names=["neg", "pos"])
+    with pytest.raises(DataError, match="label_names must be 2 or more distinct names"):
+        load_task("csv", train_file=gaps, label_names=["a", "a"])
 
 
 def test_unknown_task_lists_valid() -> None:
@@ -131,6 +220,8 @@ def test_unknown_partitioner_lists_valid() -> None:
         ("majority", {"p": -0.1}, r"invalid p=-0\.1"),
         ("majority", {"p": 0.5, "k": 0}, r"invalid k=0"),
         ("quantity_skew", {"beta": 0}, r"invalid beta=0"),
+        ("dirichlet", {"alpha": float("inf")}, r"invalid alpha=inf; it must be a finite number"),
+        ("quantity_skew", {"beta": float("nan")}, r"invalid beta=nan; it must be a finite"),
         ("iid", {"alpha": 1.0}, r"unknown \['alpha'\]"),
     ],
 )
@@ -149,6 +240,10 @@ def test_invalid_params_in_direct_calls() -> None:
         majority(y, 4, p=1.0, k=1, client_size=6)  # 4th client reuses a class: 12 > 10
     with pytest.raises(DataError, match=r"val_fraction \+ test_fraction must be < 1"):
         split_clients([np.arange(5)], 0.5, 0.5)
+    with pytest.raises(DataError, match=r"alpha must be a finite number > 0, got inf"):
+        dirichlet(y, 3, alpha=float("inf"))
+    with pytest.raises(DataError, match=r"partition 'natural' needs per-example groups"):
+        natural(y, 3, groups=None)
 
 
 def test_fewer_examples_than_clients() -> None:

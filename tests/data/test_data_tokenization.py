@@ -50,6 +50,40 @@ def test_cache_hit_on_second_call(blog_fixture, tokenizer, tmp_path: Path) -> No
     assert len({first.cache_path, other_len.cache_path, subset.cache_path}) == 3
 
 
+@pytest.mark.parametrize("damage", ["truncate", "garble", "wrong_shape"])
+def test_damaged_cache_entry_is_named_removed_and_rebuilt(
+    blog_fixture, tokenizer, tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    kw = dict(task="blog10", split_name="train", cache_dir=tmp_path)
+    first = tokenize_split(blog_fixture.train, tokenizer, 32, **kw)
+    entry = first.cache_path
+    data = entry.read_bytes()
+    if damage == "truncate":  # a copy cut short, a full disk
+        entry.write_bytes(data[: len(data) // 2])
+    elif damage == "garble":  # bits flipped inside an array: the zip's CRC-32 catches it
+        entry.write_bytes(data[:2000] + bytes(b ^ 0xFF for b in data[2000:2100]) + data[2100:])
+    else:  # a valid file of the wrong shape
+        np.savez(entry, input_ids=np.zeros((3, 32), np.int32))
+    with caplog.at_level("WARNING", logger="fedjax_lm.data.cache"):
+        again = tokenize_split(blog_fixture.train, tokenizer, 32, **kw)
+    (record,) = caplog.records
+    assert str(entry) in record.getMessage() and "damaged" in record.getMessage()
+    assert "\n" not in record.getMessage()
+    assert not again.cache_hit and again.cache_path == entry
+    for key, value in first.features.items():
+        assert np.array_equal(value, again.features[key])
+    assert tokenize_split(blog_fixture.train, tokenizer, 32, **kw).cache_hit  # rebuilt entry
+
+
+def test_cache_dir_that_is_a_file_is_one_clear_error(blog_fixture, tokenizer, tmp_path: Path):
+    blocker = tmp_path / "cache"
+    blocker.write_text("not a folder")
+    with pytest.raises(DataError, match=r"cache directory .*cache/tokenized is unusable .*"
+                                        r"FEDJAX_LM_CACHE_DIR"):
+        tokenize_split(blog_fixture.test, tokenizer, 16, task="blog10", split_name="test",
+                       cache_dir=blocker)
+
+
 def test_cache_dir_from_env(
     blog_fixture, tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -133,3 +133,29 @@ def test_overrides_and_trainable_activation_on_a_checkpoint():
     assert loaded.params["layers"][0]["ffn_in"]["kernel"].dtype == np.float32
     with pytest.raises(ValueError, match="unknown EncoderConfig field"):
         from_pretrained(BERT, num_labels=3, load_tokenizer=False, hiden_act="relu")
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"num_attention_heads": 5}, "hidden_size 32 is not a multiple of num_attention_heads 5"),
+    ({"hidden_size": "32"}, "hidden_size must be int, got '32'"),
+    ({"num_hidden_layers": 1.5}, "num_hidden_layers must be int, got 1.5"),
+    ({"hidden_act": "swishy"}, "unknown hidden_act 'swishy'; valid: gelu, "),
+    ({"num_hidden_layers": 0}, "num_hidden_layers must be >= 1, got 0"),
+])
+def test_bad_config_json_names_the_file_and_the_field(tmp_path, config, message):
+    """Values that used to fail deep inside the model (a TypeError from `"32" % 2`)."""
+    folder = _copy_bert(tmp_path, config=config)
+    with pytest.raises(ModelLoadError) as err:
+        from_pretrained(folder, num_labels=2, load_tokenizer=False)
+    assert str(err.value).startswith(f"{folder / 'config.json'}: {message}")
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(ModelLoadError, match=r"config\.json holds a JSON list, not an object"):
+        from_pretrained(folder, num_labels=2, load_tokenizer=False)
+
+
+def test_suggest_model():
+    from fedjax_lm.models import suggest_model
+
+    assert suggest_model("tiny") == "preset:tiny"
+    assert suggest_model("MiniLM") == "minilm" and suggest_model("minlm") == "minilm"
+    assert suggest_model("bert-base-cased") is None
