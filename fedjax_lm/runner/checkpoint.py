@@ -4,6 +4,7 @@ states and the round index. Data order and client sampling are pure functions of
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +38,27 @@ class Checkpointer:
         )
 
     def restore(self, template_state: ServerState, template_clients: Any = None):
-        """Restore the latest checkpoint into the structure (and shardings) of the templates."""
-        step = self._manager.latest_step()
+        """Restore the newest checkpoint that reads back into the structure (and shardings) of
+        the templates: `(round, server state, client states)`. A damaged one (truncated,
+        garbled metadata) is named in a one-line warning and deleted, and the one before it is
+        tried; with none left the run restarts at round 0 from the templates."""
         target = jax.tree.map(
             ocp.utils.to_shape_dtype_struct, _to_saveable(template_state, template_clients)
         )
-        restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
-        server = restored["server"]
-        server = server.replace(rng=jax.random.wrap_key_data(server.rng))
-        clients = restored["client_states"] if template_clients is not None else None
-        return step, server, clients
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+            except Exception as e:  # orbax raises many kinds for a damaged file
+                print(f"warning: checkpoint {self._manager.directory / str(step)} is damaged "
+                      f"({type(e).__name__}); deleted it, resuming from an earlier one",
+                      file=sys.stderr)
+                self._manager.delete(step)
+                continue
+            server = restored["server"]
+            server = server.replace(rng=jax.random.wrap_key_data(server.rng))
+            clients = restored["client_states"] if template_clients is not None else None
+            return step, server, clients
+        return 0, template_state, template_clients
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -235,3 +235,23 @@ def test_a_non_finite_checkpoint_from_an_older_version_is_refused_on_resume(tmp_
     assert str(err.value) == (
         f"the round-2 checkpoint in {run} holds non-finite server params (saved by a version "
         f"that did not check the server update); delete {run} to start over")
+
+
+def test_damaged_checkpoint_falls_back_to_the_one_before_and_stays_bitwise(tmp_path, capsys):
+    """A truncated newest checkpoint is named, deleted, and the run resumes from the previous
+    one: it ends bitwise equal to a run that was never damaged, and reruns keep working."""
+    straight = train(tiny(tmp_path, rounds=3, out=str(tmp_path / "straight")), progress=False)
+    damaged = tiny(tmp_path, out=str(tmp_path / "damaged"))
+    train(damaged.replace(rounds=2), progress=False)
+    newest = tmp_path / "damaged" / "checkpoints" / "2"
+    files = sorted((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    for path in files[-3:]:  # the largest files: array data and its metadata
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 3] + b"\0garbage")
+    capsys.readouterr()
+    resumed = train(damaged, progress=False)
+    warning = capsys.readouterr().err
+    assert f"warning: checkpoint {newest} is damaged" in warning
+    assert "resuming from an earlier one" in warning
+    assert resumed["params_sha256"] == straight["params_sha256"]
+    rounds = [r["round"] for r in read_jsonl(tmp_path / "damaged" / "metrics.jsonl")]
+    assert rounds == [1, 2, 3]
