@@ -1,5 +1,6 @@
 """Configs: typed, validated before any work, overridable from the command line."""
 
+import json
 import subprocess
 import sys
 import typing
@@ -161,7 +162,8 @@ def test_sweep_refuses_a_cell_made_under_another_config_before_running_any(tmp_p
     old = tmp_path / "clients=2"
     write_yaml(old / "config.yaml", cells[1].replace(lr=0.5).to_dict())
     check_resumable(cells)  # nothing trained there yet: the folder binds nothing
-    (old / "final.json").write_text('{"rounds": 1}')
+    final = {"rounds": 1, "config": cells[1].replace(rounds=1).to_dict()}  # as train writes it
+    (old / "final.json").write_text(json.dumps(final))
     # More rounds and execution-only changes resume the run.
     write_yaml(old / "config.yaml", cells[1].replace(rounds=1, backend="loop").to_dict())
     check_resumable(cells)
@@ -172,6 +174,7 @@ def test_sweep_refuses_a_cell_made_under_another_config_before_running_any(tmp_p
                               f"Use another --out, or delete {old} to start over.")
     assert not (tmp_path / "clients=1").exists()  # refused before the first cell ran
     write_yaml(old / "config.yaml", cells[1].to_dict())
-    (old / "final.json").write_text('{"rounds": 3}')  # the preset now asks for fewer rounds
+    final = {"rounds": 3, "config": cells[1].replace(rounds=3).to_dict()}
+    (old / "final.json").write_text(json.dumps(final))  # the preset now asks for fewer rounds
     with pytest.raises(ResumeError, match=r"holds a run trained for 3 rounds: --rounds 2 cannot"):
         check_resumable(cells)
