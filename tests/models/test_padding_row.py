@@ -43,7 +43,12 @@ def _load(arch: str, **overrides):
     return from_pretrained(FIXTURES / arch, num_labels=3, load_tokenizer=False, **overrides)
 
 
-@pytest.mark.parametrize("arch", ["bert", "distilbert", "albert"])
+# BERT runs by default; the other encoders share the embedding code (slow: `make test-slow`).
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("arch", ["bert", pytest.param("distilbert", marks=SLOW),
+                                  pytest.param("albert", marks=SLOW)])
 def test_pad_row_gradient_is_zero_when_padding_is_attended(arch):
     loaded = _load(arch, attend_to_padding=True)
     assert loaded.config.pad_token_id == PAD  # read from config.json
@@ -77,7 +82,7 @@ def test_pad_id_inside_real_tokens_gets_no_gradient_either():
     assert np.abs(_word_grad(free, loaded.params, batch)[PAD]).max() > 1e-6
 
 
-@pytest.mark.parametrize("arch", ["bert", "albert"])
+@pytest.mark.parametrize("arch", ["bert", pytest.param("albert", marks=SLOW)])
 def test_word_gradient_matches_torch_embedding_backward_in_numpy(arch):
     loaded = _load(arch, attend_to_padding=True)
     batch = _batch(arch)
