@@ -6,9 +6,9 @@ thin host driver around it (`engine`).
 """
 
 from fedjax_lm.federated.aggregate import (
-    AGGREGATORS,
     Aggregate,
     Aggregator,
+    Context,
     coordinate_median,
     normalize_weights,
     weighted_mean,
@@ -19,6 +19,13 @@ from fedjax_lm.federated.algorithm import (
     TrainedClient,
     init_state,
     train_client,
+)
+from fedjax_lm.federated.attacks import (
+    ATTACKS,
+    AttackConfig,
+    attacked,
+    flip_labels,
+    malicious_clients,
 )
 from fedjax_lm.federated.client_optimizers import CLIENT_OPTIMIZERS, make_client_optimizer
 from fedjax_lm.federated.cohort import WEIGHTINGS, client_weights, make_cohort
@@ -37,6 +44,18 @@ from fedjax_lm.federated.placement import (
     DATA_AXIS,
     make_client_mesh,
     process_client_ids,
+)
+from fedjax_lm.federated.robust import (
+    AGGREGATORS,
+    ALIASES,
+    WHOLE_COHORT,
+    RobustConfig,
+    geometric_median,
+    krum,
+    make_aggregator,
+    multi_krum,
+    norm_bound,
+    trimmed_mean,
 )
 from fedjax_lm.federated.sampling import client_key, sample_clients, sampling_key
 from fedjax_lm.federated.scaffold import scaffold
@@ -66,7 +85,10 @@ from fedjax_lm.federated.store import ClientStateStore
 ALGORITHMS = ("fedavg", "fedprox", "scaffold")
 
 __all__ = [
-    "AGGREGATORS", "ALGORITHMS", "BACKENDS",
+    "AGGREGATORS", "ALGORITHMS", "ALIASES", "ATTACKS", "BACKENDS", "WHOLE_COHORT",
+    "AttackConfig", "Context", "RobustConfig", "attacked", "flip_labels", "geometric_median",
+    "krum", "make_aggregator", "malicious_clients", "multi_krum", "norm_bound",
+    "trimmed_mean",
     "CLIENT_OPTIMIZERS", "CHUNK_EXECUTORS", "CLIENT_AXIS", "DATA_AXIS",
     "SERVER_OPTIMIZERS", "WEIGHTINGS", "Aggregate", "Aggregator", "Algorithm", "ClientInfo",
     "ClientMetrics", "ClientOutput", "ClientStateStore", "Cohort", "EngineConfig",

@@ -8,6 +8,11 @@ must hold the whole cohort in one block.
 Weights reach an aggregator already normalised over the cohort (p_i = w_i / Σw, computed
 before any client runs), with non-finite clients' weights zeroed and their messages replaced by
 zeros. With one client p = 1, so the mean is that client's message bit for bit.
+
+A **contextual** aggregator also receives a `Context` (the server model the messages moved
+from, the messages' client ids, the round's aggregation key) as the last argument of `add` /
+`reduce`: norm bounding must bound the *delta* message − server, and attacks (`attacks`)
+must know which clients are malicious. The robust aggregators live in `robust`.
 """
 
 from __future__ import annotations
@@ -31,17 +36,32 @@ class Aggregate(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Aggregator:
-    """`reduce(messages[C], p[C]) -> Aggregate`; decomposable ones also chunk-sum."""
+    """`reduce(messages[C], p[C]) -> Aggregate`; decomposable ones also chunk-sum.
+    Contextual ones take a trailing `Context` in `add` and `reduce`."""
 
     name: str
-    reduce: Callable[[PyTree, jax.Array], Aggregate]
+    reduce: Callable[..., Aggregate]
     init: Callable[[PyTree], PyTree] | None = None  # message template -> zero partial sums
-    add: Callable[[PyTree, PyTree, jax.Array], PyTree] | None = None  # + a chunk [K, ...]
+    add: Callable[..., PyTree] | None = None  # (partial, chunk [K, ...], p[K]) -> partial
     finalize: Callable[[PyTree], Aggregate] | None = None
+    contextual: bool = False
 
     @property
     def decomposable(self) -> bool:
         return self.add is not None
+
+
+class Context(NamedTuple):
+    """What a contextual aggregator knows beside the messages."""
+
+    reference: PyTree  # the server params this round started from (message − reference = Δ)
+    client_ids: jax.Array  # [C] population ids of the messages' clients (padding: weight 0)
+    key: jax.Array  # the round's aggregation key (attacks' noise)
+
+
+def context_args(aggregator: Aggregator, context: Context) -> tuple:
+    """`(context,)` for a contextual aggregator, else `()`: `agg.add(partial, m, p, *args)`."""
+    return (context,) if aggregator.contextual else ()
 
 
 def normalize_weights(weights: jax.Array) -> jax.Array:
@@ -79,7 +99,7 @@ def weighted_mean() -> Aggregator:
         template = jax.tree.map(lambda x: x[0], messages)
         return finalize(add(init(template), messages, p))
 
-    return Aggregator("weighted_mean", reduce, init, add, finalize)
+    return Aggregator("mean", reduce, init, add, finalize)
 
 
 def coordinate_median() -> Aggregator:
@@ -96,10 +116,4 @@ def coordinate_median() -> Aggregator:
 
         return Aggregate(jax.tree.map(median, messages), jnp.sum(p))
 
-    return Aggregator("coordinate_median", reduce)
-
-
-AGGREGATORS: dict[str, Callable[[], Aggregator]] = {
-    "weighted_mean": weighted_mean,
-    "coordinate_median": coordinate_median,
-}
+    return Aggregator("median", reduce)

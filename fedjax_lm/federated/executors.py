@@ -161,7 +161,8 @@ class SequentialRound(RoundProgram):
             sums, out = self._client(state, sums, jax.tree.map(lambda x, i=i: x[i:i + 1], p))
             outs.append(out)
         flat = jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
-        state, loss, norm = self._finish(state, sums, flat.messages, flat.weights)
+        state, loss, norm = self._finish(state, sums, flat.messages, flat.weights,
+                                         flat.client_ids)
         return state, rnd.round_outputs(loss, norm, flat.metrics, flat.client_states)
 
 

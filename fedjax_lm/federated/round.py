@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lm.federated.aggregate import Aggregate, normalize_weights
+from fedjax_lm.federated.aggregate import Aggregate, Context, context_args, normalize_weights
 from fedjax_lm.federated.algorithm import Algorithm, train_client
-from fedjax_lm.federated.sampling import client_key
+from fedjax_lm.federated.sampling import aggregation_key, client_key
 from fedjax_lm.federated.state import (
     ClientInfo,
     ClientMetrics,
@@ -46,6 +46,7 @@ class BlockOutputs(NamedTuple):
     client_states: PyTree | None
     messages: PyTree | None  # kept only for a whole-cohort aggregator
     weights: jax.Array | None
+    client_ids: jax.Array | None
 
 
 def zero_sums(algorithm: Algorithm, state: ServerState) -> RoundSums:
@@ -72,6 +73,11 @@ def message_shape(algorithm: Algorithm, state: ServerState) -> PyTree:
     return jax.eval_shape(final, state)
 
 
+def context(state: ServerState, client_ids: jax.Array) -> Context:
+    """A contextual aggregator's view of the round: the same for every chunk of it."""
+    return Context(state.params, client_ids, aggregation_key(state.rng, state.round))
+
+
 def train_block(
     algorithm: Algorithm, spmd_axis_name: str | None, keep_messages: bool,
     state: ServerState, sums: RoundSums, block: Cohort,
@@ -94,7 +100,9 @@ def train_block(
     messages = jax.tree.map(lambda x: where_finite(x, 0), out.message)
     partial = sums.partial
     if algorithm.aggregator.decomposable:
-        partial = algorithm.aggregator.add(partial, messages, p)
+        agg = algorithm.aggregator
+        partial = agg.add(partial, messages, p,
+                          *context_args(agg, context(state, block.client_ids)))
     n = jnp.where(finite, trained.examples, 0.0)
     sums = RoundSums(partial, sums.loss + jnp.sum(n * jnp.where(finite, trained.loss, 0.0)),
                      sums.examples + jnp.sum(n))
@@ -102,20 +110,22 @@ def train_block(
     if algorithm.stateful:
         new_states = jax.tree.map(where_finite, out.client_state, block.client_states)
     metrics = ClientMetrics(trained.loss, trained.examples, out.update_norm, finite)
-    kept = (messages, p) if keep_messages else (None, None)
+    kept = (messages, p, block.client_ids) if keep_messages else (None, None, None)
     return sums, BlockOutputs(metrics, new_states, *kept)
 
 
 def finish(
     algorithm: Algorithm, state: ServerState, sums: RoundSums,
     messages: PyTree | None = None, weights: jax.Array | None = None,
+    client_ids: jax.Array | None = None,
 ) -> tuple[ServerState, jax.Array, jax.Array]:
     """Reduce, update the server, count the round: (next state, mean loss, update norm)."""
     aggregator = algorithm.aggregator
     if aggregator.decomposable:
         aggregate: Aggregate = aggregator.finalize(sums.partial)
     else:
-        aggregate = aggregator.reduce(messages, weights)
+        aggregate = aggregator.reduce(messages, weights,
+                                      *context_args(aggregator, context(state, client_ids)))
     new = algorithm.server_update(state, aggregate).replace(round=state.round + 1)
     loss = sums.loss / jnp.maximum(sums.examples, 1.0)
     return new, loss, tree_distance(new.params, state.params)
@@ -137,7 +147,8 @@ def blocks_round(
     blocks = blocks.replace(weights=normalize_weights(blocks.weights))  # Σ over every block
     sums, outs = scan_blocks(chunk_step, state, zero_sums(algorithm, state), blocks)
     flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), outs)
-    state, loss, norm = finish(algorithm, state, sums, flat.messages, flat.weights)
+    state, loss, norm = finish(algorithm, state, sums, flat.messages, flat.weights,
+                               flat.client_ids)
     return state, loss, norm, outs
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 _CLIENT_STREAM = 0
 _SAMPLING_STREAM = 1
+_AGGREGATION_STREAM = 2
 
 
 def round_key(rng: jax.Array, round_index: int | jax.Array) -> jax.Array:
@@ -22,6 +23,11 @@ def client_key(rng: jax.Array, round_index: int | jax.Array, client_id: int | ja
     """The key client `client_id` trains with in round `round_index`."""
     base = jax.random.fold_in(round_key(rng, round_index), _CLIENT_STREAM)
     return jax.random.fold_in(base, client_id)
+
+
+def aggregation_key(rng: jax.Array, round_index: int | jax.Array) -> jax.Array:
+    """The key a contextual aggregator draws with in round `round_index` (e.g. attack noise)."""
+    return jax.random.fold_in(round_key(rng, round_index), _AGGREGATION_STREAM)
 
 
 def sampling_key(rng: jax.Array, round_index: int) -> jax.Array:

@@ -73,9 +73,19 @@ class RunConfig:
     server_lr: float = 1.0
     prox_mu: float = 0.0
     algorithm: str = "fedavg"  # fedavg | fedprox (needs prox_mu > 0) | scaffold (plain SGD)
-    aggregator: str = "weighted_mean"  # weighted_mean | coordinate_median (unchunked only)
+    aggregator: str = "mean"  # mean | median | trimmed_mean | norm_bound | krum | multi_krum |
+    # geometric_median (all but mean / norm_bound need the whole cohort: no clients_per_chunk)
     weighting: str = "examples"
     carry_client_state: bool = False
+    # -- robust aggregation and attacks (see fedjax_lm/federated/robust.py, attacks.py)
+    trim_fraction: float = 0.1  # trimmed_mean: drop this fraction at each end per coordinate
+    norm_bound: float | None = None  # norm_bound: the L2 bound on each client's delta
+    byzantine: int = 0  # krum / multi_krum: the assumed malicious clients per cohort, f
+    multi_krum_m: int | None = None  # multi_krum: clients averaged (default: live − f)
+    attack: str | None = None  # none | sign_flip | scale | gaussian | label_flip | alie
+    malicious_fraction: float | None = None  # of the population, seeded from `seed`
+    attack_scale: float = 10.0  # scale: the malicious delta's factor
+    attack_std: float = 1.0  # gaussian: the malicious delta's per-coordinate std
     # -- execution
     backend: str = execution_field("vmap")  # backends agree to float tolerance
     clients_per_chunk: int | None = execution_field(None)
@@ -197,15 +207,10 @@ def _check(cfg: RunConfig) -> None:
                                          and not cfg.prox_mu and not cfg.carry_client_state),
          "algorithm scaffold runs plain local SGD with its own client state: set "
          "client_optimizer=sgd, momentum=0, prox_mu=0 and carry_client_state=false")
-    need(cfg.aggregator in fl.AGGREGATORS,
-         f"unknown aggregator {cfg.aggregator!r}; choose one of {', '.join(fl.AGGREGATORS)}")
     need(cfg.server_optimizer in fl.SERVER_OPTIMIZERS,
          f"server_optimizer must be one of {fl.SERVER_OPTIMIZERS}, got {cfg.server_optimizer!r}")
     need(cfg.weighting in fl.WEIGHTINGS, f"weighting must be one of {fl.WEIGHTINGS}")
-    try:
-        executor(cfg).check_aggregator(fl.AGGREGATORS[cfg.aggregator]())
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    _check_robust(cfg)
     from fedjax_lm.data import PARTITIONERS, TASKS
 
     need(cfg.task in TASKS, f"unknown task {cfg.task!r}; valid tasks: {', '.join(sorted(TASKS))}")
@@ -213,6 +218,51 @@ def _check(cfg: RunConfig) -> None:
          f"unknown partition {cfg.partition!r}; valid: {', '.join(sorted(PARTITIONERS))}")
     need(cfg.task != "csv" or cfg.train_file is not None, "task csv needs --train-file")
     _check_inputs(cfg)
+
+
+def _check_robust(cfg: RunConfig) -> None:
+    """The aggregator, the attack and their parameters (issue 17)."""
+    from fedjax_lm import federated as fl
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(cfg.aggregator in fl.AGGREGATORS,
+         f"unknown aggregator {cfg.aggregator!r}; choose one of {', '.join(fl.AGGREGATORS)}")
+    need(0 <= cfg.trim_fraction < 0.5,
+         f"trim_fraction must be in [0, 0.5), got {cfg.trim_fraction}")
+    need(cfg.norm_bound is None or cfg.norm_bound > 0,
+         f"norm_bound must be > 0, got {cfg.norm_bound}")
+    need(cfg.aggregator != "norm_bound" or cfg.norm_bound is not None,
+         "aggregator norm_bound needs the bound: set --norm-bound (e.g. 1.0)")
+    need(cfg.byzantine >= 0, f"byzantine must be >= 0, got {cfg.byzantine}")
+    cohort = cfg.cohort_size or cfg.clients
+    need(cfg.aggregator not in ("krum", "multi_krum") or cohort > 2 * cfg.byzantine + 2,
+         f"aggregator {cfg.aggregator} with byzantine={cfg.byzantine} needs more than "
+         f"2f+2 = {2 * cfg.byzantine + 2} clients per round, got {cohort}; lower --byzantine "
+         "or raise --cohort-size / --clients")
+    need(cfg.multi_krum_m is None or 1 <= cfg.multi_krum_m <= cohort,
+         f"multi_krum_m must be in [1, {cohort}] (the clients per round), got {cfg.multi_krum_m}")
+    need(cfg.attack is None or cfg.attack in fl.ATTACKS,
+         f"unknown attack {cfg.attack!r}; choose one of {', '.join(fl.ATTACKS)}")
+    need((cfg.attack is None) == (cfg.malicious_fraction is None),
+         f"attack {cfg.attack} needs --malicious-fraction (e.g. 0.2)" if cfg.attack
+         else "malicious_fraction is set but there is no attack: set --attack (e.g. sign_flip)"
+              " or unset --malicious-fraction")
+    fraction = cfg.malicious_fraction
+    need(fraction is None or 0 <= fraction < 0.5,
+         f"malicious_fraction must be in [0, 0.5) (malicious clients are a minority), got "
+         f"{fraction}")
+    need(cfg.attack_std > 0, f"attack_std must be > 0, got {cfg.attack_std}")
+    need(cfg.algorithm != "scaffold" or (cfg.aggregator == "mean"
+                                         and cfg.attack in (None, "label_flip")),
+         f"algorithm scaffold sends (model, control) and averages them: aggregator "
+         f"{cfg.aggregator} / attack {cfg.attack} need algorithm fedavg or fedprox")
+    try:
+        executor(cfg).check_aggregator(aggregator(cfg, None))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 SEED_MAX = 2**32 - 2  # jax keys hold 32 bits (2**32 is seed 0 again); runs also use seed + 1
@@ -293,6 +343,20 @@ def executor(cfg: RunConfig):
                           chunk_executor=cfg.chunk_executor)
 
 
+def aggregator(cfg: RunConfig, malicious: Any = None):
+    """The run's aggregator, attacked by the `malicious` clients (`bool[N]`; None: none)."""
+    import numpy as np
+
+    from fedjax_lm import federated as fl
+
+    agg = fl.make_aggregator(fl.RobustConfig(
+        cfg.aggregator, trim_fraction=cfg.trim_fraction, norm_bound=cfg.norm_bound,
+        byzantine=cfg.byzantine, multi_krum_m=cfg.multi_krum_m))
+    attack = fl.AttackConfig(cfg.attack or "none", scale=cfg.attack_scale, std=cfg.attack_std)
+    mask = np.zeros(cfg.clients, bool) if malicious is None else malicious
+    return fl.attacked(agg, attack, mask)
+
+
 def from_dict(values: dict[str, Any]) -> RunConfig:
     """Build and validate a config; unknown keys are an error (typos must not pass)."""
     unknown = sorted(set(values) - set(FIELDS))
@@ -301,6 +365,9 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
             f"unknown config field(s): {', '.join(unknown)}; valid fields: {', '.join(FIELDS)}"
         )
     cfg = RunConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    from fedjax_lm.federated.robust import ALIASES  # the pre-issue-17 names, canonicalised
+
+    cfg = dataclasses.replace(cfg, aggregator=ALIASES.get(cfg.aggregator, cfg.aggregator))
     _check(cfg)
     return cfg
 

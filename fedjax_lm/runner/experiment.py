@@ -14,7 +14,13 @@ from fedjax_lm import data as fdata
 from fedjax_lm import federated as fl
 from fedjax_lm import models
 from fedjax_lm.federated.fedavg import ClientParamsInit
-from fedjax_lm.runner.config import ConfigError, RunConfig, executor, partition_params
+from fedjax_lm.runner.config import (
+    ConfigError,
+    RunConfig,
+    aggregator,
+    executor,
+    partition_params,
+)
 
 PRESET_PREFIX = models.PRESET_PREFIX
 
@@ -31,6 +37,7 @@ class Experiment:
     num_classes: int
     steps_per_round: int  # S: the longest client's local steps (fixed across rounds)
     source: str  # where the data came from, for the record
+    malicious: np.ndarray | None = None  # bool[N]: the attack's clients (fixed for the run)
 
     @property
     def num_clients(self) -> int:
@@ -120,6 +127,8 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         cfg=cfg, model=model, params=params, train=train, test=test, partition=partition,
         test_shards=test_shards, num_classes=task.num_classes,
         steps_per_round=int(np.max(steps)), source=task.source,
+        malicious=(None if cfg.malicious_fraction is None
+                   else fl.malicious_clients(cfg.clients, cfg.malicious_fraction, cfg.seed)),
     )
 
 
@@ -146,7 +155,7 @@ def build_algorithm(cfg: RunConfig, exp: Experiment) -> fl.Algorithm:
                            client_params_init=heads)
     return fl.fedavg(loss_fn, client_optimizer(cfg), server, prox_mu=cfg.prox_mu,
                      carry_optimizer_state=cfg.carry_client_state, client_params_init=heads,
-                     aggregator=fl.AGGREGATORS[cfg.aggregator]())
+                     aggregator=aggregator(cfg, exp.malicious))
 
 
 def build_engine(cfg: RunConfig, exp: Experiment) -> fl.FederatedEngine:
@@ -155,8 +164,13 @@ def build_engine(cfg: RunConfig, exp: Experiment) -> fl.FederatedEngine:
 
 def round_data(cfg: RunConfig, exp: Experiment, round_index: int, ids: np.ndarray) -> dict:
     """The cohort's [C, S, B, ...] arrays for one round (reshuffled from (seed, round))."""
-    return fdata.pack_clients(
+    data = fdata.pack_clients(
         exp.train, exp.partition, batch_size=cfg.batch_size, seed=cfg.seed,
         round_idx=round_index, client_ids=ids, num_epochs=cfg.local_epochs,
         num_steps=cfg.local_steps, drop_last=cfg.drop_last, pad_steps_to=exp.steps_per_round,
     )
+    if cfg.attack == "label_flip":  # the malicious clients train on flipped labels
+        bad = exp.malicious[np.asarray(ids)]
+        data["label"] = np.where(bad.reshape((-1,) + (1,) * (data["label"].ndim - 1)),
+                                 fl.flip_labels(data["label"], exp.num_classes), data["label"])
+    return data

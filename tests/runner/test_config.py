@@ -122,8 +122,8 @@ def test_cli_reports_errors_in_one_line_without_traceback(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--algorithm", "fedsgd"],
      "unknown algorithm 'fedsgd'; choose one of fedavg, fedprox, scaffold"),
-    (["--aggregator", "coordinate_median", "--clients-per-chunk", "2"],
-     "aggregator 'coordinate_median' needs every client's message at once and cannot run in "
+    (["--aggregator", "coordinate_median", "--clients-per-chunk", "2"],  # the old name: alias
+     "aggregator 'median' needs every client's message at once and cannot run in "
      "chunks (clients_per_chunk=2); unset clients_per_chunk or use backend vmap/mesh/loop"),
     (["--server-lr", "inf"], "server_lr must be a finite number, got 'inf'"),
     (["--algorithm", "scaffold", "--client-optimizer", "adam"],
