@@ -107,6 +107,30 @@ CASES = [
          setup=_model_folder({"hidden_size": "32"})),
     Case("max_length_beyond_model", [*TINY, "--model", "minilm", "--max-length", "1000"],
          r"max_length 1000 exceeds model 'minilm''s 512 positions; use --max-length 512"),
+    # -- robust aggregation and attacks (issue 17)
+    Case("malicious_fraction_half", [*TINY, "--attack", "sign_flip", "--malicious-fraction",
+                                     "0.5"],
+         r"malicious_fraction must be in \[0, 0\.5\) \(malicious clients are a minority\), "
+         r"got 0\.5"),
+    Case("krum_too_few_clients", [*TINY, "--aggregator", "krum", "--byzantine", "1"],
+         r"aggregator krum with byzantine=1 needs more than 2f\+2 = 4 clients per round, got 4; "
+         r"lower --byzantine or raise --cohort-size / --clients",
+         fix=[*TINY, "--aggregator", "krum", "--byzantine", "1", "--clients", "6", "--attack",
+              "scale", "--malicious-fraction", "0.2"]),
+    Case("median_in_chunks", [*TINY, "--aggregator", "median", "--clients-per-chunk", "2"],
+         r"^aggregator 'median' needs every client's message at once and cannot run in chunks "
+         r"\(clients_per_chunk=2\); unset clients_per_chunk or use backend vmap/mesh/loop$"),
+    Case("alie_in_chunks", [*TINY, "--attack", "alie", "--malicious-fraction", "0.2",
+                            "--clients-per-chunk", "2"],
+         r"aggregator 'mean under alie' needs every client's message at once"),
+    Case("trim_fraction_half", [*TINY, "--aggregator", "trimmed_mean", "--trim-fraction", "0.5"],
+         r"trim_fraction must be in \[0, 0\.5\), got 0\.5"),
+    Case("attack_without_fraction", [*TINY, "--attack", "gaussian"],
+         r"attack gaussian needs --malicious-fraction \(e\.g\. 0\.2\)"),
+    Case("fraction_without_attack", [*TINY, "--malicious-fraction", "0.2"],
+         r"malicious_fraction is set but there is no attack: set --attack"),
+    Case("norm_bound_without_bound", [*TINY, "--aggregator", "norm_bound"],
+         r"aggregator norm_bound needs the bound: set --norm-bound"),
     # -- the file system
     Case("out_is_a_file", [*TINY, "--out", "{tmp}/file"],
          r"--out .*/file is a file, not a folder; choose another --out", files={"file": "x"}),

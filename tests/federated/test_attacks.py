@@ -1,0 +1,163 @@
+"""Attacks: a seeded, fixed malicious subset of the population; exactly the malicious clients'
+messages change, as the formulas say; deterministic given the seed; chunking changes nothing;
+ALIE against numpy / scipy; label flipping in the runner; one CLI run end to end."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy import stats
+
+from fedjax_lm import federated as fl
+from fedjax_lm.federated.aggregate import Context
+from fedjax_lm.federated.attacks import alie_z
+from tests.federated import toy
+
+N, C = 20, 6
+
+
+def test_malicious_set_is_seeded_fixed_and_exact():
+    a = fl.malicious_clients(N, 0.3, seed=5)
+    assert a.sum() == 6 and a.dtype == bool
+    np.testing.assert_array_equal(a, fl.malicious_clients(N, 0.3, seed=5))
+    assert not np.array_equal(a, fl.malicious_clients(N, 0.3, seed=6))
+    assert fl.malicious_clients(N, 0.0, seed=5).sum() == 0
+    with pytest.raises(ValueError, match=r"in \[0, 0.5\), got 0.5"):
+        fl.malicious_clients(N, 0.5, seed=0)
+
+
+def setup(seed=0):
+    rs = np.random.RandomState(seed)
+    ref = {"w": rs.randn(4, 3).astype(np.float32), "b": rs.randn(3).astype(np.float32)}
+    messages = {k: v[None] + 0.1 * rs.randn(C, *v.shape).astype(np.float32)
+                for k, v in ref.items()}
+    ids = np.array([3, 8, 1, 15, 12, 0], np.int32)
+    malicious = np.zeros(N, bool)
+    malicious[[8, 15, 0]] = True  # clients at positions 1, 3 and 5 of the cohort
+    p = np.array([0.2, 0.2, 0.2, 0.2, 0.2, 0.0], np.float32)  # position 5 is padding
+    ctx = Context(jax.tree.map(jnp.asarray, ref), jnp.asarray(ids), jax.random.key(7))
+    return ref, messages, ids, malicious, p, ctx
+
+
+class Capture:
+    """An inner aggregator that returns the messages it was handed (to see the attack)."""
+
+    def __new__(cls):
+        return fl.Aggregator("capture", lambda m, p: fl.Aggregate(m, jnp.sum(p)))
+
+
+@pytest.mark.parametrize("kind", ["sign_flip", "scale", "gaussian"])
+def test_per_client_attacks_transform_exactly_the_malicious_clients(kind):
+    ref, messages, ids, malicious, p, ctx = setup()
+    attack = fl.AttackConfig(kind, scale=7.0, std=0.5)
+    agg = fl.attacked(Capture(), attack, malicious)
+    seen = agg.reduce(messages, p, ctx).value
+    again = agg.reduce(messages, p, ctx).value
+    bad = malicious[ids]
+    for k in ref:
+        np.testing.assert_array_equal(seen[k], again[k])  # deterministic given the key
+        np.testing.assert_array_equal(np.asarray(seen[k])[~bad], messages[k][~bad])
+        delta = np.asarray(seen[k])[bad] - ref[k]
+        honest = messages[k][bad] - ref[k]
+        if kind == "sign_flip":
+            np.testing.assert_allclose(delta, -honest, rtol=1e-5, atol=1e-6)
+        elif kind == "scale":
+            np.testing.assert_allclose(delta, 7.0 * honest, rtol=1e-4, atol=1e-5)
+        else:  # fresh noise of the stated std, independent of the honest delta
+            assert abs(np.std(delta) - 0.5) < 0.25 and not np.allclose(delta, honest)
+    if kind == "gaussian":  # another round's key draws other noise
+        other = agg.reduce(messages, p, ctx._replace(key=jax.random.key(8))).value
+        assert not np.allclose(np.asarray(other["w"])[bad], np.asarray(seen["w"])[bad])
+
+
+@pytest.mark.parametrize("kind", ["sign_flip", "gaussian"])
+def test_per_client_attacks_keep_chunk_sums_exact(kind):
+    ref, messages, ids, malicious, p, ctx = setup(1)
+    agg = fl.attacked(fl.weighted_mean(), fl.AttackConfig(kind), malicious)
+    assert agg.decomposable and agg.contextual
+    whole = agg.reduce(messages, p, ctx).value
+    parts = agg.init(jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), messages))
+    for lo, hi in ((0, 2), (2, 3), (3, 6)):
+        parts = agg.add(parts, jax.tree.map(lambda x, lo=lo, hi=hi: x[lo:hi], messages),
+                        p[lo:hi], ctx._replace(client_ids=ctx.client_ids[lo:hi]))
+    for k in ref:
+        np.testing.assert_allclose(agg.finalize(parts).value[k], whole[k], rtol=1e-5, atol=1e-6)
+
+
+def test_alie_matches_the_paper_formula_in_numpy():
+    ref, messages, ids, malicious, p, ctx = setup(2)
+    agg = fl.attacked(Capture(), fl.AttackConfig("alie"), malicious)
+    assert not agg.decomposable
+    seen = agg.reduce(messages, p, ctx).value
+    live = p > 0
+    bad = malicious[ids] & live  # the padding client (id 0) is malicious but not live
+    good = live & ~bad
+    n, f = live.sum(), bad.sum()  # 5 live, 2 malicious
+    s = np.floor(n / 2 + 1) - f
+    z = stats.norm.ppf((n - s) / n)
+    assert float(alie_z(jnp.float32(n), jnp.float32(f))) == pytest.approx(z, rel=1e-5)
+    for k in ref:
+        x = messages[k][good]
+        want = x.mean(0) - z * x.std(0)
+        for row in np.flatnonzero(bad):
+            np.testing.assert_allclose(seen[k][row], want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(seen[k])[~bad], messages[k][~bad])
+
+
+def test_sign_flip_on_a_real_round_matches_the_per_client_models():
+    data = toy.client_data(6, ragged=False)  # equal weights: p = 1/6
+    malicious = fl.malicious_clients(6, 0.34, seed=0)  # 2 of 6
+    assert malicious.sum() == 2
+    params = toy.init_params()
+    attack = fl.attacked(fl.weighted_mean(), fl.AttackConfig("sign_flip"), malicious)
+    engine = fl.FederatedEngine(fl.fedavg(toy.loss_fn, optax.sgd(0.1), aggregator=attack))
+    got = engine.run_round(engine.init(params, jax.random.key(0)), data).state.params
+    single = fl.FederatedEngine(fl.fedavg(toy.loss_fn, optax.sgd(0.1)))
+    models = [single.run_round(single.init(params, jax.random.key(0)),
+                               jax.tree.map(lambda x, c=c: x[c:c + 1], data),
+                               client_ids=[c]).state.params for c in range(6)]
+    for k in params:
+        sent = [2 * np.asarray(params[k]) - np.asarray(m[k]) if malicious[c]
+                else np.asarray(m[k]) for c, m in enumerate(models)]
+        np.testing.assert_allclose(got[k], np.mean(sent, axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_label_flip_poisons_exactly_the_malicious_clients_data():
+    from fedjax_lm.runner.config import from_dict
+    from fedjax_lm.runner.experiment import build_experiment, round_data
+
+    np.testing.assert_array_equal(fl.flip_labels(np.array([0, 1, 2, 3]), 4), [3, 2, 1, 0])
+    base = {"model": "preset:tiny", "task": "synthetic", "max_train_examples": 96,
+            "max_test_examples": 48, "max_length": 16, "batch_size": 8, "clients": 6}
+    clean_cfg = from_dict(base)
+    cfg = from_dict({**base, "attack": "label_flip", "malicious_fraction": 0.34})
+    exp = build_experiment(cfg)
+    ids = np.arange(6)
+    clean, poisoned = round_data(clean_cfg, exp, 0, ids), round_data(cfg, exp, 0, ids)
+    bad = exp.malicious
+    assert bad.sum() == 2
+    np.testing.assert_array_equal(poisoned["label"][~bad], clean["label"][~bad])
+    np.testing.assert_array_equal(poisoned["label"][bad],
+                                  exp.num_classes - 1 - clean["label"][bad])
+    np.testing.assert_array_equal(poisoned["input_ids"], clean["input_ids"])
+
+
+@pytest.mark.slow
+def test_cli_attack_with_a_robust_aggregator_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "fedjax_lm.cli", "train", "--model", "preset:tiny",
+            "--task", "synthetic", "--max-train-examples", "128", "--max-test-examples", "48",
+            "--max-length", "16", "--batch-size", "8", "--local-epochs", "1", "--rounds", "2",
+            "--clients", "8", "--aggregator", "krum", "--byzantine", "2", "--attack",
+            "sign_flip", "--malicious-fraction", "0.25", "--no-progress", "--out", str(out)]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    final = json.loads((out / "final.json").read_text())
+    assert final["rounds"] == 2
+    config = (out / "config.yaml").read_text()
+    assert "attack: sign_flip" in config and "aggregator: krum" in config
