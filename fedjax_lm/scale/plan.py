@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import jax
 
 from fedjax_lm.federated.client_optimizers import CLIENT_OPTIMIZERS, make_client_optimizer
+from fedjax_lm.federated.robust import AGGREGATORS, ALIASES, WHOLE_COHORT
 from fedjax_lm.scale import memory as mem
 from fedjax_lm.scale import targets
 
@@ -65,6 +66,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=sorted(CLIENT_OPTIMIZERS), default="adam")
     p.add_argument("--remat", action="store_true", help="recompute layers in the backward pass")
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute (float32 params)")
+    p.add_argument("--aggregator", default="mean", choices=(*AGGREGATORS, *ALIASES),
+                   help="a whole-cohort aggregator (median, krum, ...) gathers every message")
 
 
 def plan_report(args: argparse.Namespace) -> tuple[mem.MemoryEstimate, list[str]]:
@@ -101,7 +104,11 @@ def plan_report(args: argparse.Namespace) -> tuple[mem.MemoryEstimate, list[str]
         f"unchunked: {per_device} clients need {f(est.chunk_bytes(per_device))}; "
         f"at most {est.max_clients(budget)} clients per device without chunking (linear)",
     ]
-    if width is None:
+    aggregator = getattr(args, "aggregator", "mean")
+    aggregator = ALIASES.get(aggregator, aggregator)
+    if aggregator in WHOLE_COHORT:
+        lines += whole_cohort_lines(est, aggregator, per_device, budget)
+    elif width is None:
         lines.append(f"does not fit: one client needs {f(est.chunk_bytes(1))}")
     else:
         lines.append(
@@ -122,6 +129,21 @@ def plan_report(args: argparse.Namespace) -> tuple[mem.MemoryEstimate, list[str]
                   f"{'yes' if p.compiled_bytes <= budget else 'no'} | "
                   f"{'yes' if p.below_linear else 'no'} |" for p in probes]
     return est, lines
+
+
+def whole_cohort_lines(est: mem.MemoryEstimate, aggregator: str, clients: int,
+                       budget: int) -> list[str]:
+    """A whole-cohort aggregator cannot chunk: the round holds every client's message (a
+    model-sized `[C, ...]` stack) at the reduce, and a sorting rule a sorted copy of it too."""
+    copies = 2 if aggregator in ("median", "trimmed_mean") else 1
+    gathered = copies * clients * est.params_bytes
+    total = est.chunk_bytes(clients) + gathered
+    f = mem.format_bytes
+    return [f"aggregator {aggregator} needs every message at once: no clients_per_chunk; "
+            f"+{f(gathered)} for the gathered [C, ...] messages ({copies} x {clients} x "
+            f"{f(est.params_bytes)}), round about {f(total)}: "
+            + ("fits" if total <= budget else "does not fit: fewer clients per device, or more "
+               "devices (backend mesh)")]
 
 
 def run_plan(args: argparse.Namespace) -> int:

@@ -78,18 +78,31 @@ def test_plan_resolves_model_presets_lazily():
     assert 109e6 < n < 110e6  # BERT-base with a 2-label head, from shapes only
 
 
+def args_list() -> list[str]:
+    return ["plan", "--model", "tiny", "--clients", "8", "--batch-size", "4", "--max-length",
+            "16", "--local-steps", "1", "--optimizer", "sgd", "--device-memory", "1GiB"]
+
+
 def test_plan_command(capsys, monkeypatch, sgd_estimate):
     # The command's plumbing, on the MLP (compiling a BERT here would be slow).
     monkeypatch.setattr(plan, "model_loss_and_params", lambda *a, **k: (mlp_loss, PARAMS))
     monkeypatch.setattr(mem, "estimate_memory", lambda *a, **k: sgd_estimate)
     parser = argparse.ArgumentParser()
     plan.add_plan_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["plan", "--model", "tiny", "--clients", "8", "--batch-size", "4",
-                              "--max-length", "16", "--local-steps", "1", "--optimizer", "sgd",
-                              "--device-memory", "1GiB"])
+    args = parser.parse_args(args_list())
     assert plan.run_plan(args) == 0
     out = capsys.readouterr().out
     assert "clients_per_chunk: 8 (8 per device)" in out and "tiny (bert)" in out
+    # A whole-cohort aggregator gathers the cohort's messages instead of chunking.
+    assert plan.run_plan(parser.parse_args([*args_list(), "--aggregator", "median"])) == 0
+    out = capsys.readouterr().out
+    params = mem.tree_bytes(PARAMS)
+    gathered = mem.format_bytes(2 * 8 * params)
+    total = mem.format_bytes(sgd_estimate.chunk_bytes(8) + 2 * 8 * params)
+    assert (f"aggregator median needs every message at once: no clients_per_chunk; "
+            f"+{gathered} for the gathered [C, ...] messages (2 x 8 x "
+            f"{mem.format_bytes(params)}), round about {total}: fits") in out
+    assert "clients_per_chunk: 8" not in out
 
 
 # -- the compiled search for the largest unchunked C ---------------------------------------
