@@ -56,8 +56,9 @@ def test_per_client_attacks_transform_exactly_the_malicious_clients(kind):
     ref, messages, ids, malicious, p, ctx = setup()
     attack = fl.AttackConfig(kind, scale=7.0, std=0.5)
     agg = fl.attacked(Capture(), attack, malicious)
-    seen = agg.reduce(messages, p, ctx).value
-    again = agg.reduce(messages, p, ctx).value
+    reduce = jax.jit(agg.reduce)
+    seen = reduce(messages, p, ctx).value
+    again = reduce(messages, p, ctx).value
     bad = malicious[ids]
     for k in ref:
         np.testing.assert_array_equal(seen[k], again[k])  # deterministic given the key
@@ -71,7 +72,7 @@ def test_per_client_attacks_transform_exactly_the_malicious_clients(kind):
         else:  # fresh noise of the stated std, independent of the honest delta
             assert abs(np.std(delta) - 0.5) < 0.25 and not np.allclose(delta, honest)
     if kind == "gaussian":  # another round's key draws other noise
-        other = agg.reduce(messages, p, ctx._replace(key=jax.random.key(8))).value
+        other = reduce(messages, p, ctx._replace(key=jax.random.key(8))).value
         assert not np.allclose(np.asarray(other["w"])[bad], np.asarray(seen["w"])[bad])
 
 
@@ -80,10 +81,11 @@ def test_per_client_attacks_keep_chunk_sums_exact(kind):
     ref, messages, ids, malicious, p, ctx = setup(1)
     agg = fl.attacked(fl.weighted_mean(), fl.AttackConfig(kind), malicious)
     assert agg.decomposable and agg.contextual
-    whole = agg.reduce(messages, p, ctx).value
+    whole = jax.jit(agg.reduce)(messages, p, ctx).value
     parts = agg.init(jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), messages))
-    for lo, hi in ((0, 2), (2, 3), (3, 6)):
-        parts = agg.add(parts, jax.tree.map(lambda x, lo=lo, hi=hi: x[lo:hi], messages),
+    add = jax.jit(agg.add)
+    for lo, hi in ((0, 3), (3, 6)):
+        parts = add(parts, jax.tree.map(lambda x, lo=lo, hi=hi: x[lo:hi], messages),
                         p[lo:hi], ctx._replace(client_ids=ctx.client_ids[lo:hi]))
     for k in ref:
         np.testing.assert_allclose(agg.finalize(parts).value[k], whole[k], rtol=1e-5, atol=1e-6)
@@ -93,7 +95,7 @@ def test_alie_matches_the_paper_formula_in_numpy():
     ref, messages, ids, malicious, p, ctx = setup(2)
     agg = fl.attacked(Capture(), fl.AttackConfig("alie"), malicious)
     assert not agg.decomposable
-    seen = agg.reduce(messages, p, ctx).value
+    seen = jax.jit(agg.reduce)(messages, p, ctx).value
     live = p > 0
     bad = malicious[ids] & live  # the padding client (id 0) is malicious but not live
     good = live & ~bad
@@ -161,3 +163,40 @@ def test_cli_attack_with_a_robust_aggregator_end_to_end(tmp_path):
     assert final["rounds"] == 2
     config = (out / "config.yaml").read_text()
     assert "attack: sign_flip" in config and "aggregator: krum" in config
+
+
+EXECUTORS = {"scan3": fl.ExecutorConfig(clients_per_chunk=3),
+             "host2": fl.ExecutorConfig(clients_per_chunk=2, chunk_executor="host"),
+             "loop": fl.ExecutorConfig("loop"), "pmap": fl.ExecutorConfig("pmap", num_devices=4)}
+
+
+def attacked_rounds(aggregator, config, rounds=2):
+    data, ids = toy.client_data(7), np.array([0, 2, 3, 5, 6, 8, 9])
+    engine = fl.FederatedEngine(fl.fedavg(toy.loss_fn, optax.sgd(0.1), aggregator=aggregator),
+                                config)
+    state = engine.init(toy.init_params(), jax.random.key(3))
+    for _ in range(rounds):
+        state = engine.run_round(state, data, client_ids=ids).state
+    return state.params
+
+
+@pytest.fixture(scope="module")
+def gaussian_attack():
+    """Gaussian noise under norm bounding, and its vmap result (which the attack moved)."""
+    malicious = fl.malicious_clients(10, 0.3, seed=1)
+    assert malicious[[0, 2, 3, 5, 6, 8, 9]].sum() >= 1
+    agg = fl.attacked(fl.norm_bound(0.05), fl.AttackConfig("gaussian", std=0.3), malicious)
+    want = attacked_rounds(agg, fl.ExecutorConfig())
+    clean = attacked_rounds(fl.norm_bound(0.05), fl.ExecutorConfig())
+    assert toy.max_abs_diff(clean, want) > 1e-4  # the attack did something
+    return agg, want
+
+
+@pytest.mark.parametrize("executor", [
+    "scan3", "host2", pytest.param("loop", marks=pytest.mark.slow),
+    pytest.param("pmap", marks=pytest.mark.slow)])
+def test_a_chunked_attack_gives_the_same_round_on_every_executor(executor, gaussian_attack):
+    """The noise is keyed by (round, client id): chunk sums, the host chunk loop, the client
+    loop and pmap all see the same attacked, clipped messages."""
+    agg, want = gaussian_attack
+    assert toy.max_abs_diff(attacked_rounds(agg, EXECUTORS[executor]), want) <= 1e-6

@@ -131,7 +131,8 @@ def test_norm_bound_keeps_small_updates_and_scales_large_ones_exactly():
     messages = {k: np.stack([ref[k] + d[k] for d in deltas]) for k in ref}
     p = np.array([0.2, 0.2, 0.2, 0.4, 0.0], np.float32)  # the last client is dead
     ctx = Context(jax.tree.map(jnp.asarray, ref), jnp.arange(5), jax.random.key(0))
-    bounded = fl.robust.clip_to_reference(messages, ctx.reference, 1.0)
+    bounded = jax.jit(fl.robust.clip_to_reference, static_argnums=2)(messages, ctx.reference,
+                                                                       1.0)
     for i, n in enumerate(norms):
         got = {k: np.asarray(bounded[k][i]) for k in ref}
         if n <= 1.0:  # unchanged, bit for bit
@@ -149,9 +150,10 @@ def test_norm_bound_keeps_small_updates_and_scales_large_ones_exactly():
         np.testing.assert_allclose(out.value[k], want, rtol=1e-5, atol=1e-6)
     # ... and it decomposes: two chunks of chunk sums give the same mean.
     parts = agg.init(jax.tree.map(lambda x: jnp.zeros(x.shape[1:]), messages))
+    add = jax.jit(agg.add)
     for lo, hi in ((0, 2), (2, 5)):
         sub = Context(ctx.reference, ctx.client_ids[lo:hi], ctx.key)
-        parts = agg.add(parts, jax.tree.map(lambda x, lo=lo, hi=hi: x[lo:hi], messages),
+        parts = add(parts, jax.tree.map(lambda x, lo=lo, hi=hi: x[lo:hi], messages),
                         p[lo:hi], sub)
     for k in ref:
         np.testing.assert_allclose(agg.finalize(parts).value[k], out.value[k], rtol=1e-6)
