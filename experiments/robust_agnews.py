@@ -169,10 +169,10 @@ def main() -> None:
     if not args.plot_only:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(preset, indent=1))
-        run_all(preset["base"], preset["sweep"], args.data_dir, out)
+        run_all(preset["settings"], preset["grid"], args.data_dir, out)
     from robust_agnews_report import report  # beside this script
 
-    report(out, preset["sweep"])
+    report(out, preset["grid"])
 
 
 if __name__ == "__main__":
