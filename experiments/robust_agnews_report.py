@@ -24,7 +24,8 @@ def read(path: Path) -> dict[tuple, list[float]]:
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
     v = np.asarray(values, float)
-    return float(np.nanmean(v)), float(np.nanstd(v)), int(np.isfinite(v).sum())
+    n = int(np.isfinite(v).sum())
+    return float(np.nanmean(v)), float(np.nanstd(v, ddof=1)) if n > 1 else 0.0, n
 
 
 def report(out: Path, grid: dict) -> None:
