@@ -210,7 +210,13 @@ def _check(cfg: RunConfig) -> None:
     need(cfg.server_optimizer in fl.SERVER_OPTIMIZERS,
          f"server_optimizer must be one of {fl.SERVER_OPTIMIZERS}, got {cfg.server_optimizer!r}")
     need(cfg.weighting in fl.WEIGHTINGS, f"weighting must be one of {fl.WEIGHTINGS}")
-    _check_robust(cfg)
+    from fedjax_lm.runner.robustness import check_robustness
+
+    try:
+        execution = executor(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    check_robustness(cfg, execution)
     from fedjax_lm.data import PARTITIONERS, TASKS
 
     need(cfg.task in TASKS, f"unknown task {cfg.task!r}; valid tasks: {', '.join(sorted(TASKS))}")
@@ -218,51 +224,6 @@ def _check(cfg: RunConfig) -> None:
          f"unknown partition {cfg.partition!r}; valid: {', '.join(sorted(PARTITIONERS))}")
     need(cfg.task != "csv" or cfg.train_file is not None, "task csv needs --train-file")
     _check_inputs(cfg)
-
-
-def _check_robust(cfg: RunConfig) -> None:
-    """The aggregator, the attack and their parameters (issue 17)."""
-    from fedjax_lm import federated as fl
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
-    need(cfg.aggregator in fl.AGGREGATORS,
-         f"unknown aggregator {cfg.aggregator!r}; choose one of {', '.join(fl.AGGREGATORS)}")
-    need(0 <= cfg.trim_fraction < 0.5,
-         f"trim_fraction must be in [0, 0.5), got {cfg.trim_fraction}")
-    need(cfg.norm_bound is None or cfg.norm_bound > 0,
-         f"norm_bound must be > 0, got {cfg.norm_bound}")
-    need(cfg.aggregator != "norm_bound" or cfg.norm_bound is not None,
-         "aggregator norm_bound needs the bound: set --norm-bound (e.g. 1.0)")
-    need(cfg.byzantine >= 0, f"byzantine must be >= 0, got {cfg.byzantine}")
-    cohort = cfg.cohort_size or cfg.clients
-    need(cfg.aggregator not in ("krum", "multi_krum") or cohort > 2 * cfg.byzantine + 2,
-         f"aggregator {cfg.aggregator} with byzantine={cfg.byzantine} needs more than "
-         f"2f+2 = {2 * cfg.byzantine + 2} clients per round, got {cohort}; lower --byzantine "
-         "or raise --cohort-size / --clients")
-    need(cfg.multi_krum_m is None or 1 <= cfg.multi_krum_m <= cohort,
-         f"multi_krum_m must be in [1, {cohort}] (the clients per round), got {cfg.multi_krum_m}")
-    need(cfg.attack is None or cfg.attack in fl.ATTACKS,
-         f"unknown attack {cfg.attack!r}; choose one of {', '.join(fl.ATTACKS)}")
-    need((cfg.attack is None) == (cfg.malicious_fraction is None),
-         f"attack {cfg.attack} needs --malicious-fraction (e.g. 0.2)" if cfg.attack
-         else "malicious_fraction is set but there is no attack: set --attack (e.g. sign_flip)"
-              " or unset --malicious-fraction")
-    fraction = cfg.malicious_fraction
-    need(fraction is None or 0 <= fraction < 0.5,
-         f"malicious_fraction must be in [0, 0.5) (malicious clients are a minority), got "
-         f"{fraction}")
-    need(cfg.attack_std > 0, f"attack_std must be > 0, got {cfg.attack_std}")
-    need(cfg.algorithm != "scaffold" or (cfg.aggregator == "mean"
-                                         and cfg.attack in (None, "label_flip")),
-         f"algorithm scaffold sends (model, control) and averages them: aggregator "
-         f"{cfg.aggregator} / attack {cfg.attack} need algorithm fedavg or fedprox")
-    try:
-        executor(cfg).check_aggregator(aggregator(cfg, None))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 SEED_MAX = 2**32 - 2  # jax keys hold 32 bits (2**32 is seed 0 again); runs also use seed + 1
@@ -341,20 +302,6 @@ def executor(cfg: RunConfig):
 
     return ExecutorConfig(backend=cfg.backend, clients_per_chunk=cfg.clients_per_chunk,
                           chunk_executor=cfg.chunk_executor)
-
-
-def aggregator(cfg: RunConfig, malicious: Any = None):
-    """The run's aggregator, attacked by the `malicious` clients (`bool[N]`; None: none)."""
-    import numpy as np
-
-    from fedjax_lm import federated as fl
-
-    agg = fl.make_aggregator(fl.RobustConfig(
-        cfg.aggregator, trim_fraction=cfg.trim_fraction, norm_bound=cfg.norm_bound,
-        byzantine=cfg.byzantine, multi_krum_m=cfg.multi_krum_m))
-    attack = fl.AttackConfig(cfg.attack or "none", scale=cfg.attack_scale, std=cfg.attack_std)
-    mask = np.zeros(cfg.clients, bool) if malicious is None else malicious
-    return fl.attacked(agg, attack, mask)
 
 
 def from_dict(values: dict[str, Any]) -> RunConfig:

@@ -14,13 +14,8 @@ from fedjax_lm import data as fdata
 from fedjax_lm import federated as fl
 from fedjax_lm import models
 from fedjax_lm.federated.fedavg import ClientParamsInit
-from fedjax_lm.runner.config import (
-    ConfigError,
-    RunConfig,
-    aggregator,
-    executor,
-    partition_params,
-)
+from fedjax_lm.runner.config import ConfigError, RunConfig, executor, partition_params
+from fedjax_lm.runner.robustness import aggregator
 
 PRESET_PREFIX = models.PRESET_PREFIX
 
