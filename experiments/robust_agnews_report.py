@@ -66,7 +66,7 @@ def plot(path: Path, acc: dict, aggs: list[str], attacks: list[str], fracs: list
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(attacks), figsize=(3.2 * len(attacks), 3.4), sharey=True,
+    fig, axes = plt.subplots(1, len(attacks), figsize=(3.2 * len(attacks), 4.0), sharey=True,
                              squeeze=False)
     axes = axes[0]
     markers = "osD^vxP"
