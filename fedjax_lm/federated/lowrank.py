@@ -6,7 +6,11 @@ Averaging A and B separately (FedIT) gives mean(A)·mean(B) ≠ mean(A B): biase
 server takes M = Σ p_i A_i B_i (one matmul per chunk, `[d, K·R] @ [K·R, o]`: no per-client
 d × o product is formed) and sends back A = U_R √S_R, B = √S_R V_Rᵀ, which equals M whenever
 rank(M) ≤ R (e.g. one client, or clients sharing A) and is M's best rank-R approximation
-otherwise. We refactor rather than keep the residual M − A B in the frozen base (FedEx-LoRA):
+otherwise. The split of M between the factors keeps A's Frobenius norm at the clients' mean
+(A = U_R·c, B = S_R V_Rᵀ / c): a balanced √S split would shrink both factors towards zero
+while M is still small (early rounds), where LoRA's gradients vanish.
+
+We refactor rather than keep the residual M − A B in the frozen base (FedEx-LoRA):
 the base stays the one pretrained copy every client already holds, so a client never
 downloads a changed d × o matrix, and checkpoints of the base stay valid.
 """
@@ -19,7 +23,7 @@ import jax.numpy as jnp
 from fedjax_lm.federated.aggregate import Aggregate, Aggregator, WeightedSum
 from fedjax_lm.federated.state import PyTree
 
-_PRODUCT, _RANK = "__product__", "__rank__"
+_PRODUCT, _RANK, _NORM = "__product__", "__rank__", "__a_norm__"
 
 
 def _is_pair(node, a: str, b: str) -> bool:
@@ -36,7 +40,8 @@ def factor_product_mean(a: str = "lora_a", b: str = "lora_b") -> Aggregator:
                 rest = {k: walk(v) for k, v in node.items() if k not in (a, b)}
                 d, r, o = node[a].shape[0], node[a].shape[1], node[b].shape[1]
                 return {**rest, _PRODUCT: jnp.zeros((d, o), node[a].dtype),
-                        _RANK: jnp.zeros((0, r), node[a].dtype)}  # R kept in a shape
+                        _RANK: jnp.zeros((0, r), node[a].dtype),  # R kept in a shape
+                        _NORM: jnp.zeros((), jnp.float32)}
             if isinstance(node, dict):
                 return {k: walk(v) for k, v in node.items()}
             return None if node is None else jnp.zeros(node.shape, node.dtype)
@@ -48,7 +53,9 @@ def factor_product_mean(a: str = "lora_a", b: str = "lora_b") -> Aggregator:
             if _is_pair(msg, a, b):
                 rest = {k: walk(total[k], v) for k, v in msg.items() if k not in (a, b)}
                 prod = jnp.einsum("k,kdr,kro->do", p.astype(msg[a].dtype), msg[a], msg[b])
-                return {**rest, _PRODUCT: total[_PRODUCT] + prod, _RANK: total[_RANK]}
+                norms = jnp.sqrt(jnp.sum(jnp.square(msg[a].astype(jnp.float32)), axis=(1, 2)))
+                return {**rest, _PRODUCT: total[_PRODUCT] + prod, _RANK: total[_RANK],
+                        _NORM: total[_NORM] + jnp.sum(p * norms)}
             if isinstance(msg, dict):
                 return {k: walk(total[k], v) for k, v in msg.items()}
             if msg is None:
@@ -66,9 +73,9 @@ def factor_product_mean(a: str = "lora_a", b: str = "lora_b") -> Aggregator:
 
         def walk(node):
             if isinstance(node, dict) and _PRODUCT in node:
-                rest = {k: walk(v) for k, v in node.items() if k not in (_PRODUCT, _RANK)}
-                return {**rest, **dict(zip((a, b), refactor(mean(node[_PRODUCT]),
-                                                            node[_RANK].shape[1]), strict=True))}
+                rest = {k: walk(v) for k, v in node.items() if k not in (_PRODUCT, _RANK, _NORM)}
+                factors = refactor(mean(node[_PRODUCT]), node[_RANK].shape[1], mean(node[_NORM]))
+                return {**rest, **dict(zip((a, b), factors, strict=True))}
             if isinstance(node, dict):
                 return {k: walk(v) for k, v in node.items()}
             return None if node is None else mean(node)
@@ -82,13 +89,15 @@ def factor_product_mean(a: str = "lora_a", b: str = "lora_b") -> Aggregator:
     return Aggregator("factor_product_mean", reduce, init, add, finalize)
 
 
-def refactor(product: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
-    """(A [d, R], B [R, o]) with A B the best rank-R approximation of `product`, the singular
-    values split evenly between the factors."""
+def refactor(product: jax.Array, rank: int, a_norm: jax.Array | float = 0.0
+             ) -> tuple[jax.Array, jax.Array]:
+    """(A [d, R], B [R, o]) with A B the best rank-R approximation of `product`; A has
+    orthogonal columns of norm `a_norm / √R` (1 when `a_norm` is 0), B the rest."""
     u, s, vt = jnp.linalg.svd(product.astype(jnp.float32), full_matrices=False)
-    root = jnp.sqrt(s[:rank])
-    a = (u[:, :rank] * root[None, :]).astype(product.dtype)
-    b = (root[:, None] * vt[:rank]).astype(product.dtype)
+    r = min(rank, s.shape[0])
+    c = jnp.where(a_norm > 0, a_norm / jnp.sqrt(float(rank)), 1.0)
+    a = (u[:, :r] * c).astype(product.dtype)
+    b = (s[:r, None] * vt[:r] / c).astype(product.dtype)
     if a.shape[1] < rank:  # the product is smaller than R: pad with zero components
         a = jnp.pad(a, ((0, 0), (0, rank - a.shape[1])))
         b = jnp.pad(b, ((0, rank - b.shape[0]), (0, 0)))

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from fedjax_lm import federated as fl
 from fedjax_lm.data import pack_eval
+from fedjax_lm.federated.trainable import trainable_part
 from fedjax_lm.federated.tree import tree_all_finite
 from fedjax_lm.io import write_json, write_yaml
 from fedjax_lm.models import classification_stats
@@ -166,11 +167,14 @@ def memory_plan_lines(cfg: RunConfig, exp: Experiment, engine) -> list[str]:
     from fedjax_lm.scale import memory as mem
 
     f = mem.format_bytes
-    params = mem.tree_bytes(exp.params)
+    trainable = trainable_part(exp.peft.trainable, exp.params)
+    params = mem.tree_bytes(trainable)
     optimizer = client_optimizer(cfg)
-    opt = mem.tree_bytes(jax.eval_shape(optimizer.init, exp.params))
-    lines = [f"memory: params {f(params)}; per client state {f(2 * params + opt)} "
-             f"(params + {cfg.client_optimizer} state + delta)"]
+    opt = mem.tree_bytes(jax.eval_shape(optimizer.init, trainable))
+    lines = [f"memory: params {f(mem.tree_bytes(exp.params))}"
+             f"{f', trainable {f(params)}' if exp.peft.trainable is not None else ''}; "
+             f"per client state {f(2 * params + opt)} "
+             f"(trainable params + {cfg.client_optimizer} state + delta)"]
     if jax.default_backend() != "cpu":
         batch = mem.text_batch(exp.steps_per_round, cfg.batch_size, cfg.max_length)
         est = mem.estimate_memory(_loss(exp), exp.params, optimizer, batch)
@@ -270,6 +274,9 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
                 "update_norm": float(metrics.update_norm),
                 "cohort_size": len(ids),  # this round's clients; config.clients: the population
                 "skipped_clients": bad,
+                # Per round: the trainable leaves down and up (the frozen base once, before).
+                "upload_bytes_per_client": exp.peft.client_bytes(ids),
+                "download_bytes_per_client": exp.peft.client_bytes(ids),
             }
             if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
                 record.update(evaluate(predict, state.params, exp, cfg.eval_batch_size))
@@ -297,10 +304,21 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
                  num_clients=exp.num_clients, data_source=exp.source,
                  train_examples=int(sum(len(ix) for ix in exp.partition)),
                  test_examples=int(len(exp.test["label"])), steps_per_round=exp.steps_per_round,
-                 warnings=warnings)
+                 warnings=warnings, **communication(log.records, exp))
     if primary:
         write_json(run_dir / "final.json", final)
     return final
+
+
+def communication(records: list[dict], exp: Experiment) -> dict[str, Any]:
+    """Bytes per client per round (mean over the run's rounds) and the base sent once."""
+    def mean(key):
+        values = [r[key] for r in records if key in r]
+        return float(np.mean(values)) if values else None
+
+    return {"upload_bytes_per_client": mean("upload_bytes_per_client"),
+            "download_bytes_per_client": mean("download_bytes_per_client"),
+            "base_download_bytes": exp.peft.frozen_bytes}
 
 
 def summarize(records: list[dict], cfg: RunConfig) -> dict[str, Any]:
