@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from fedjax_lm import federated as fl
 from fedjax_lm.data import pack_eval
-from fedjax_lm.federated.trainable import trainable_part
+from fedjax_lm.federated.trainable import split, trainable_part, with_trainable
 from fedjax_lm.federated.tree import tree_all_finite
 from fedjax_lm.io import write_json, write_yaml
 from fedjax_lm.models import classification_stats
@@ -35,7 +35,7 @@ from fedjax_lm.runner.experiment import (
     round_data,
 )
 from fedjax_lm.runner.metrics import MetricsLog
-from fedjax_lm.runner.rundir import check_data, check_resumable, locked
+from fedjax_lm.runner.rundir import check_base, check_data, check_resumable, locked
 from fedjax_lm.scale.distributed import is_primary
 
 # A train loss above either multiple is divergence: warn (a run at chance accuracy otherwise
@@ -225,13 +225,19 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
     ckpt = Checkpointer(run_dir / "checkpoints")
     start = ckpt.latest_round() or 0
     check_data(run_dir, data_fingerprint(exp), rounds_done=start, write=primary)
+    mask = exp.peft.trainable
+    if mask is not None:  # checkpoints hold the trainable leaves; the base is named by its hash
+        check_base(run_dir, {"model": cfg.model,
+                             "base_sha256": params_digest(split(mask, exp.params)[1])},
+                   rounds_done=start, write=primary)
     # Setup succeeded: only now does the directory record its config. A final.json of fewer
     # rounds no longer describes it once training continues.
     if primary:
         write_yaml(run_dir / "config.yaml", cfg.to_dict())
         (run_dir / "final.json").unlink(missing_ok=True)
     if start:
-        start, state, states = ckpt.restore(state, store and store.states)
+        start, saved, states = ckpt.restore(saved_state(mask, state), store and store.states)
+        state = saved.replace(params=with_trainable(mask, state.params, saved.params))
         store = store and fl.ClientStateStore(states)
         if bad_parts := nonfinite_server_parts(state):
             raise TrainingError(
@@ -292,7 +298,7 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
                             acc=f"{record.get('eval_accuracy', float('nan')):.3f}")
             if cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0
                                          or r + 1 == cfg.rounds):
-                ckpt.save(r + 1, state, store and store.states)
+                ckpt.save(r + 1, saved_state(mask, state), store and store.states)
         ckpt.wait()
     finally:
         bar.close()
@@ -308,6 +314,12 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
     if primary:
         write_json(run_dir / "final.json", final)
     return final
+
+
+def saved_state(mask: Any, state: fl.ServerState) -> fl.ServerState:
+    """What a checkpoint holds: under PEFT the trainable leaves only (the frozen base is
+    the model's own, checked by hash on resume)."""
+    return state.replace(params=trainable_part(mask, state.params))
 
 
 def communication(records: list[dict], exp: Experiment) -> dict[str, Any]:

@@ -1,10 +1,13 @@
 """PEFT runs through the runner: the base stays bitwise, bytes per client are counted, a
 server optimizer over the adapters checkpoints and resumes."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
 
+from fedjax_lm.grid import ResumeError
 from fedjax_lm.io import read_jsonl
 from fedjax_lm.models import Model, preset
 from fedjax_lm.runner import train
@@ -83,3 +86,18 @@ def test_adapters_with_a_server_optimizer_resume_bitwise(tmp_path):
     train(tiny(tmp_path / "b", **{**kw, "rounds": 1}), progress=False)
     resumed = train(tiny(tmp_path / "b", **kw), progress=False)
     assert resumed["params_sha256"] == whole["params_sha256"]
+
+
+@pytest.mark.slow
+def test_resume_onto_a_changed_base_is_refused(tmp_path):
+    cfg = tiny(tmp_path, peft="lora", lora_rank=2, rounds=1)
+    train(cfg, progress=False)
+    base = json.loads((tmp_path / "run" / "base.json").read_text())
+    assert base["model"] == "preset:tiny" and len(base["base_sha256"]) == 64
+    (tmp_path / "run" / "base.json").write_text(json.dumps({**base, "base_sha256": "0" * 64}))
+    with pytest.raises(ResumeError) as e:
+        train(cfg.replace(rounds=2), progress=False)
+    assert str(e.value) == (
+        f"{tmp_path / 'run'} holds 1 round(s) of adapters trained on another base model "
+        f"(base_sha256: 000000000000… -> {base['base_sha256'][:12]}…): the weights of "
+        "--model preset:tiny changed since. Resume with the original base, or use another --out.")
