@@ -225,20 +225,15 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
     ckpt = Checkpointer(run_dir / "checkpoints")
     start = ckpt.latest_round() or 0
     check_data(run_dir, data_fingerprint(exp), rounds_done=start, write=primary)
+    check_base_of(run_dir, cfg, exp, rounds_done=start, write=primary)
     mask = exp.peft.trainable
-    if mask is not None:  # checkpoints hold the trainable leaves; the base is named by its hash
-        check_base(run_dir, {"model": cfg.model,
-                             "base_sha256": params_digest(split(mask, exp.params)[1])},
-                   rounds_done=start, write=primary)
     # Setup succeeded: only now does the directory record its config. A final.json of fewer
     # rounds no longer describes it once training continues.
     if primary:
         write_yaml(run_dir / "config.yaml", cfg.to_dict())
         (run_dir / "final.json").unlink(missing_ok=True)
     if start:
-        start, saved, states = ckpt.restore(saved_state(mask, state), store and store.states)
-        state = saved.replace(params=with_trainable(mask, state.params, saved.params))
-        store = store and fl.ClientStateStore(states)
+        start, state, store = restore(ckpt, exp, state, store)
         if bad_parts := nonfinite_server_parts(state):
             raise TrainingError(
                 f"the round-{start} checkpoint in {run_dir} holds non-finite server "
@@ -320,6 +315,25 @@ def saved_state(mask: Any, state: fl.ServerState) -> fl.ServerState:
     """What a checkpoint holds: under PEFT the trainable leaves only (the frozen base is
     the model's own, checked by hash on resume)."""
     return state.replace(params=trainable_part(mask, state.params))
+
+
+def check_base_of(run_dir: Path, cfg: RunConfig, exp: Experiment, *, rounds_done: int,
+                  write: bool) -> None:
+    """Under PEFT: record the frozen base's identity, or refuse a resume onto another."""
+    mask = exp.peft.trainable
+    if mask is not None:
+        check_base(run_dir, {"model": cfg.model,
+                             "base_sha256": params_digest(split(mask, exp.params)[1])},
+                   rounds_done=rounds_done, write=write)
+
+
+def restore(ckpt: Checkpointer, exp: Experiment, state: fl.ServerState, store: Any):
+    """(round, server state, client-state store) of the newest good checkpoint; the frozen
+    leaves come from `state` (the run's own base)."""
+    mask = exp.peft.trainable
+    start, saved, states = ckpt.restore(saved_state(mask, state), store and store.states)
+    state = saved.replace(params=with_trainable(mask, state.params, saved.params))
+    return start, state, store and fl.ClientStateStore(states)
 
 
 def communication(records: list[dict], exp: Experiment) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 server optimizer over the adapters checkpoints and resumes."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -101,3 +102,23 @@ def test_resume_onto_a_changed_base_is_refused(tmp_path):
         f"{tmp_path / 'run'} holds 1 round(s) of adapters trained on another base model "
         f"(base_sha256: 000000000000… -> {base['base_sha256'][:12]}…): the weights of "
         "--model preset:tiny changed since. Resume with the original base, or use another --out.")
+
+
+@pytest.mark.slow
+def test_export_merged_round_trips_through_our_loader(tmp_path):
+    from fedjax_lm.cli import main
+    from fedjax_lm.models import from_pretrained
+    from fedjax_lm.runner.export import run_model
+    from tests.models.test_encoder import make_batch
+
+    cfg = tiny(tmp_path, peft="lora", lora_rank=4, lora_targets=("query", "output"), rounds=1,
+               lr=0.5)
+    train(cfg, progress=False)
+    assert main(["export", cfg.out, "--merged", str(tmp_path / "hf")]) == 0
+    rounds, model, params, _ = run_model(Path(cfg.out))
+    assert rounds == 1 and np.abs(params["layers"][0]["ffn_out"]["lora_b"]).max() > 0
+    loaded = from_pretrained(tmp_path / "hf", model.config.num_labels)
+    assert len(loaded.tokenizer) == 30522  # preset:tiny uses MiniLM's tokenizer
+    batch = make_batch()
+    np.testing.assert_allclose(loaded.model.apply(loaded.params, batch, train=False).logits,
+                               model.apply(params, batch, train=False).logits, atol=1e-5)
