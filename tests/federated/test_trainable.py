@@ -80,7 +80,8 @@ def test_one_client_peft_fedavg_equals_centralised_training():
 def test_peft_executors_agree():
     p, data = params3(), toy.client_data(5)
     ref = run(p, data, rounds=1, backend="loop")
-    for ex in ({"backend": "vmap"}, {"backend": "vmap", "clients_per_chunk": 2}):
+    for ex in ({"backend": "vmap"}, {"backend": "vmap", "clients_per_chunk": 2},
+               {"backend": "mesh", "num_devices": 2}):  # frozen leaves replicated
         assert toy.max_abs_diff(run(p, data, rounds=1, **ex).params, ref.params) < 1e-6
 
 
