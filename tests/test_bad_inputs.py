@@ -122,6 +122,12 @@ CASES = [
     Case("lora_ranks_above_rank", [*TINY, "--peft", "lora", "--lora-rank", "4",
                                    "--lora-ranks", "2,8"],
          r"lora_ranks must lie in \[1, lora_rank=4\], got 2,8"),
+    Case("lora_exact_with_server_optimizer", [*TINY, "--peft", "lora", "--lora-aggregation",
+                                              "exact", "--server-optimizer", "fedadam"],
+         r"lora_aggregation exact replaces the adapters by the refactored mean product: it needs "
+         r"server_optimizer=fedavg, server_lr=1 and aggregator=weighted_mean"),
+    Case("peft_with_scaffold", [*TINY, "--peft", "bitfit", "--algorithm", "scaffold"],
+         r"peft bitfit runs with algorithm fedavg or fedprox, not scaffold"),
     Case("freeze_layers_beyond_model", [*TINY, "--freeze-layers", "3"],
          r"freeze_layers 3 exceeds the model's 2 stored layers; use at most 2"),
     # -- the file system
