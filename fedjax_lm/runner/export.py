@@ -15,7 +15,7 @@ from fedjax_lm.runner.experiment import Experiment, build_engine, load_model
 from fedjax_lm.runner.peft import build_peft
 from fedjax_lm.runner.report import check_run_files
 from fedjax_lm.runner.rundir import DATA, read_json
-from fedjax_lm.runner.train import check_base_of, restore
+from fedjax_lm.runner.train import check_base_of
 
 
 def export_run(run_dir: Path, out: Path) -> tuple[int, Path]:
@@ -45,7 +45,7 @@ def run_model(run_dir: Path):
         engine = build_engine(cfg, exp)
         state = engine.init(params, jax.random.key(cfg.seed))
         store = engine.new_store(params, cfg.clients) if engine.algorithm.stateful else None
-        rounds, state, _ = restore(ckpt, exp, state, store)
+        rounds, state, _ = ckpt.restore_trainable(exp.peft.trainable, state, store)
     finally:
         ckpt.close()
     return rounds, model, jax.device_get(state.params), tokenizer

@@ -171,3 +171,15 @@ def build_peft(cfg: Any, params: Any, num_clients: int) -> PeftPlan:
         frozen_bytes=total - trainable_bytes,
         full_rank=lora["lora_rank"] if cfg.peft == "lora" else 0,
     )
+
+
+def communication(records: list[dict], plan: PeftPlan) -> dict[str, Any]:
+    """For final.json: bytes per client per round (mean over the run's rounds) and the frozen
+    base, sent once."""
+    def mean(key):
+        values = [r[key] for r in records if key in r]
+        return float(np.mean(values)) if values else None
+
+    return {"upload_bytes_per_client": mean("upload_bytes_per_client"),
+            "download_bytes_per_client": mean("download_bytes_per_client"),
+            "base_download_bytes": plan.frozen_bytes}

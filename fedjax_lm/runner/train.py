@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 
 from fedjax_lm import federated as fl
 from fedjax_lm.data import pack_eval
-from fedjax_lm.federated.trainable import split, trainable_part, with_trainable
+from fedjax_lm.federated.trainable import split, trainable_part
 from fedjax_lm.federated.tree import tree_all_finite
 from fedjax_lm.io import write_json, write_yaml
 from fedjax_lm.models import classification_stats
-from fedjax_lm.runner.checkpoint import Checkpointer
+from fedjax_lm.runner.checkpoint import Checkpointer, saved_state
 from fedjax_lm.runner.config import RunConfig, from_dict
 from fedjax_lm.runner.experiment import (
     Experiment,
@@ -35,6 +35,7 @@ from fedjax_lm.runner.experiment import (
     round_data,
 )
 from fedjax_lm.runner.metrics import MetricsLog
+from fedjax_lm.runner.peft import communication
 from fedjax_lm.runner.rundir import check_base, check_data, check_resumable, locked
 from fedjax_lm.scale.distributed import is_primary
 
@@ -233,7 +234,7 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
         write_yaml(run_dir / "config.yaml", cfg.to_dict())
         (run_dir / "final.json").unlink(missing_ok=True)
     if start:
-        start, state, store = restore(ckpt, exp, state, store)
+        start, state, store = ckpt.restore_trainable(mask, state, store)
         if bad_parts := nonfinite_server_parts(state):
             raise TrainingError(
                 f"the round-{start} checkpoint in {run_dir} holds non-finite server "
@@ -305,16 +306,10 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
                  num_clients=exp.num_clients, data_source=exp.source,
                  train_examples=int(sum(len(ix) for ix in exp.partition)),
                  test_examples=int(len(exp.test["label"])), steps_per_round=exp.steps_per_round,
-                 warnings=warnings, **communication(log.records, exp))
+                 warnings=warnings, **communication(log.records, exp.peft))
     if primary:
         write_json(run_dir / "final.json", final)
     return final
-
-
-def saved_state(mask: Any, state: fl.ServerState) -> fl.ServerState:
-    """What a checkpoint holds: under PEFT the trainable leaves only (the frozen base is
-    the model's own, checked by hash on resume)."""
-    return state.replace(params=trainable_part(mask, state.params))
 
 
 def check_base_of(run_dir: Path, cfg: RunConfig, exp: Experiment, *, rounds_done: int,
@@ -325,26 +320,6 @@ def check_base_of(run_dir: Path, cfg: RunConfig, exp: Experiment, *, rounds_done
         check_base(run_dir, {"model": cfg.model,
                              "base_sha256": params_digest(split(mask, exp.params)[1])},
                    rounds_done=rounds_done, write=write)
-
-
-def restore(ckpt: Checkpointer, exp: Experiment, state: fl.ServerState, store: Any):
-    """(round, server state, client-state store) of the newest good checkpoint; the frozen
-    leaves come from `state` (the run's own base)."""
-    mask = exp.peft.trainable
-    start, saved, states = ckpt.restore(saved_state(mask, state), store and store.states)
-    state = saved.replace(params=with_trainable(mask, state.params, saved.params))
-    return start, state, store and fl.ClientStateStore(states)
-
-
-def communication(records: list[dict], exp: Experiment) -> dict[str, Any]:
-    """Bytes per client per round (mean over the run's rounds) and the base sent once."""
-    def mean(key):
-        values = [r[key] for r in records if key in r]
-        return float(np.mean(values)) if values else None
-
-    return {"upload_bytes_per_client": mean("upload_bytes_per_client"),
-            "download_bytes_per_client": mean("download_bytes_per_client"),
-            "base_download_bytes": exp.peft.frozen_bytes}
 
 
 def summarize(records: list[dict], cfg: RunConfig) -> dict[str, Any]:
