@@ -204,6 +204,7 @@ def test_presets_parse_and_the_largest_c_search_is_per_card():
                    for g in groups)
 
 
+@pytest.mark.slow
 def test_a_lora_cell_counts_frozen_flops_and_the_bytes_a_client_sends(tmp_path: Path):
     from fedjax_lm.bench.workload import Workload, encoder_config, train_flops_per_token
 

@@ -127,3 +127,27 @@ def test_a_rank_4_client_in_an_r8_masked_program_equals_a_native_rank_4_run():
     for x, y in zip(jax.tree.leaves(cut(masked)), jax.tree.leaves(native), strict=True):
         np.testing.assert_allclose(x, y, atol=2e-6)
     assert not np.any(masked["layers"][0]["attention"]["query"][LORA_A][:, 4:])  # zero-padded
+
+
+@pytest.mark.slow
+def test_per_client_bytes_follow_the_adapters_not_the_model():
+    """Compiled (XLA memory analysis) and carried bytes of one more client in the chunk
+    program: LoRA at ranks 2 and 8 against full fine-tuning of the same encoder."""
+    from fedjax_lm.scale import memory as mem
+
+    batch = mem.text_batch(1, 2, 8)
+
+    def estimate(rank):
+        model = lora_model(rank) if rank else tiny()
+        params = jax.eval_shape(model.init, jax.random.key(0))
+        mask = (fl.mask_from_predicate(params, trainable_predicate("lora")) if rank else None)
+        est = mem.estimate_memory(classification_loss(model), params, optax.adam(1e-3), batch,
+                                  trainable=mask, widths=(1, 2))
+        return est, fl.trainable.count(mask, params)[0]
+
+    (full, full_t), (r2, r2_t), (r8, r8_t) = (estimate(r) for r in (0, 2, 8))
+    for est, t in ((full, full_t), (r2, r2_t), (r8, r8_t)):
+        assert est.client_state_bytes == 4 * t + 4  # params, delta, Adam's mu and nu; count
+    assert r8_t - r2_t == 6 * 2 * (32 + 32) * 4  # 6 more components of 2 adapters
+    # Each full client holds at least one more copy of the model than a LoRA one does.
+    assert r8.per_client_bytes < full.per_client_bytes - full_t
