@@ -139,6 +139,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedjax_lm.runner.export import export_run
+
+    check_out_dir(args.merged, "--merged")
+    rounds, out = export_run(args.dir, args.merged)
+    print(f"exported round {rounds} of {args.dir} to {out} (adapters merged)")
+    return 0
+
+
 def cmd_quick(args: argparse.Namespace) -> int:
     """`make run`: the quick sweep on MiniLM, on IMDB when a data dir is configured."""
     from fedjax_lm.runner import config as rc
@@ -189,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path, help="a folder of run directories (e.g. a sweep's)")
     p.add_argument("--title", help="heading of summary.md")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="a run's model as a Hugging Face folder (LoRA merged)")
+    p.add_argument("dir", type=Path, help="a run directory (train's --out)")
+    p.add_argument("--merged", type=Path, required=True,
+                   help="output folder: config.json + model.safetensors + tokenizer")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("quick", help="what `make run` runs: a small client-count sweep")
     p.add_argument("--data-dir", help="dataset folder (else $FEDJAX_LM_DATA_DIR)")

@@ -131,6 +131,29 @@ CASES = [
          r"malicious_fraction is set but there is no attack: set --attack"),
     Case("norm_bound_without_bound", [*TINY, "--aggregator", "norm_bound"],
          r"aggregator norm_bound needs the bound: set --norm-bound"),
+    # -- parameter-efficient fine-tuning
+    Case("lora_target_unknown", [*TINY, "--peft", "lora", "--lora-targets", "query,querry"],
+         r"lora_targets querry match no projection; valid: query, key, value, attention_output, "
+         r"intermediate, output", fix=[*TINY, "--peft", "lora", "--lora-targets", "query"]),
+    Case("lora_rank_zero", [*TINY, "--peft", "lora", "--lora-rank", "0"],
+         r"lora_rank must be >= 1, got 0"),
+    Case("lora_rank_beyond_projection", [*TINY, "--peft", "lora", "--lora-rank", "65"],
+         r"model 'preset:tiny': lora_rank 65 exceeds projection query's size 64x64; use a rank "
+         r"<= 64"),
+    Case("lora_flags_without_peft_lora", [*TINY, "--lora-rank", "4", "--lora-dropout", "0.1"],
+         r"--lora-rank, --lora-dropout need --peft lora \(got --peft none\); add --peft lora or "
+         r"drop them"),
+    Case("lora_ranks_above_rank", [*TINY, "--peft", "lora", "--lora-rank", "4",
+                                   "--lora-ranks", "2,8"],
+         r"lora_ranks must lie in \[1, lora_rank=4\], got 2,8"),
+    Case("lora_exact_with_server_optimizer", [*TINY, "--peft", "lora", "--lora-aggregation",
+                                              "exact", "--server-optimizer", "fedadam"],
+         r"lora_aggregation exact replaces the adapters by the refactored mean product: it needs "
+         r"server_optimizer=fedavg, server_lr=1, aggregator=mean and no attack"),
+    Case("peft_with_scaffold", [*TINY, "--peft", "bitfit", "--algorithm", "scaffold"],
+         r"peft bitfit runs with algorithm fedavg or fedprox, not scaffold"),
+    Case("freeze_layers_beyond_model", [*TINY, "--freeze-layers", "3"],
+         r"freeze_layers 3 exceeds the model's 2 stored layers; use at most 2"),
     # -- the file system
     Case("out_is_a_file", [*TINY, "--out", "{tmp}/file"],
          r"--out .*/file is a file, not a folder; choose another --out", files={"file": "x"}),

@@ -60,6 +60,9 @@ class Group:
     batch_size: int = 8
     local_steps: int = 4
     stop_at_oom: bool = False  # GPU: keep raising C until it no longer fits
+    peft: str = "none"  # none | lora | head | bitfit: only the trainable leaves per client
+    lora_rank: int = 8
+    lora_targets: str = "query,value"
 
     def specs(self) -> list[BackendSpec]:
         return [parse_backend(b) for b in self.backends]

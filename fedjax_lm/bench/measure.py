@@ -18,8 +18,14 @@ import optax
 import psutil
 
 from fedjax_lm import federated as fl
-from fedjax_lm.bench.workload import Workload, synthetic_data, train_flops_per_token
+from fedjax_lm.bench.workload import (
+    Workload,
+    synthetic_data,
+    train_flops_per_token,
+    trainable_mask,
+)
 from fedjax_lm.federated.compilation import count_compilations
+from fedjax_lm.federated.trainable import count
 from fedjax_lm.models import Model
 
 
@@ -92,12 +98,13 @@ def client_optimizer(name: str, lr: float | None = None) -> optax.GradientTransf
 
 
 def make_engine(
-    loss_fn: Any, backend: str, optimizer: str, chunk: int | None, executor: str = "host"
+    loss_fn: Any, backend: str, optimizer: str, chunk: int | None, executor: str = "host",
+    trainable: Any = None,
 ) -> fl.FederatedEngine:
-    """Plain FedAvg (server lr 1 = the mean), as the peers do."""
+    """Plain FedAvg (server lr 1 = the mean), as the peers do; `trainable`: PEFT clients."""
     return fl.build_engine(
         loss_fn, client_optimizer(optimizer), None, backend=backend,
-        clients_per_chunk=chunk, chunk_executor=executor,
+        clients_per_chunk=chunk, chunk_executor=executor, trainable=trainable,
     )
 
 
@@ -145,7 +152,8 @@ def run_cell(
             trace = trace_fn(one_round, trace_rounds)
         except Exception as e:  # noqa: BLE001 — a profiler failure must not lose the timings
             trace = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    flops = train_flops_per_token(model.config, w.max_length) * w.tokens_per_round
+    frozen = w.peft != "none"
+    flops = train_flops_per_token(model.config, w.max_length, frozen) * w.tokens_per_round
     peak, peak_kind = ((rss.peak, "host_rss") if mem_before is None
                        else device_cell_peak(mem_before, device_peak_bytes()))
     return {
@@ -163,5 +171,7 @@ def run_cell(
         "steady_compiles": steady_compiles.count,
         "step_executables": step_cache_size(engine),
         "final_loss": float(np.asarray(result.metrics.loss)),
+        # What one client sends (= receives) per round: its trainable leaves.
+        "upload_bytes_per_client": count(trainable_mask(w, params), params)[0],
         **({"trace": trace} if trace else {}),
     }

@@ -191,12 +191,12 @@ def render_markdown(result: dict[str, Any], plot: str) -> str:
         lines += ["", f"## {model}: B={r0['batch_size']}, L={r0['max_length']}, "
                   f"S={r0['local_steps']} local steps, {r0['optimizer']}, {r0['dtype']}", "",
                   "| backend | C | round s | compile s | examples/s | tokens/s | GFLOP/s | "
-                  "roofline | peak MiB | compiles | × loop | ours/peer round |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "roofline | peak MiB | compiles | × loop | ours/peer round | up MiB/client |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: (r["label"], r["clients"])):
             if r.get("status") != "ok":
                 lines.append(f"| {r['label']} | {r['clients']} | failed: {r.get('error')} |"
-                             + " |" * 9)
+                             + " |" * 10)
                 continue
             ratio = ", ".join(f"{p} {v:.2f}" for p, v in (r.get("peer_round_ratio") or {}
                                                            ).items())
@@ -205,7 +205,8 @@ def render_markdown(result: dict[str, Any], plot: str) -> str:
                 f"{r['examples_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
                 f"{r['flops_per_s'] / 1e9:.1f} | {_fmt(r.get('roofline_fraction'), '.0%')} | "
                 f"{_mem_mib(r)} | {_fmt(r.get('compiles'), 'd')} |"
-                f" {_fmt(r.get('speedup_vs_loop'), '.2f')} | {ratio} |")
+                f" {_fmt(r.get('speedup_vs_loop'), '.2f')} | {ratio} | "
+                f"{_fmt((r.get('upload_bytes_per_client') or 0) / 2**20 or None, '.3g')} |")
     lines += _trace_section(result["rows"])
     failed = [r for r in result["rows"] if r.get("status") != "ok"]
     if failed:

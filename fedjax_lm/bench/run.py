@@ -63,6 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     p.add_argument("--attention-impl", default="xla", choices=("xla", "dot_product"))
     p.add_argument("--remat", action="store_true")
+    p.add_argument("--peft", choices=("none", "lora", "head", "bitfit"), default="none",
+                   help="parameter-efficient clients (only the trainable leaves per client)")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-targets", default="query,value")
     p.add_argument("--trace", type=int, default=0, metavar="N",
                    help="profile N more rounds per cell and report where device time goes")
     p.add_argument("--out", type=Path, required=True, help="writes OUT/bench.json, report.md")
@@ -74,12 +78,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def groups_from_args(args: argparse.Namespace) -> tuple[g.Group, ...]:
     if args.preset:
         return g.PRESETS[args.preset]
+    if args.peft != "none" and args.peers:
+        raise ValueError("the peers fine-tune every parameter; run --peft without --peers")
     backends = tuple(args.backends) + ((f"vmap@{args.chunk}",) if args.chunk else ())
     for b in backends:
         g.parse_backend(b)
     return (g.Group(args.model, args.max_length, tuple(args.clients), backends,
                     tuple(args.peers), args.peer_clients, args.optimizer, args.dtype,
-                    args.attention_impl, args.remat, args.batch_size, args.local_steps),)
+                    args.attention_impl, args.remat, args.batch_size, args.local_steps,
+                    peft=args.peft, lora_rank=args.lora_rank, lora_targets=args.lora_targets),)
 
 
 def machine_info() -> dict[str, Any]:
@@ -184,8 +191,9 @@ def run_group(group: g.Group, args: argparse.Namespace, rooflines: dict[str, flo
 def cell_label(group: g.Group, spec: g.BackendSpec) -> str:
     """The backend spec, plus what the group changes in the workload (fused attention has no
     dropout on the probabilities; remat recomputes activations)."""
+    peft = {"none": "", "lora": f"+lora{group.lora_rank}"}.get(group.peft, f"+{group.peft}")
     return (spec.label + ("+dpa" if group.attention_impl == "dot_product" else "")
-            + ("+remat" if group.remat else ""))
+            + ("+remat" if group.remat else "") + peft)
 
 
 def _cell_base(group: g.Group, spec: g.BackendSpec | None, clients: int) -> dict[str, Any]:
@@ -195,7 +203,7 @@ def _cell_base(group: g.Group, spec: g.BackendSpec | None, clients: int) -> dict
             "clients": clients, "local_steps": group.local_steps,
             "batch_size": group.batch_size, "max_length": group.max_length,
             "optimizer": group.optimizer, "dtype": group.dtype,
-            "attention_impl": group.attention_impl, "remat": group.remat}
+            "attention_impl": group.attention_impl, "remat": group.remat, "peft": group.peft}
 
 
 def _run_local(group: g.Group, specs: list[g.BackendSpec], rounds: int,
@@ -203,17 +211,20 @@ def _run_local(group: g.Group, specs: list[g.BackendSpec], rounds: int,
     import jax
 
     from fedjax_lm.bench.measure import make_engine, run_cell
-    from fedjax_lm.bench.workload import Workload, build
+    from fedjax_lm.bench.workload import Workload, build, trainable_mask
 
     rows: list[dict[str, Any]] = []
     if not specs:
         return rows
     w0 = Workload(group.model, 1, group.local_steps, group.batch_size, group.max_length,
-                  group.dtype, group.attention_impl, group.remat)
+                  group.dtype, group.attention_impl, group.remat, group.peft, group.lora_rank,
+                  group.lora_targets)
     model, params, loss_fn = build(w0)
+    mask = trainable_mask(w0, params)
     roofline = rooflines.get(group.dtype)
     for spec in specs:
-        engine = make_engine(loss_fn, spec.backend, group.optimizer, spec.chunk, spec.executor)
+        engine = make_engine(loss_fn, spec.backend, group.optimizer, spec.chunk, spec.executor,
+                             trainable=mask)
         for c in group.clients:
             row = _cell_base(group, spec, c)
             row["devices"] = engine.num_devices

@@ -28,6 +28,9 @@ class Workload:
     dtype: str = "float32"
     attention_impl: str = "xla"
     remat: bool = False
+    peft: str = "none"  # with lora: R = lora_rank on lora_targets
+    lora_rank: int = 8
+    lora_targets: str = "query,value"
 
     @property
     def examples_per_round(self) -> int:
@@ -40,7 +43,10 @@ class Workload:
 
 def encoder_config(w: Workload) -> EncoderConfig:
     """The preset with the bench's compute options; bf16 computes in bf16, stores in fp32."""
-    return preset(w.model, dtype=w.dtype, attention_impl=w.attention_impl, remat=w.remat)
+    lora = ({"lora_rank": w.lora_rank, "lora_targets": tuple(w.lora_targets.split(","))}
+            if w.peft == "lora" else {})
+    return preset(w.model, dtype=w.dtype, attention_impl=w.attention_impl, remat=w.remat,
+                  **lora)
 
 
 def build(w: Workload, seed: int = 0) -> tuple[Model, Any, Any]:
@@ -48,6 +54,15 @@ def build(w: Workload, seed: int = 0) -> tuple[Model, Any, Any]:
     model = Model(encoder_config(w))
     params = jax.jit(model.init)(jax.random.key(seed))
     return model, params, classification_loss(model)
+
+
+def trainable_mask(w: Workload, params: Any) -> Any:
+    """The workload's PEFT mask over `params` (None: every parameter trains)."""
+    from fedjax_lm.federated import mask_from_predicate
+    from fedjax_lm.models.peft import trainable_predicate
+
+    pred = trainable_predicate(w.peft)
+    return None if pred is None else mask_from_predicate(params, pred)
 
 
 def synthetic_data(w: Workload, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -63,17 +78,19 @@ def synthetic_data(w: Workload, vocab_size: int, seed: int = 0) -> dict[str, np.
     }
 
 
-def train_flops_per_token(cfg: EncoderConfig, length: int) -> float:
+def train_flops_per_token(cfg: EncoderConfig, length: int, frozen_body: bool = False) -> float:
     """Training FLOPs per token (forward + backward = 3 × forward), counted from the model.
 
-    Dense layers: 6 · (non-embedding weights) per token (2 per multiply-add, ×3 for training).
+    Dense layers: 6 · (non-embedding weights) per token (2 per multiply-add, ×3 for training);
+    4 with a `frozen_body` (PEFT: no weight gradients; the adapters' own FLOPs, ~R/H of a
+    projection's, are not counted).
     Attention: per layer, QKᵀ and probs·V each cost 2·L·H per token forward → 12·L·H trained.
     Embedding lookups, norms, softmax and the optimizer are not matmuls and are not counted,
     so this is the useful work a matmul roofline can be compared with.
     """
     h, i = cfg.hidden_size, cfg.intermediate_size
     per_layer = 4 * h * h + 2 * h * i
-    dense = 6 * per_layer * cfg.num_hidden_layers
+    dense = (4 if frozen_body else 6) * per_layer * cfg.num_hidden_layers
     attention = 12 * length * h * cfg.num_hidden_layers
     return float(dense + attention)
 

@@ -39,6 +39,7 @@ from fedjax_lm.federated.executors import (
     make_round,
 )
 from fedjax_lm.federated.fedavg import fedavg
+from fedjax_lm.federated.lowrank import factor_product_mean
 from fedjax_lm.federated.placement import (
     CLIENT_AXIS,
     DATA_AXIS,
@@ -81,6 +82,7 @@ from fedjax_lm.federated.state import (
     ServerState,
 )
 from fedjax_lm.federated.store import ClientStateStore
+from fedjax_lm.federated.trainable import Trainable, mask_from_predicate
 
 ALGORITHMS = ("fedavg", "fedprox", "scaffold")
 
@@ -95,7 +97,7 @@ __all__ = [
     "ExecutorConfig", "FederatedEngine", "LossFn", "RoundMetrics", "RoundOutputs",
     "RoundProgram", "RoundResult", "ServerOptimizer", "ServerState", "TrainedClient",
     "UnsupportedError", "averaging", "build_engine", "client_key", "client_weights",
-    "coordinate_median",
+    "coordinate_median", "factor_product_mean", "mask_from_predicate", "Trainable",
     "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedyogi", "init_state",
     "make_client_mesh", "make_client_optimizer", "make_cohort",
     "make_round", "make_server_optimizer", "normalize_weights", "process_client_ids",

@@ -43,6 +43,13 @@ class Algorithm:
     aggregator: Aggregator = dataclasses.field(default_factory=weighted_mean)
     # One client's fresh carried state from the server params; None: the algorithm is stateless.
     client_state_init: Callable[[Params], PyTree] | None = None
+    # The server-side counterpart of a message (what `message − reference` is a delta from):
+    # the server params, or under PEFT only their trainable leaves. None: `server.params`.
+    message_reference: Callable[[ServerState], PyTree] | None = None
+
+    def reference(self, server: ServerState) -> PyTree:
+        """What the clients' messages moved away from this round (norm bounds, attacks, DP)."""
+        return server.params if self.message_reference is None else self.message_reference(server)
 
     @property
     def stateful(self) -> bool:

@@ -218,9 +218,11 @@ def build_engine(
     prox_mu: float = 0.0,
     carry_client_state: bool = False,
     weighting: str = "examples",
+    trainable: PyTree | None = None,
     **executor: Any,
 ) -> FederatedEngine:
-    """FedAvg-family shorthand: `build_engine(loss_fn, optax.sgd(0.1), backend="mesh")`."""
+    """FedAvg-family shorthand: `build_engine(loss_fn, optax.sgd(0.1), backend="mesh")`;
+    `trainable` (a bool mask over the params) keeps only those leaves per client (PEFT)."""
     algorithm = fedavg(loss_fn, client_optimizer, server_optimizer, prox_mu=prox_mu,
-                       carry_optimizer_state=carry_client_state)
+                       carry_optimizer_state=carry_client_state, trainable=trainable)
     return FederatedEngine(algorithm, ExecutorConfig(**executor), weighting=weighting)

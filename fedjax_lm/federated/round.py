@@ -73,9 +73,10 @@ def message_shape(algorithm: Algorithm, state: ServerState) -> PyTree:
     return jax.eval_shape(final, state)
 
 
-def context(state: ServerState, client_ids: jax.Array) -> Context:
+def context(algorithm: Algorithm, state: ServerState, client_ids: jax.Array) -> Context:
     """A contextual aggregator's view of the round: the same for every chunk of it."""
-    return Context(state.params, client_ids, aggregation_key(state.rng, state.round))
+    return Context(algorithm.reference(state), client_ids,
+                   aggregation_key(state.rng, state.round))
 
 
 def train_block(
@@ -102,7 +103,7 @@ def train_block(
     if algorithm.aggregator.decomposable:
         agg = algorithm.aggregator
         partial = agg.add(partial, messages, p,
-                          *context_args(agg, context(state, block.client_ids)))
+                          *context_args(agg, context(algorithm, state, block.client_ids)))
     n = jnp.where(finite, trained.examples, 0.0)
     sums = RoundSums(partial, sums.loss + jnp.sum(n * jnp.where(finite, trained.loss, 0.0)),
                      sums.examples + jnp.sum(n))
@@ -124,8 +125,8 @@ def finish(
     if aggregator.decomposable:
         aggregate: Aggregate = aggregator.finalize(sums.partial)
     else:
-        aggregate = aggregator.reduce(messages, weights,
-                                      *context_args(aggregator, context(state, client_ids)))
+        ctx = context_args(aggregator, context(algorithm, state, client_ids))
+        aggregate = aggregator.reduce(messages, weights, *ctx)
     new = algorithm.server_update(state, aggregate).replace(round=state.round + 1)
     loss = sums.loss / jnp.maximum(sums.examples, 1.0)
     return new, loss, tree_distance(new.params, state.params)

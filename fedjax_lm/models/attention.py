@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedjax_lm.models import lora
 from fedjax_lm.models.config import EncoderConfig
-from fedjax_lm.models.layers import dense, dropout
+from fedjax_lm.models.layers import dropout
 
 
 def additive_mask(keep: jax.Array) -> jax.Array:
@@ -27,23 +28,25 @@ class SelfAttention(nnx.Module):
 
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
         h = cfg.hidden_size
-        self.query = dense(cfg, h, h, rngs=rngs)
-        self.key = dense(cfg, h, h, rngs=rngs)
-        self.value = dense(cfg, h, h, rngs=rngs)
-        self.output = dense(cfg, h, h, rngs=rngs)
+        self.query = lora.projection(cfg, h, h, "query", rngs=rngs)
+        self.key = lora.projection(cfg, h, h, "key", rngs=rngs)
+        self.value = lora.projection(cfg, h, h, "value", rngs=rngs)
+        self.output = lora.projection(cfg, h, h, "attention_output", rngs=rngs)
         self.num_heads = cfg.num_attention_heads
         self.impl = cfg.attention_impl
         self.probs_dropout = cfg.attention_probs_dropout_prob
 
     def __call__(
-        self, x: jax.Array, keep: jax.Array | None, key: jax.Array | None
+        self, x: jax.Array, keep: jax.Array | None, key: jax.Array | None,
+        layer_key: jax.Array | None = None,
     ) -> jax.Array:
-        """x [B, L, H]; keep [B, L] (1 = real token) or None to attend everywhere."""
+        """x [B, L, H]; keep [B, L] (1 = real token) or None to attend everywhere;
+        `layer_key` seeds LoRA dropout (None: none)."""
         b, length, h = x.shape
         shape = (b, length, self.num_heads, h // self.num_heads)
-        q = self.query(x).reshape(shape)
-        k = self.key(x).reshape(shape)
-        v = self.value(x).reshape(shape)
+        q = lora.call(self.query, x, layer_key, "query").reshape(shape)
+        k = lora.call(self.key, x, layer_key, "key").reshape(shape)
+        v = lora.call(self.value, x, layer_key, "value").reshape(shape)
         if self.impl == "dot_product":
             mask = None if keep is None else keep.astype(bool)[:, None, None, :]
             ctx = jax.nn.dot_product_attention(q, k, v, mask=mask)
@@ -55,4 +58,4 @@ class SelfAttention(nnx.Module):
             probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
             probs = dropout(probs, self.probs_dropout, key)
             ctx = jnp.einsum("bnqk,bknd->bqnd", probs, v)
-        return self.output(ctx.reshape(b, length, h))
+        return lora.call(self.output, ctx.reshape(b, length, h), layer_key, "attention_output")

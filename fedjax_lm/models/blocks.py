@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedjax_lm.models import lora
 from fedjax_lm.models.attention import SelfAttention
 from fedjax_lm.models.config import EncoderConfig
 from fedjax_lm.models.hidden_act import make_hidden_act
@@ -77,9 +78,11 @@ class EncoderLayer(nnx.Module):
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
         self.attention = SelfAttention(cfg, rngs=rngs)
         self.attention_norm = layer_norm(cfg, cfg.hidden_size, rngs=rngs)
-        self.ffn_in = dense(cfg, cfg.hidden_size, cfg.intermediate_size, rngs=rngs)
+        self.ffn_in = lora.projection(cfg, cfg.hidden_size, cfg.intermediate_size,
+                                      "intermediate", rngs=rngs)
         self.act = make_hidden_act(cfg.hidden_act, rngs=rngs)
-        self.ffn_out = dense(cfg, cfg.intermediate_size, cfg.hidden_size, rngs=rngs)
+        self.ffn_out = lora.projection(cfg, cfg.intermediate_size, cfg.hidden_size, "output",
+                                       rngs=rngs)
         self.output_norm = layer_norm(cfg, cfg.hidden_size, rngs=rngs)
         self.rate = cfg.hidden_dropout_prob
         self.attn_output_dropout = cfg.model_type != "distilbert"
@@ -87,11 +90,12 @@ class EncoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, keep: jax.Array | None, key: jax.Array | None) -> jax.Array:
         k_attn, k_attn_out, k_ffn = split_key(key, 3)
-        a = self.attention(x, keep, k_attn)
+        a = self.attention(x, keep, k_attn, key)
         if self.attn_output_dropout:
             a = dropout(a, self.rate, k_attn_out)
         h = self.attention_norm(x + a)
-        f = self.ffn_out(self.act(self.ffn_in(h)).astype(h.dtype))
+        f = lora.call(self.ffn_in, h, key, "intermediate")
+        f = lora.call(self.ffn_out, self.act(f).astype(h.dtype), key, "output")
         if self.ffn_output_dropout:
             f = dropout(f, self.rate, k_ffn)
         return self.output_norm(h + f)

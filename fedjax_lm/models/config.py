@@ -21,9 +21,11 @@ from fedjax_lm.models.hidden_act import hidden_act_names
 
 MODEL_TYPES = ("bert", "distilbert", "albert")
 ATTENTION_IMPLS = ("xla", "dot_product")
+# LoRA target projections: one naming for the three architectures (see `lora`).
+LORA_TARGET_NAMES = ("query", "key", "value", "attention_output", "intermediate", "output")
 # The field annotations (strings, under `from __future__ import annotations`) → accepted types.
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
-          "None": (type(None),)}
+          "None": (type(None),), "tuple[str, ...]": (tuple,)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,8 @@ class EncoderConfig:
     attention probabilities, so with it `attention_probs_dropout_prob` is not applied).
     `remat` recomputes each layer in the backward pass (memory for compute). `dtype` is the
     compute dtype, `param_dtype` the storage dtype of the parameters.
+    `lora_rank` > 0 adds LoRA adapters (scale `lora_alpha / lora_rank`, dropout `lora_dropout`
+    on their input) to the `lora_targets` projections (names in `LORA_TARGET_NAMES`); 0: none.
     """
 
     model_type: str = "bert"
@@ -65,6 +69,10 @@ class EncoderConfig:
     remat: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Every value that would otherwise fail (or silently misbehave) deep inside the model:
@@ -110,11 +118,36 @@ class EncoderConfig:
                 f"pad_token_id {self.pad_token_id} is not a row of the {self.vocab_size}-word "
                 "embedding table"
             )
+        self._check_lora()
         for name in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, name))
             except TypeError:
                 raise ModelLoadError(f"{name} {getattr(self, name)!r} is not a dtype") from None
+
+    def projection_sizes(self) -> dict[str, tuple[int, int]]:
+        """(d_in, d_out) of each LoRA target projection."""
+        h, i = self.hidden_size, self.intermediate_size
+        return {"query": (h, h), "key": (h, h), "value": (h, h), "attention_output": (h, h),
+                "intermediate": (h, i), "output": (i, h)}
+
+    def _check_lora(self) -> None:
+        if self.lora_rank < 0:
+            raise ModelLoadError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ModelLoadError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGET_NAMES]
+        if unknown:
+            raise ModelLoadError(f"unknown LoRA target(s) {', '.join(unknown)}; valid: "
+                                 f"{', '.join(LORA_TARGET_NAMES)}")
+        if self.lora_rank and not self.lora_targets:
+            raise ModelLoadError("lora_rank > 0 needs lora_targets (e.g. query,value)")
+        sizes = self.projection_sizes()
+        for t in self.lora_targets:
+            if self.lora_rank > min(sizes[t]):
+                raise ModelLoadError(f"lora_rank {self.lora_rank} exceeds projection {t}'s "
+                                     f"size {sizes[t][0]}x{sizes[t][1]}; use a rank <= "
+                                     f"{min(sizes[t])}")
 
     @property
     def head_dim(self) -> int:

@@ -15,16 +15,18 @@ from flax import nnx
 from fedjax_lm.models.config import EncoderConfig
 
 
-def dense(cfg: EncoderConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(
-        d_in,
-        d_out,
+def dense_kwargs(cfg: EncoderConfig) -> dict:
+    """`nnx.Linear`'s initialisers and dtypes for `cfg` (shared with LoRA projections)."""
+    return dict(
         kernel_init=nnx.initializers.normal(cfg.initializer_range),
         bias_init=nnx.initializers.zeros,
         dtype=jnp.dtype(cfg.dtype),
         param_dtype=jnp.dtype(cfg.param_dtype),
-        rngs=rngs,
     )
+
+
+def dense(cfg: EncoderConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, **dense_kwargs(cfg), rngs=rngs)
 
 
 def embed(cfg: EncoderConfig, num: int, dim: int, *, rngs: nnx.Rngs) -> nnx.Embed:

@@ -11,7 +11,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from fedjax_lm.federated import ServerState
+from fedjax_lm.federated import ClientStateStore, ServerState
+from fedjax_lm.federated.trainable import trainable_part, with_trainable
+
+
+def saved_state(mask: Any, state: ServerState) -> ServerState:
+    """What a checkpoint holds: under PEFT (`mask`) the trainable leaves only; the frozen base
+    is the model's own, checked by hash on resume (`rundir.check_base`)."""
+    return state.replace(params=trainable_part(mask, state.params))
 
 
 def _to_saveable(state: ServerState, client_states: Any) -> dict:
@@ -59,6 +66,13 @@ class Checkpointer:
             clients = restored["client_states"] if template_clients is not None else None
             return step, server, clients
         return 0, template_state, template_clients
+
+    def restore_trainable(self, mask: Any, state: ServerState, store: Any):
+        """`restore` of a run saved with `saved_state(mask, ...)`: (round, server state,
+        client-state store), the frozen leaves taken from `state` (the run's own base)."""
+        start, saved, states = self.restore(saved_state(mask, state), store and store.states)
+        state = saved.replace(params=with_trainable(mask, state.params, saved.params))
+        return start, state, store and ClientStateStore(states)
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

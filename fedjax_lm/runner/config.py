@@ -86,6 +86,15 @@ class RunConfig:
     malicious_fraction: float | None = None  # of the population, seeded from `seed`
     attack_scale: float = 10.0  # scale: the malicious delta's factor
     attack_std: float = 1.0  # gaussian: the malicious delta's per-coordinate std
+    # -- parameter-efficient fine-tuning (see runner/peft.py; lora_* need peft=lora)
+    peft: str | None = None  # none (= null) | lora | head | bitfit (the head always trains)
+    lora_rank: int | None = None  # R (default 8; with lora_ranks: their maximum)
+    lora_alpha: float | None = None  # scale alpha / R (default 16)
+    lora_dropout: float | None = None  # dropout on the adapters' input (default 0)
+    lora_targets: tuple[str, ...] | None = None  # default query,value
+    lora_aggregation: str | None = None  # fedit (default) | ffa | exact
+    lora_ranks: tuple[str, ...] | None = None  # per-client ranks; client i: [i mod len]
+    freeze_layers: int = 0  # embeddings and the bottom N (stored) layers frozen
     # -- execution
     backend: str = execution_field("vmap")  # backends agree to float tolerance
     clients_per_chunk: int | None = execution_field(None)
@@ -223,6 +232,9 @@ def _check(cfg: RunConfig) -> None:
     need(cfg.partition in PARTITIONERS,
          f"unknown partition {cfg.partition!r}; valid: {', '.join(sorted(PARTITIONERS))}")
     need(cfg.task != "csv" or cfg.train_file is not None, "task csv needs --train-file")
+    from fedjax_lm.runner.peft import check_peft
+
+    check_peft(cfg)
     _check_inputs(cfg)
 
 

@@ -15,6 +15,7 @@ from fedjax_lm import federated as fl
 from fedjax_lm import models
 from fedjax_lm.federated.fedavg import ClientParamsInit
 from fedjax_lm.runner.config import ConfigError, RunConfig, executor, partition_params
+from fedjax_lm.runner.peft import PeftPlan, build_peft, model_overrides
 from fedjax_lm.runner.robustness import aggregator
 
 PRESET_PREFIX = models.PRESET_PREFIX
@@ -32,6 +33,7 @@ class Experiment:
     num_classes: int
     steps_per_round: int  # S: the longest client's local steps (fixed across rounds)
     source: str  # where the data came from, for the record
+    peft: PeftPlan  # which parameters train, and what a client sends
     malicious: np.ndarray | None = None  # bool[N]: the attack's clients (fixed for the run)
 
     @property
@@ -45,7 +47,8 @@ def load_model(cfg: RunConfig, num_labels: int) -> tuple[models.Model, Any, Any]
     `preset:<size>` builds a randomly initialised encoder of that size with the MiniLM
     tokenizer's vocabulary (offline); anything else goes through `from_pretrained`.
     """
-    overrides: dict[str, Any] = {"attend_to_padding": cfg.attend_to_padding}
+    overrides: dict[str, Any] = {"attend_to_padding": cfg.attend_to_padding,
+                                 **model_overrides(cfg)}
     if cfg.hidden_act:
         overrides["hidden_act"] = cfg.hidden_act
     if cfg.model.startswith(PRESET_PREFIX):
@@ -124,6 +127,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
         steps_per_round=int(np.max(steps)), source=task.source,
         malicious=(None if cfg.malicious_fraction is None
                    else fl.malicious_clients(cfg.clients, cfg.malicious_fraction, cfg.seed)),
+        peft=build_peft(cfg, params, cfg.clients),
     )
 
 
@@ -150,7 +154,8 @@ def build_algorithm(cfg: RunConfig, exp: Experiment) -> fl.Algorithm:
                            client_params_init=heads)
     return fl.fedavg(loss_fn, client_optimizer(cfg), server, prox_mu=cfg.prox_mu,
                      carry_optimizer_state=cfg.carry_client_state, client_params_init=heads,
-                     aggregator=aggregator(cfg, exp.malicious))
+                     aggregator=exp.peft.aggregator or aggregator(cfg, exp.malicious),
+                     trainable=exp.peft.trainable, client_mask=exp.peft.client_mask)
 
 
 def build_engine(cfg: RunConfig, exp: Experiment) -> fl.FederatedEngine:

@@ -23,6 +23,7 @@ from fedjax_lm.runner.report import check_run_files
 
 LOCK = ".lock"  # flock'ed by the run writing the directory; holds "pid P on HOST"
 DATA = "data.json"  # the fingerprint of the data the run trains on
+BASE = "base.json"  # the identity of the frozen base a PEFT run's checkpoints leave out
 
 
 class RunDirInUse(ConfigError):
@@ -103,18 +104,38 @@ def check_data(run_dir: Path, fingerprint: dict[str, Any], *, rounds_done: int,
     """Refuse to resume onto data other than the rounds so far were trained on (naming what
     differs); a fresh run records its fingerprint. `source` (a path) is for the record only:
     the same data read from another folder resumes."""
-    old = read_json(run_dir / DATA) if rounds_done else None
-    if old is None:  # a fresh run, or a directory made before fingerprints
-        if write:
-            write_json(run_dir / DATA, fingerprint)
-        return
-    diff = [k for k, v in fingerprint.items() if k != "source" and k in old and old[k] != v]
-    if diff:
-        detail = "; ".join(f"{k}: {_short(old[k])} -> {_short(fingerprint[k])}" for k in diff)
+    detail = _recorded_diff(run_dir / DATA, fingerprint, rounds_done, write, ("source",))
+    if detail:
         raise ResumeError(
             f"{run_dir} holds {rounds_done} round(s) trained on other data ({detail}): the data "
             "directory, data files or tokenizer changed since. Resume with the original data, "
             "or use another --out.")
+
+
+def check_base(run_dir: Path, identity: dict[str, Any], *, rounds_done: int,
+               write: bool) -> None:
+    """Refuse to resume adapters onto another frozen base than they were trained on (its
+    content hash changed; `model`, a name or path, is for the record); a fresh run records
+    it."""
+    detail = _recorded_diff(run_dir / BASE, identity, rounds_done, write, ("model",))
+    if detail:
+        raise ResumeError(
+            f"{run_dir} holds {rounds_done} round(s) of adapters trained on another base model "
+            f"({detail}): the weights of --model {identity['model']} changed since. Resume "
+            "with the original base, or use another --out.")
+
+
+def _recorded_diff(path: Path, fingerprint: dict[str, Any], rounds_done: int, write: bool,
+                   ignore: tuple[str, ...]) -> str | None:
+    """What differs from the fingerprint recorded at `path` ("key: old -> new; ..."), or
+    None; a fresh run (or a directory made before that file existed) records it."""
+    old = read_json(path) if rounds_done else None
+    if old is None:
+        if write:
+            write_json(path, fingerprint)
+        return None
+    diff = [k for k, v in fingerprint.items() if k not in ignore and k in old and old[k] != v]
+    return "; ".join(f"{k}: {_short(old[k])} -> {_short(fingerprint[k])}" for k in diff) or None
 
 
 def _short(value: Any) -> str:

@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 
 from fedjax_lm import federated as fl
 from fedjax_lm.data import pack_eval
+from fedjax_lm.federated.trainable import split, trainable_part
 from fedjax_lm.federated.tree import tree_all_finite
 from fedjax_lm.io import write_json, write_yaml
 from fedjax_lm.models import classification_stats
-from fedjax_lm.runner.checkpoint import Checkpointer
+from fedjax_lm.runner.checkpoint import Checkpointer, saved_state
 from fedjax_lm.runner.config import RunConfig, from_dict
 from fedjax_lm.runner.experiment import (
     Experiment,
@@ -34,7 +35,8 @@ from fedjax_lm.runner.experiment import (
     round_data,
 )
 from fedjax_lm.runner.metrics import MetricsLog
-from fedjax_lm.runner.rundir import check_data, check_resumable, locked
+from fedjax_lm.runner.peft import communication
+from fedjax_lm.runner.rundir import check_base, check_data, check_resumable, locked
 from fedjax_lm.scale.distributed import is_primary
 
 # A train loss above either multiple is divergence: warn (a run at chance accuracy otherwise
@@ -166,11 +168,14 @@ def memory_plan_lines(cfg: RunConfig, exp: Experiment, engine) -> list[str]:
     from fedjax_lm.scale import memory as mem
 
     f = mem.format_bytes
-    params = mem.tree_bytes(exp.params)
+    trainable = trainable_part(exp.peft.trainable, exp.params)
+    params = mem.tree_bytes(trainable)
     optimizer = client_optimizer(cfg)
-    opt = mem.tree_bytes(jax.eval_shape(optimizer.init, exp.params))
-    lines = [f"memory: params {f(params)}; per client state {f(2 * params + opt)} "
-             f"(params + {cfg.client_optimizer} state + delta)"]
+    opt = mem.tree_bytes(jax.eval_shape(optimizer.init, trainable))
+    lines = [f"memory: params {f(mem.tree_bytes(exp.params))}"
+             f"{f', trainable {f(params)}' if exp.peft.trainable is not None else ''}; "
+             f"per client state {f(2 * params + opt)} "
+             f"(trainable params + {cfg.client_optimizer} state + delta)"]
     if jax.default_backend() != "cpu":
         batch = mem.text_batch(exp.steps_per_round, cfg.batch_size, cfg.max_length)
         est = mem.estimate_memory(_loss(exp), exp.params, optimizer, batch)
@@ -221,14 +226,15 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
     ckpt = Checkpointer(run_dir / "checkpoints")
     start = ckpt.latest_round() or 0
     check_data(run_dir, data_fingerprint(exp), rounds_done=start, write=primary)
+    check_base_of(run_dir, cfg, exp, rounds_done=start, write=primary)
+    mask = exp.peft.trainable
     # Setup succeeded: only now does the directory record its config. A final.json of fewer
     # rounds no longer describes it once training continues.
     if primary:
         write_yaml(run_dir / "config.yaml", cfg.to_dict())
         (run_dir / "final.json").unlink(missing_ok=True)
     if start:
-        start, state, states = ckpt.restore(state, store and store.states)
-        store = store and fl.ClientStateStore(states)
+        start, state, store = ckpt.restore_trainable(mask, state, store)
         if bad_parts := nonfinite_server_parts(state):
             raise TrainingError(
                 f"the round-{start} checkpoint in {run_dir} holds non-finite server "
@@ -270,6 +276,9 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
                 "update_norm": float(metrics.update_norm),
                 "cohort_size": len(ids),  # this round's clients; config.clients: the population
                 "skipped_clients": bad,
+                # Per round: the trainable leaves down and up (the frozen base once, before).
+                "upload_bytes_per_client": exp.peft.client_bytes(ids),
+                "download_bytes_per_client": exp.peft.client_bytes(ids),
             }
             if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
                 record.update(evaluate(predict, state.params, exp, cfg.eval_batch_size))
@@ -285,7 +294,7 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
                             acc=f"{record.get('eval_accuracy', float('nan')):.3f}")
             if cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0
                                          or r + 1 == cfg.rounds):
-                ckpt.save(r + 1, state, store and store.states)
+                ckpt.save(r + 1, saved_state(mask, state), store and store.states)
         ckpt.wait()
     finally:
         bar.close()
@@ -297,10 +306,20 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
                  num_clients=exp.num_clients, data_source=exp.source,
                  train_examples=int(sum(len(ix) for ix in exp.partition)),
                  test_examples=int(len(exp.test["label"])), steps_per_round=exp.steps_per_round,
-                 warnings=warnings)
+                 warnings=warnings, **communication(log.records, exp.peft))
     if primary:
         write_json(run_dir / "final.json", final)
     return final
+
+
+def check_base_of(run_dir: Path, cfg: RunConfig, exp: Experiment, *, rounds_done: int,
+                  write: bool) -> None:
+    """Under PEFT: record the frozen base's identity, or refuse a resume onto another."""
+    mask = exp.peft.trainable
+    if mask is not None:
+        check_base(run_dir, {"model": cfg.model,
+                             "base_sha256": params_digest(split(mask, exp.params)[1])},
+                   rounds_done=rounds_done, write=write)
 
 
 def summarize(records: list[dict], cfg: RunConfig) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from jax.sharding import Sharding
 from fedjax_lm.federated.algorithm import LossFn
 from fedjax_lm.federated.engine import build_engine
 from fedjax_lm.federated.server import ServerOptimizer
+from fedjax_lm.federated.trainable import Trainable, trainable_part
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +64,9 @@ def tree_bytes(tree) -> int:
 class MemoryEstimate:
     """Bytes of one round on one device, as `fixed + K · per_client` for a chunk of width K.
 
-    `client_state_bytes` is the analytic state of one client (params + client optimizer
-    state + its delta in the accumulator); `per_client_bytes` is the compiled marginal cost,
-    which adds gradients and activations.
+    `client_state_bytes` is the analytic state of one client (its trainable params + client
+    optimizer state + its delta in the accumulator; under PEFT the frozen base is in `fixed`);
+    `per_client_bytes` is the compiled marginal cost, which adds gradients and activations.
     """
 
     params_bytes: int
@@ -105,12 +106,14 @@ def compiled_chunk_bytes(
     server_optimizer: ServerOptimizer = None,
     carry_client_state: bool = False,
     sharding: Sharding | None = None,
+    trainable: Trainable | None = None,
 ) -> int:
     """Peak bytes XLA reports for the engine's chunk program at `width` clients, compiled for
-    the device `sharding` names (default: the local backend; see `scale.targets`)."""
+    the device `sharding` names (default: the local backend; see `scale.targets`);
+    `trainable` (a PEFT mask) keeps only those leaves per client."""
     engine = build_engine(loss_fn, client_optimizer, server_optimizer,
                           carry_client_state=carry_client_state, clients_per_chunk=width,
-                          chunk_executor="host")
+                          chunk_executor="host", trainable=trainable)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     lowered = engine.lower_chunk(params, batch.shapes(width), sharding=sharding)
     m = lowered.compile().memory_analysis()
@@ -128,19 +131,20 @@ def estimate_memory(
     carry_client_state: bool = False,
     widths: tuple[int, int] = (2, 4),
     sharding: Sharding | None = None,
+    trainable: Trainable | None = None,
 ) -> MemoryEstimate:
     """Fit `fixed + K · per_client` from two compiles (`widths`) of the chunk program."""
     kw = dict(server_optimizer=server_optimizer, carry_client_state=carry_client_state,
-              sharding=sharding)
+              sharding=sharding, trainable=trainable)
     k1, k2 = widths
     b1, b2 = (compiled_chunk_bytes(loss_fn, params, client_optimizer, batch, k, **kw)
               for k in (k1, k2))
     per_client = max(-(-(b2 - b1) // (k2 - k1)), 1)
-    params_bytes = tree_bytes(params)
-    opt_bytes = tree_bytes(jax.eval_shape(client_optimizer.init, params))
+    train = trainable_part(trainable, params)
+    opt_bytes = tree_bytes(jax.eval_shape(client_optimizer.init, train))
     return MemoryEstimate(
-        params_bytes=params_bytes,
-        client_state_bytes=2 * params_bytes + opt_bytes,
+        params_bytes=tree_bytes(params),
+        client_state_bytes=2 * tree_bytes(train) + opt_bytes,
         data_bytes_per_client=batch.bytes_per_client,
         fixed_bytes=max(b1 - k1 * per_client, 0),
         per_client_bytes=per_client,

@@ -3,6 +3,8 @@
     fedjax-lm plan --model base --clients 32 --device-memory 80GB --batch-size 32 \\
         --max-length 128 --local-steps 4 --optimizer adam [--remat] [--bf16]
     fedjax-lm plan --target h200 --model base --clients 32 --bf16 --largest-clients
+    fedjax-lm plan --target h200 --model base --clients 2048 --batch-size 8 --peft lora \
+        --lora-rank 8 --lora-targets query,value --largest-clients
 
 Compiles the engine's chunk program from shapes only (see `memory`), for the local backend or,
 with `--target`, for a GPU this machine need not have (see `targets`; needs JAX's CUDA plugin).
@@ -20,21 +22,34 @@ import jax
 
 from fedjax_lm.federated.client_optimizers import CLIENT_OPTIMIZERS, make_client_optimizer
 from fedjax_lm.federated.robust import AGGREGATORS, ALIASES, WHOLE_COHORT
+from fedjax_lm.federated.trainable import trainable_part
 from fedjax_lm.scale import memory as mem
 from fedjax_lm.scale import targets
 
 
 def model_loss_and_params(name: str, model_type: str, num_labels: int, *, remat: bool,
-                          bf16: bool):
-    """`(loss_fn, params ShapeDtypeStructs)` of a model preset; imported lazily so planning
-    works with whatever `fedjax_lm.models` provides."""
+                          bf16: bool, **lora):
+    """`(loss_fn, params ShapeDtypeStructs)` of a model preset (`lora`: its adapters' config
+    fields); imported lazily so planning works with whatever `fedjax_lm.models` provides."""
     from fedjax_lm import models
 
     config = models.preset(name, model_type, num_labels=num_labels, remat=remat,
-                           dtype="bfloat16" if bf16 else "float32")
+                           dtype="bfloat16" if bf16 else "float32", **lora)
     model = models.build_model(config)
     params = jax.eval_shape(model.init, jax.random.key(0))
     return models.classification_loss(model), params
+
+
+def peft_pieces(args: argparse.Namespace) -> tuple[dict, object]:
+    """(model LoRA fields, trainable-mask builder) for `--peft` (model-side, imported lazily)."""
+    from fedjax_lm.federated import mask_from_predicate
+    from fedjax_lm.models.peft import trainable_predicate
+
+    lora = {}
+    if args.peft == "lora":
+        lora = dict(lora_rank=args.lora_rank, lora_targets=tuple(args.lora_targets.split(",")))
+    pred = trainable_predicate(args.peft, freeze_layers=args.freeze_layers)
+    return lora, (lambda params: None if pred is None else mask_from_predicate(params, pred))
 
 
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
@@ -68,6 +83,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute (float32 params)")
     p.add_argument("--aggregator", default="mean", choices=(*AGGREGATORS, *ALIASES),
                    help="a whole-cohort aggregator (median, krum, ...) gathers every message")
+    p.add_argument("--peft", choices=("none", "lora", "head", "bitfit"), default="none",
+                   help="parameter-efficient clients: only the trainable leaves are per client")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-targets", default="query,value")
+    p.add_argument("--freeze-layers", type=int, default=0)
 
 
 def plan_report(args: argparse.Namespace) -> tuple[mem.MemoryEstimate, list[str]]:
@@ -79,11 +99,14 @@ def plan_report(args: argparse.Namespace) -> tuple[mem.MemoryEstimate, list[str]
     memory = (mem.parse_bytes(args.device_memory) if args.device_memory
               else target.memory_bytes or mem.parse_bytes("80GB"))
     memory_from = args.device_memory or (target.name if target.memory_bytes else "80GB")
+    lora, make_mask = peft_pieces(args)
     loss_fn, params = model_loss_and_params(args.model, args.model_type, args.num_labels,
-                                            remat=args.remat, bf16=args.bf16)
+                                            remat=args.remat, bf16=args.bf16, **lora)
+    trainable = make_mask(params)
     batch = mem.text_batch(args.local_steps, args.batch_size, args.max_length)
     optimizer = make_client_optimizer(args.optimizer, 1e-3)
-    est = mem.estimate_memory(loss_fn, params, optimizer, batch, sharding=target.sharding)
+    est = mem.estimate_memory(loss_fn, params, optimizer, batch, sharding=target.sharding,
+                              trainable=trainable)
     budget = int(args.headroom * memory)
     per_device = -(-args.clients // args.devices)
     width = mem.widest_fitting(est, per_device, budget)
@@ -95,8 +118,10 @@ def plan_report(args: argparse.Namespace) -> tuple[mem.MemoryEstimate, list[str]
         f"compiled for: {target.name} ({target.description})",
         f"client data: {args.local_steps} steps x {args.batch_size} examples x "
         f"{args.max_length} tokens = {f(est.data_bytes_per_client)} per client",
-        f"per client: state {f(est.client_state_bytes)} (params + {args.optimizer} state + "
-        f"delta); compiled {f(est.per_client_bytes)} incl. gradients and "
+        f"peft {args.peft}: {f(mem.tree_bytes(trainable_part(trainable, params)))} trainable "
+        f"per client, sent up and down each round (the frozen rest once)",
+        f"per client: state {f(est.client_state_bytes)} (trainable params + {args.optimizer} "
+        f"state + delta); compiled {f(est.per_client_bytes)} incl. gradients and "
         f"{f(est.activation_bytes_per_client)} activations",
         f"fixed per device: {f(est.fixed_bytes)} (server state, accumulator)",
         f"budget per device: {f(budget)} ({args.headroom:g} x {f(memory)} from {memory_from}); "
@@ -119,7 +144,7 @@ def plan_report(args: argparse.Namespace) -> tuple[mem.MemoryEstimate, list[str]
     if args.largest_clients:
         def compile_bytes(c: int) -> int:
             return mem.compiled_chunk_bytes(loss_fn, params, optimizer, batch, c,
-                                            sharding=target.sharding)
+                                            sharding=target.sharding, trainable=trainable)
 
         largest, probes = mem.largest_unchunked(compile_bytes, est, budget)
         lines.append(f"largest unchunked C (compiled): {largest} clients per device")

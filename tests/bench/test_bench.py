@@ -202,3 +202,22 @@ def test_presets_parse_and_the_largest_c_search_is_per_card():
         assert [c for g in groups for c in g.clients] == clients
         assert all(g.stop_at_oom and g.backends == ("vmap",) and g.model == "base"
                    for g in groups)
+
+
+@pytest.mark.slow
+def test_a_lora_cell_counts_frozen_flops_and_the_bytes_a_client_sends(tmp_path: Path):
+    from fedjax_lm.bench.workload import Workload, encoder_config, train_flops_per_token
+
+    rc = run.main(["--model", "tiny", "--clients", "1", "--backends", "vmap", "--rounds", "1",
+                   "--local-steps", "1", "--batch-size", "2", "--max-length", "8",
+                   "--peft", "lora", "--lora-rank", "2", "--out", str(tmp_path)])
+    assert rc == 0
+    (row,) = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert row["label"] == "vmap+lora2" and row["peft"] == "lora"
+    # preset:tiny: 2 layers, hidden 64; query and value adapters, the 2-class head.
+    assert row["upload_bytes_per_client"] == 2 * 2 * 2 * (64 + 64) * 4 + (64 * 2 + 2) * 4
+    cfg = encoder_config(Workload("tiny", peft="lora", lora_rank=2))
+    assert row["flops_per_round"] == train_flops_per_token(cfg, 8, frozen_body=True) * 2 * 8
+    assert "| vmap+lora2 | 1 |" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="the peers fine-tune every parameter"):
+        run.main(["--peft", "lora", "--peers", "torch-loop", "--out", str(tmp_path)])

@@ -221,3 +221,13 @@ def test_plan_command_errors_and_largest_clients(capsys, monkeypatch, sgd_estima
                  if sgd_estimate.chunk_bytes(min(c, 6)) + per * c // 7 <= budget)
     assert f"largest unchunked C (compiled): {expect} clients per device" in out
     assert "| 9 |" in out and "compiled for: local" in out
+
+
+def test_peft_estimate_counts_only_the_trainable_leaves_per_client(sgd_estimate):
+    """w1 and b1 frozen: a client's state is w2 and its delta; the frozen layer is fixed."""
+    frozen = mem.estimate_memory(mlp_loss, PARAMS, optax.sgd(0.1), BATCH,
+                                 trainable={"w1": False, "b1": False, "w2": True})
+    assert frozen.client_state_bytes == 2 * H * OUT * 4
+    assert frozen.params_bytes == sgd_estimate.params_bytes
+    # The full run's client carries w1 (128 KiB) and its gradient; the PEFT one does not.
+    assert frozen.per_client_bytes < sgd_estimate.per_client_bytes - D * H * 4

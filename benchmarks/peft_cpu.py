@@ -1,0 +1,131 @@
+"""LoRA clients vs full fine-tuning, measured in one run (issue 16's CPU target).
+
+    PYTHONPATH=. python benchmarks/peft_cpu.py --clients 256 --chunk 16 --out DIR
+
+MiniLM (pretrained, `--model minilm`), Adam, S local steps x batch B x length L of random tokens;
+LoRA R on the `--targets` projections vs every parameter trained, same C and chunking (the
+vectorized engine, chunks by the scan executor). Each variant runs in its own process (its
+peak RSS is its own): one round to compile, then `--rounds` timed rounds. Prints and writes
+`DIR/peft_cpu.json` and `DIR/peft_cpu.md`: client-steps per second, compiled per-client bytes
+(XLA's memory analysis of the chunk program at two widths: carried state, gradients and
+activations), each client's carried state (trainable params + Adam + delta), the bytes a client
+sends per round, peak RSS, and the LoRA / full ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def measure(args: argparse.Namespace) -> dict:
+    import jax
+    import numpy as np
+    import optax
+
+    from fedjax_lm import federated as fl
+    from fedjax_lm import models
+    from fedjax_lm.federated.trainable import count
+    from fedjax_lm.models.peft import trainable_predicate
+    from fedjax_lm.scale import memory as mem
+
+    lora = args.variant == "lora"
+    extra = dict(lora_rank=args.rank, lora_targets=tuple(args.targets.split(","))) if lora else {}
+    loaded = models.from_pretrained(args.model, 2, load_tokenizer=False, **extra)
+    params = loaded.params
+    pred = trainable_predicate("lora" if lora else "none")
+    mask = None if pred is None else fl.mask_from_predicate(params, pred)
+    loss_fn = models.classification_loss(loaded.model)
+    algorithm = fl.fedavg(loss_fn, optax.adam(1e-4), trainable=mask)
+    engine = fl.FederatedEngine(algorithm, fl.ExecutorConfig(clients_per_chunk=args.chunk))
+    rs = np.random.RandomState(0)
+    shape = (args.clients, args.steps, args.batch, args.length)
+    data = {"input_ids": rs.randint(1, loaded.config.vocab_size, shape).astype(np.int32),
+            "attention_mask": np.ones(shape, np.int32),
+            "token_type_ids": np.zeros(shape, np.int32),
+            "label": rs.randint(0, 2, shape[:3]).astype(np.int32),
+            "mask": np.ones(shape[:3], np.float32)}
+    state = engine.init(params, jax.random.key(0))
+    t0 = time.perf_counter()
+    state = engine.run_round(state, data).state
+    jax.block_until_ready(state.params)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(args.rounds):
+        t0 = time.perf_counter()
+        state = engine.run_round(state, data).state
+        jax.block_until_ready(state.params)
+        times.append(time.perf_counter() - t0)
+    batch = mem.text_batch(args.steps, args.batch, args.length)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    est = mem.estimate_memory(loss_fn, shapes, optax.adam(1e-4), batch, trainable=mask,
+                              widths=(1, 2))
+    trainable, total = count(mask, params)
+    round_s = min(times)
+    return {"variant": args.variant, "clients": args.clients, "chunk": args.chunk,
+            "first_round_s": first, "round_s": round_s,
+            "client_steps_per_s": args.clients * args.steps / round_s,
+            "compiled_per_client_bytes": est.per_client_bytes,
+            "client_state_bytes": est.client_state_bytes,
+            "upload_bytes_per_client": trainable, "param_bytes": total,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "loadavg": os.getloadavg()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", choices=("lora", "full"), help=argparse.SUPPRESS)
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--clients", type=int, default=256)
+    p.add_argument("--chunk", type=int, default=16)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", default="query,value")
+    p.add_argument("--rounds", type=int, default=1, help="timed rounds after the first")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/peft-cpu"))
+    args = p.parse_args()
+    if args.variant:  # a child: one variant, its row as JSON on the last line
+        print(json.dumps(measure(args)))
+        return
+    rows = {}
+    for variant in ("full", "lora"):
+        argv = [a for a in sys.argv[1:]]
+        out = subprocess.run([sys.executable, __file__, *argv, "--variant", variant],
+                             check=True, capture_output=True, text=True).stdout
+        rows[variant] = json.loads(out.strip().splitlines()[-1])
+    full, lora = rows["full"], rows["lora"]
+    ratios = {
+        "client_steps_per_s (lora / full)": lora["client_steps_per_s"] / full["client_steps_per_s"],
+        "compiled_per_client_bytes (lora / full)":
+            lora["compiled_per_client_bytes"] / full["compiled_per_client_bytes"],
+        "client_state_bytes (lora / full)": lora["client_state_bytes"] / full["client_state_bytes"],
+        "upload_bytes_per_client (lora / full)":
+            lora["upload_bytes_per_client"] / full["upload_bytes_per_client"],
+        "peak_rss_bytes (lora / full)": lora["peak_rss_bytes"] / full["peak_rss_bytes"],
+    }
+    keys = [k for k in full if k not in ("variant", "loadavg")]
+    lines = [f"# LoRA (R={args.rank}, {args.targets}) vs full fine-tuning, {args.model}, Adam, "
+             f"{args.steps} steps x batch {args.batch} x length {args.length}, C={args.clients}, "
+             f"chunks of {args.chunk}", "", "| | full | lora |", "|---|---|---|"]
+    lines += [f"| {k} | {full[k]:.4g} | {lora[k]:.4g} |" for k in keys]
+    lines += ["", "| ratio | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in ratios.items()]
+    lines += ["", f"load average (full, lora): {full['loadavg']}, {lora['loadavg']}"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "peft_cpu.json").write_text(json.dumps({"rows": rows, "ratios": ratios},
+                                                       indent=1))
+    (args.out / "peft_cpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

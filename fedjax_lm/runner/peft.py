@@ -1,0 +1,185 @@
+"""A run's parameter-efficient fine-tuning: the config's `peft` / `lora_*` / `freeze_layers`
+checked once, turned into the model's LoRA settings and the engine's pieces (trainable mask,
+per-client rank mask, aggregator), and the communication each client costs.
+
+LoRA aggregation (`lora_aggregation`):
+    fedit  A and B averaged separately (the common default; biased: mean(A)·mean(B) is not
+           mean(A·B));
+    ffa    A frozen at its shared init, only B trained and averaged: exact, since
+           A·mean(B) = mean(A·B);
+    exact  the mean of the products A_i B_i refactored to rank R by truncated SVD
+           (`federated.lowrank`, which says why refactoring rather than a residual in the base).
+Heterogeneous ranks (`lora_ranks`): client i trains the first `lora_ranks[i mod len]`
+components of the padded rank-R adapters (one compiled program for every rank; the rest start,
+stay and are sent as zero, so `fedit` / `ffa` average zero-padded and `exact` averages the
+zero-padded products). Every client uses the program's scale alpha / R.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from fedjax_lm import federated as fl
+from fedjax_lm.federated.trainable import count, trainable_part
+from fedjax_lm.grid import ConfigError
+from fedjax_lm.models.config import LORA_TARGET_NAMES
+from fedjax_lm.models.lora import LORA_A, LORA_B
+from fedjax_lm.models.peft import PEFT_MODES, rank_mask, trainable_predicate
+
+LORA_AGGREGATIONS = ("fedit", "ffa", "exact")
+LORA_DEFAULTS = {"lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.0,
+                 "lora_targets": ("query", "value"), "lora_aggregation": "fedit"}
+LORA_FIELDS = (*LORA_DEFAULTS, "lora_ranks")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def lora_settings(cfg: Any) -> dict[str, Any]:
+    """The LoRA fields with their defaults filled in (R is the largest per-client rank when
+    only `lora_ranks` is given)."""
+    out = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v
+           for k, v in LORA_DEFAULTS.items()}
+    ranks = client_ranks(cfg)
+    if cfg.lora_rank is None and ranks is not None:
+        out["lora_rank"] = int(ranks.max())
+    return out
+
+
+def client_ranks(cfg: Any) -> np.ndarray | None:
+    """The `lora_ranks` tiers as ints (client i gets tier i mod len), or None."""
+    if cfg.lora_ranks is None:
+        return None
+    try:
+        return np.array([int(r) for r in cfg.lora_ranks], np.int32)
+    except ValueError:
+        raise ConfigError(f"lora_ranks must be whole numbers (e.g. 2,4,8), got "
+                          f"{','.join(cfg.lora_ranks)}") from None
+
+
+def mode(cfg: Any) -> str:
+    """The run's PEFT mode (`peft: none` reads as null in YAML and on the command line)."""
+    return cfg.peft or "none"
+
+
+def check_peft(cfg: Any) -> None:
+    """Refuse a PEFT config that would fail (or silently do nothing) later: one line each."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(mode(cfg) in PEFT_MODES,
+         f"peft must be one of {', '.join(PEFT_MODES)}, got {cfg.peft!r}")
+    need(cfg.freeze_layers >= 0, f"freeze_layers must be >= 0, got {cfg.freeze_layers}")
+    given = [_flag(k) for k in LORA_FIELDS if getattr(cfg, k) is not None]
+    need(cfg.peft == "lora" or not given,
+         f"{', '.join(given)} need --peft lora (got --peft {mode(cfg)}); add --peft lora or drop "
+         "them")
+    need(mode(cfg) == "none" or cfg.algorithm in ("fedavg", "fedprox"),
+         f"peft {cfg.peft} runs with algorithm fedavg or fedprox, not {cfg.algorithm}")
+    if cfg.peft != "lora":
+        return
+    lora = lora_settings(cfg)
+    need(lora["lora_rank"] >= 1, f"lora_rank must be >= 1, got {lora['lora_rank']}")
+    need(lora["lora_alpha"] > 0, f"lora_alpha must be > 0, got {lora['lora_alpha']}")
+    need(0 <= lora["lora_dropout"] < 1, f"lora_dropout must be in [0, 1), got "
+                                        f"{lora['lora_dropout']}")
+    bad = [t for t in lora["lora_targets"] if t not in LORA_TARGET_NAMES]
+    need(not bad and lora["lora_targets"],
+         f"lora_targets {','.join(bad) or '(none)'} match no projection; valid: "
+         f"{', '.join(LORA_TARGET_NAMES)}")
+    need(lora["lora_aggregation"] in LORA_AGGREGATIONS,
+         f"lora_aggregation must be one of {', '.join(LORA_AGGREGATIONS)}, got "
+         f"{lora['lora_aggregation']!r}")
+    need(lora["lora_aggregation"] != "exact" or (
+        cfg.server_optimizer == "fedavg" and cfg.server_lr == 1
+        and cfg.aggregator == "mean" and cfg.attack is None),
+         "lora_aggregation exact replaces the adapters by the refactored mean product: it needs "
+         "server_optimizer=fedavg, server_lr=1, aggregator=mean and no attack")
+    ranks = client_ranks(cfg)
+    if ranks is not None:
+        need(len(ranks) >= 1 and ranks.min() >= 1 and ranks.max() <= lora["lora_rank"],
+             f"lora_ranks must lie in [1, lora_rank={lora['lora_rank']}], got "
+             f"{','.join(map(str, ranks))}")
+
+
+def model_overrides(cfg: Any) -> dict[str, Any]:
+    """`EncoderConfig` fields for the run's adapters (none without `peft=lora`)."""
+    if cfg.peft != "lora":
+        return {}
+    lora = lora_settings(cfg)
+    return {k: lora[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftPlan:
+    """The engine's pieces for a run and what a client sends and receives per round."""
+
+    trainable: Any | None  # bool mask over the params; None: everything trains
+    client_mask: Any | None  # per-client rank mask, or None
+    aggregator: fl.Aggregator | None  # None: the run's own aggregator
+    fixed_bytes: int  # trainable bytes that are not LoRA components
+    rank_bytes: int  # bytes of one LoRA rank component summed over every trained adapter
+    ranks: np.ndarray | None  # per-population-client rank, or None (all R)
+    frozen_bytes: int  # the base, downloaded once
+    full_rank: int  # R (0 without LoRA)
+
+    def client_bytes(self, ids: np.ndarray) -> float:
+        """Mean bytes one client of `ids` sends (= receives) per round: its trainable leaves,
+        LoRA components up to its own rank."""
+        if self.ranks is None:
+            return float(self.fixed_bytes + self.rank_bytes * self.full_rank)
+        return float(self.fixed_bytes + self.rank_bytes * self.ranks[ids].mean())
+
+
+def build_peft(cfg: Any, params: Any, num_clients: int) -> PeftPlan:
+    """The run's PEFT plan for `params` (raises ConfigError for a layer count it lacks)."""
+    lora = lora_settings(cfg)
+    layers = len(params.get("layers", {}))
+    if cfg.freeze_layers > layers:
+        raise ConfigError(f"freeze_layers {cfg.freeze_layers} exceeds the model's {layers} stored "
+                          f"layers; use at most {layers}")
+    ffa = cfg.peft == "lora" and lora["lora_aggregation"] == "ffa"
+    pred = trainable_predicate(mode(cfg), freeze_layers=cfg.freeze_layers, freeze_lora_a=ffa)
+    mask = None if pred is None else fl.mask_from_predicate(params, pred)
+    train = trainable_part(mask, params)
+    fixed, per_rank = 0, 0
+    for path, x in jax.tree_util.tree_leaves_with_path(train):
+        name = str(getattr(path[-1], "key", path[-1]))
+        size = x.dtype.itemsize
+        if name == LORA_A:
+            per_rank += x.shape[0] * size
+        elif name == LORA_B:
+            per_rank += x.shape[1] * size
+        else:
+            fixed += x.size * size
+    ranks = client_ranks(cfg) if cfg.peft == "lora" else None
+    population = None if ranks is None else np.resize(ranks, num_clients)
+    trainable_bytes, total = count(mask, params)
+    return PeftPlan(
+        trainable=mask,
+        client_mask=None if population is None else rank_mask(population),
+        aggregator=(fl.factor_product_mean(LORA_A, LORA_B)
+                    if cfg.peft == "lora" and lora["lora_aggregation"] == "exact" else None),
+        fixed_bytes=fixed, rank_bytes=per_rank, ranks=population,
+        frozen_bytes=total - trainable_bytes,
+        full_rank=lora["lora_rank"] if cfg.peft == "lora" else 0,
+    )
+
+
+def communication(records: list[dict], plan: PeftPlan) -> dict[str, Any]:
+    """For final.json: bytes per client per round (mean over the run's rounds) and the frozen
+    base, sent once."""
+    def mean(key):
+        values = [r[key] for r in records if key in r]
+        return float(np.mean(values)) if values else None
+
+    return {"upload_bytes_per_client": mean("upload_bytes_per_client"),
+            "download_bytes_per_client": mean("download_bytes_per_client"),
+            "base_download_bytes": plan.frozen_bytes}
