@@ -10,6 +10,7 @@ from fedjax_lm.federated.aggregate import (
     Aggregate,
     Aggregator,
     coordinate_median,
+    fixed_mean,
     normalize_weights,
     weighted_mean,
 )
@@ -38,7 +39,15 @@ from fedjax_lm.federated.placement import (
     make_client_mesh,
     process_client_ids,
 )
-from fedjax_lm.federated.sampling import client_key, sample_clients, sampling_key
+from fedjax_lm.federated.privacy import DPConfig, DPServerState, clip_update, dp_fedavg
+from fedjax_lm.federated.sampling import (
+    client_key,
+    noise_key,
+    pad_cohort,
+    poisson_clients,
+    sample_clients,
+    sampling_key,
+)
 from fedjax_lm.federated.scaffold import scaffold
 from fedjax_lm.federated.server import (
     SERVER_OPTIMIZERS,
@@ -69,11 +78,13 @@ __all__ = [
     "AGGREGATORS", "ALGORITHMS", "BACKENDS",
     "CLIENT_OPTIMIZERS", "CHUNK_EXECUTORS", "CLIENT_AXIS", "DATA_AXIS",
     "SERVER_OPTIMIZERS", "WEIGHTINGS", "Aggregate", "Aggregator", "Algorithm", "ClientInfo",
-    "ClientMetrics", "ClientOutput", "ClientStateStore", "Cohort", "EngineConfig",
+    "ClientMetrics", "ClientOutput", "ClientStateStore", "Cohort", "DPConfig", "DPServerState",
+    "EngineConfig",
     "ExecutorConfig", "FederatedEngine", "LossFn", "RoundMetrics", "RoundOutputs",
     "RoundProgram", "RoundResult", "ServerOptimizer", "ServerState", "TrainedClient",
     "UnsupportedError", "averaging", "build_engine", "client_key", "client_weights",
-    "coordinate_median",
+    "clip_update", "coordinate_median", "dp_fedavg", "fixed_mean", "noise_key", "pad_cohort",
+    "poisson_clients",
     "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedyogi", "init_state",
     "make_client_mesh", "make_client_optimizer", "make_cohort",
     "make_round", "make_server_optimizer", "normalize_weights", "process_client_ids",
