@@ -196,6 +196,37 @@ CASES = [
     Case("csv_label_names_single", [*CSV, "--label-names", "neg"],
          r"label_names must be 2 or more distinct names, got \('neg',\)",
          files={"train.csv": GOOD_CSV}),
+    # -- differential privacy
+    Case("dp_clip_zero", [*TINY, "--dp-clip", "0"],
+         r"dp_clip must be > 0 \(the L2 bound on each client's update\), got 0"),
+    Case("dp_clip_negative", [*TINY, "--dp-clip", "-1", "--dp-noise-multiplier", "1"],
+         r"dp_clip must be > 0 .*, got -1"),
+    Case("dp_noise_without_clip", [*TINY, "--dp-noise-multiplier", "1"],
+         r"dp_noise_multiplier needs dp_clip \(the L2 bound .*\): add --dp-clip C",
+         fix=[*TINY, "--dp-noise-multiplier", "1", "--dp-clip", "1"]),
+    Case("dp_target_epsilon_unreachable",
+         [*TINY, "--dp-clip", "1", "--dp-delta", "1e-6", "--rounds", "1000",
+          "--target-epsilon", "1"],
+         r"target_epsilon 1 is out of reach in 1000 rounds: even dp_noise_multiplier 100 gives "
+         r"epsilon 1\.47; train fewer rounds, sample fewer clients per round or raise the "
+         r"target"),
+    Case("dp_delta_too_large", [*TINY, "--dp-clip", "1", "--dp-delta", "0.3"],
+         r"dp_delta must be in \(0, 1/clients = 0\.25\): a delta of 1/N or more allows "
+         r"publishing one client's data outright; got 0\.3"),
+    Case("dp_with_median", [*TINY, "--dp-clip", "1", "--aggregator", "median"],
+         r"DP-FedAvg adds its noise to a clipped sum .*; aggregator 'median' is not "
+         r"that sum: use aggregator=mean with DP"),
+    Case("dp_with_message_attack", [*TINY, "--dp-clip", "1", "--attack", "sign_flip",
+                                    "--malicious-fraction", "0.25"],
+         r"attack sign_flip rewrites the messages the aggregator sees, and DP-FedAvg replaces "
+         r"the aggregator by its clipped sum: use --attack label_flip \(poisoned data\) with DP, "
+         r"or drop --dp-clip",
+         fix=[*TINY, "--dp-clip", "1", "--attack", "label_flip", "--malicious-fraction", "0.25"]),
+    Case("dp_with_exact_lora", [*TINY, "--dp-clip", "1", "--peft", "lora",
+                                "--lora-aggregation", "exact"],
+         r"lora_aggregation exact refactors the mean adapter product, which DP-FedAvg's noised "
+         r"sum of deltas is not: use --lora-aggregation fedit or ffa with DP",
+         fix=[*TINY, "--dp-clip", "1", "--peft", "lora", "--lora-aggregation", "ffa"]),
     # -- damaged artefacts of an earlier run
     Case("run_config_yaml_damaged", TINY, r"run/config\.yaml is damaged \(not valid YAML: .*\); "
          r"restore it, or delete .*run to start the run over",

@@ -10,6 +10,7 @@ from fedjax_lm.federated.aggregate import (
     Aggregator,
     Context,
     coordinate_median,
+    fixed_mean,
     normalize_weights,
     weighted_mean,
 )
@@ -46,6 +47,7 @@ from fedjax_lm.federated.placement import (
     make_client_mesh,
     process_client_ids,
 )
+from fedjax_lm.federated.privacy import DPConfig, DPServerState, clip_update, dp_fedavg
 from fedjax_lm.federated.robust import (
     AGGREGATORS,
     ALIASES,
@@ -58,7 +60,14 @@ from fedjax_lm.federated.robust import (
     norm_bound,
     trimmed_mean,
 )
-from fedjax_lm.federated.sampling import client_key, sample_clients, sampling_key
+from fedjax_lm.federated.sampling import (
+    client_key,
+    noise_key,
+    pad_cohort,
+    poisson_clients,
+    sample_clients,
+    sampling_key,
+)
 from fedjax_lm.federated.scaffold import scaffold
 from fedjax_lm.federated.server import (
     SERVER_OPTIMIZERS,
@@ -93,11 +102,14 @@ __all__ = [
     "trimmed_mean",
     "CLIENT_OPTIMIZERS", "CHUNK_EXECUTORS", "CLIENT_AXIS", "DATA_AXIS",
     "SERVER_OPTIMIZERS", "WEIGHTINGS", "Aggregate", "Aggregator", "Algorithm", "ClientInfo",
-    "ClientMetrics", "ClientOutput", "ClientStateStore", "Cohort", "EngineConfig",
+    "ClientMetrics", "ClientOutput", "ClientStateStore", "Cohort", "DPConfig", "DPServerState",
+    "EngineConfig",
     "ExecutorConfig", "FederatedEngine", "LossFn", "RoundMetrics", "RoundOutputs",
     "RoundProgram", "RoundResult", "ServerOptimizer", "ServerState", "TrainedClient",
     "UnsupportedError", "averaging", "build_engine", "client_key", "client_weights",
     "coordinate_median", "factor_product_mean", "mask_from_predicate", "Trainable",
+    "clip_update", "coordinate_median", "dp_fedavg", "fixed_mean", "noise_key", "pad_cohort",
+    "poisson_clients",
     "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedyogi", "init_state",
     "make_client_mesh", "make_client_optimizer", "make_cohort",
     "make_round", "make_server_optimizer", "normalize_weights", "process_client_ids",

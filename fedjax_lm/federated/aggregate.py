@@ -77,16 +77,28 @@ class WeightedSum(NamedTuple):
     weight: jax.Array
 
 
+def _zero_sums(template: PyTree) -> WeightedSum:
+    return WeightedSum(jax.tree.map(jnp.zeros_like, template), jnp.zeros((), jnp.float32))
+
+
+def _add_weighted(partial: WeightedSum, messages: PyTree, p: jax.Array) -> WeightedSum:
+    total = jax.tree.map(lambda a, x: a + jnp.tensordot(p.astype(x.dtype), x, axes=1),
+                         partial.total, messages)
+    return WeightedSum(total, partial.weight + jnp.sum(p))
+
+
+def _chunk_sum_aggregator(name: str, finalize: Callable[[WeightedSum], Aggregate]) -> Aggregator:
+    """An aggregator over the running Σ p_i x_i, Σ p_i: any chunk width gives the same sums."""
+
+    def reduce(messages: PyTree, p: jax.Array) -> Aggregate:
+        template = jax.tree.map(lambda x: x[0], messages)
+        return finalize(_add_weighted(_zero_sums(template), messages, p))
+
+    return Aggregator(name, reduce, _zero_sums, _add_weighted, finalize)
+
+
 def weighted_mean() -> Aggregator:
     """Σ p_i x_i / Σ p_i: FedAvg's aggregate; decomposes into chunk sums."""
-
-    def init(template: PyTree) -> WeightedSum:
-        return WeightedSum(jax.tree.map(jnp.zeros_like, template), jnp.zeros((), jnp.float32))
-
-    def add(partial: WeightedSum, messages: PyTree, p: jax.Array) -> WeightedSum:
-        total = jax.tree.map(lambda a, x: a + jnp.tensordot(p.astype(x.dtype), x, axes=1),
-                             partial.total, messages)
-        return WeightedSum(total, partial.weight + jnp.sum(p))
 
     def finalize(partial: WeightedSum) -> Aggregate:
         has_any = partial.weight > 0
@@ -95,11 +107,21 @@ def weighted_mean() -> Aggregator:
                              partial.total)
         return Aggregate(value, partial.weight)
 
-    def reduce(messages: PyTree, p: jax.Array) -> Aggregate:
-        template = jax.tree.map(lambda x: x[0], messages)
-        return finalize(add(init(template), messages, p))
+    return _chunk_sum_aggregator("mean", finalize)
 
-    return Aggregator("mean", reduce, init, add, finalize)
+
+def fixed_mean(denominator: float) -> Aggregator:
+    """Σ p_i x_i / `denominator`: DP-FedAvg's estimator (McMahan et al. 2018). The denominator
+    (the expected cohort size) does not depend on who took part, so adding or removing one
+    client moves the result by at most its clipped norm / denominator."""
+    if not denominator > 0:
+        raise ValueError(f"the fixed denominator must be > 0, got {denominator}")
+
+    def finalize(partial: WeightedSum) -> Aggregate:
+        value = jax.tree.map(lambda x: x / jnp.asarray(denominator, x.dtype), partial.total)
+        return Aggregate(value, partial.weight)
+
+    return _chunk_sum_aggregator("fixed_mean", finalize)
 
 
 def coordinate_median() -> Aggregator:

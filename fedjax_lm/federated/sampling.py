@@ -13,6 +13,7 @@ import numpy as np
 _CLIENT_STREAM = 0
 _SAMPLING_STREAM = 1
 _AGGREGATION_STREAM = 2
+_NOISE_STREAM = 3
 
 
 def round_key(rng: jax.Array, round_index: int | jax.Array) -> jax.Array:
@@ -34,6 +35,12 @@ def sampling_key(rng: jax.Array, round_index: int) -> jax.Array:
     return jax.random.fold_in(round_key(rng, round_index), _SAMPLING_STREAM)
 
 
+def noise_key(rng: jax.Array, round_index: int | jax.Array) -> jax.Array:
+    """The server's noise key of round `round_index` (drawn once per round, in the server
+    update, so every executor adds the same noise)."""
+    return jax.random.fold_in(round_key(rng, round_index), _NOISE_STREAM)
+
+
 def sample_clients(key: jax.Array, num_clients: int, cohort_size: int) -> np.ndarray:
     """m of N client ids, uniformly without replacement, sorted (order is irrelevant to
     the math and sorted ids make data gathering cache friendly)."""
@@ -43,3 +50,30 @@ def sample_clients(key: jax.Array, num_clients: int, cohort_size: int) -> np.nda
         )
     ids = jax.random.choice(key, num_clients, (cohort_size,), replace=False)
     return np.sort(np.asarray(ids))
+
+
+def poisson_clients(key: jax.Array, num_clients: int, rate: float,
+                    max_size: int) -> tuple[np.ndarray, int]:
+    """Poisson sampling, as DP accountants assume: each client joins independently with
+    probability `rate`. Beyond `max_size` a uniformly random `max_size` of them are kept;
+    returns (sorted ids, how many were dropped)."""
+    if not 0 < rate <= 1:
+        raise ValueError(f"the sampling rate must be in (0, 1], got {rate}")
+    if not 1 <= max_size <= num_clients:
+        raise ValueError(f"max_size must be in [1, {num_clients}], got {max_size}")
+    join_key, keep_key = jax.random.split(key)
+    joined = np.flatnonzero(np.asarray(jax.random.uniform(join_key, (num_clients,)) < rate))
+    dropped = max(0, len(joined) - max_size)
+    if dropped:
+        keep = jax.random.choice(keep_key, len(joined), (max_size,), replace=False)
+        joined = np.sort(joined[np.asarray(keep)])
+    return joined, dropped
+
+
+def pad_cohort(ids: np.ndarray, num_clients: int, size: int) -> np.ndarray:
+    """`ids` followed by the smallest ids not in it, `size` in all: distinct filler clients
+    for a fixed-size cohort (the caller zeroes their data, so they weigh 0)."""
+    if len(ids) > size or size > num_clients:
+        raise ValueError(f"cannot pad {len(ids)} clients to {size} of {num_clients}")
+    fillers = np.setdiff1d(np.arange(num_clients), ids)[: size - len(ids)]
+    return np.concatenate([np.asarray(ids, np.int64), fillers]).astype(np.int64)

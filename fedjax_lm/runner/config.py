@@ -95,6 +95,20 @@ class RunConfig:
     lora_aggregation: str | None = None  # fedit (default) | ffa | exact
     lora_ranks: tuple[str, ...] | None = None  # per-client ranks; client i: [i mod len]
     freeze_layers: int = 0  # embeddings and the bottom N (stored) layers frozen
+    # -- sampling and differential privacy (user-level DP-FedAvg, on when dp_clip is set)
+    # fixed: cohort_size clients without replacement; poisson: each client joins with
+    # probability cohort_size/clients, the cohort padded to max_cohort_size (None: a tail bound)
+    sampling: str = "fixed"
+    max_cohort_size: int | None = None
+    dp_clip: float | None = None  # L2 bound on each client's model delta (initial if adaptive)
+    dp_clip_per_layer: bool = False  # each leaf to dp_clip/sqrt(leaves) instead of the whole
+    dp_noise_multiplier: float | None = None  # z: noise std z*clip on the sum (None: 0)
+    target_epsilon: float | None = None  # calibrate z for rounds, sampling and dp_delta
+    dp_delta: float | None = None  # None: 1/clients^1.1 (printed)
+    dp_accountant: str = "rdp"  # rdp | pld (dp-accounting)
+    dp_clip_quantile: float | None = None  # adaptive clipping toward this quantile of norms
+    dp_clip_lr: float = 0.2  # adaptive clipping's geometric step (Andrew et al. 2021)
+    dp_count_stddev: float | None = None  # noise std of the clipped count (None: 5% of cohort)
     # -- execution
     backend: str = execution_field("vmap")  # backends agree to float tolerance
     clients_per_chunk: int | None = execution_field(None)
@@ -226,6 +240,9 @@ def _check(cfg: RunConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check_robustness(cfg, execution)
+    from fedjax_lm.runner import privacy
+
+    privacy.check(cfg, FIELDS["aggregator"].default)
     from fedjax_lm.data import PARTITIONERS, TASKS
 
     need(cfg.task in TASKS, f"unknown task {cfg.task!r}; valid tasks: {', '.join(sorted(TASKS))}")

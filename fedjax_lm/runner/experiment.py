@@ -14,6 +14,7 @@ from fedjax_lm import data as fdata
 from fedjax_lm import federated as fl
 from fedjax_lm import models
 from fedjax_lm.federated.fedavg import ClientParamsInit
+from fedjax_lm.runner import privacy
 from fedjax_lm.runner.config import ConfigError, RunConfig, executor, partition_params
 from fedjax_lm.runner.peft import PeftPlan, build_peft, model_overrides
 from fedjax_lm.runner.robustness import aggregator
@@ -144,7 +145,14 @@ def per_client_heads(model: models.Model, seed: int) -> ClientParamsInit:
 
 
 def build_algorithm(cfg: RunConfig, exp: Experiment) -> fl.Algorithm:
-    """The run's algorithm as engine hooks."""
+    """The run's algorithm as engine hooks (wrapped in DP-FedAvg when dp_clip is set)."""
+    algorithm = _base_algorithm(cfg, exp)
+    if privacy.dp_enabled(cfg):
+        return fl.dp_fedavg(algorithm, privacy.plan(cfg).mechanism)
+    return algorithm
+
+
+def _base_algorithm(cfg: RunConfig, exp: Experiment) -> fl.Algorithm:
     loss_fn = models.classification_loss(exp.model)
     server = fl.make_server_optimizer(cfg.server_optimizer, cfg.server_lr)
     heads = per_client_heads(exp.model, cfg.seed) if cfg.head_init == "per_client" else None

@@ -18,6 +18,7 @@ from typing import Any
 
 from fedjax_lm.grid import ConfigError, ResumeError, check_same_config, load_yaml
 from fedjax_lm.io import write_json
+from fedjax_lm.runner import privacy
 from fedjax_lm.runner.config import RESUMABLE_FIELDS, RunConfig, from_dict
 from fedjax_lm.runner.report import check_run_files
 
@@ -91,6 +92,11 @@ def check_resumable(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
         except ConfigError as e:
             raise ConfigError(f"{saved}: {e}") from None
         check_same_config(run_dir, "a run", old, cfg.to_dict(), RESUMABLE_FIELDS)
+        if old["rounds"] != cfg.rounds and (what := privacy.fixed_by_rounds(cfg)):
+            raise ResumeError(
+                f"{run_dir} holds a run whose {what} was set for its {old['rounds']} rounds; "
+                f"--rounds {cfg.rounds} would change it mid-run. Rerun with --rounds "
+                f"{old['rounds']}, or use another --out.")
     if done > cfg.rounds:
         raise ResumeError(
             f"{run_dir} holds a run trained for {done} rounds: --rounds {cfg.rounds} cannot undo "

@@ -25,6 +25,7 @@ from fedjax_lm.federated.trainable import split, trainable_part
 from fedjax_lm.federated.tree import tree_all_finite
 from fedjax_lm.io import write_json, write_yaml
 from fedjax_lm.models import classification_stats
+from fedjax_lm.runner import privacy
 from fedjax_lm.runner.checkpoint import Checkpointer, saved_state
 from fedjax_lm.runner.config import RunConfig, from_dict
 from fedjax_lm.runner.experiment import (
@@ -246,22 +247,23 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
     if primary and progress:
         for line in memory_plan_lines(cfg, exp, engine):
             tqdm.write(line)
+    if primary:
+        for line in privacy.plan(cfg).lines(cfg):
+            tqdm.write(line)
 
-    cohort = cfg.cohort_size or exp.num_clients
     warnings: list[str] = []
     bar = tqdm(range(start, cfg.rounds), initial=start, total=cfg.rounds, desc=run_dir.name,
                disable=not progress, unit="round", leave=False)
     try:
         for r in bar:
             t0 = time.perf_counter()
-            if cohort < exp.num_clients:
-                ids = fl.sample_clients(fl.sampling_key(base_key, r), exp.num_clients, cohort)
-            else:
-                ids = np.arange(exp.num_clients)
-            data = round_data(cfg, exp, r, ids)
-            cs = store and store.gather(ids)
-            state, metrics, cs = engine.run_round(state, data, client_ids=ids, client_states=cs)
-            bad = [int(i) for i in ids[~np.asarray(metrics.client_finite)]]
+            cohort = privacy.draw_cohort(cfg, base_key, r)
+            ids = cohort.real_ids
+            data = cohort.zero_padding(round_data(cfg, exp, r, cohort.ids))
+            cs = store and store.gather(cohort.ids)
+            state, metrics, cs = engine.run_round(state, data, client_ids=cohort.ids,
+                                                  client_states=cs)
+            bad = [int(i) for i in ids[~np.asarray(metrics.client_finite)[:len(ids)]]]
             # Checked before anything is logged or checkpointed: only finite states are saved,
             # so the latest checkpoint is a good one.
             server = nonfinite_server_parts(state, metrics.update_norm)
@@ -269,28 +271,32 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
             if stop:
                 raise TrainingError(stop)
             if store is not None:
-                store.scatter(ids, cs)
+                store.scatter(ids, cohort.real(cs))
             record: dict[str, Any] = {
                 "round": r + 1,
-                "train_loss": float(metrics.loss),
+                # None: nobody joined this (Poisson) round, so no client trained
+                "train_loss": float(metrics.loss) if len(ids) else None,
                 "update_norm": float(metrics.update_norm),
                 "cohort_size": len(ids),  # this round's clients; config.clients: the population
                 "skipped_clients": bad,
                 # Per round: the trainable leaves down and up (the frozen base once, before).
                 "upload_bytes_per_client": exp.peft.client_bytes(ids),
                 "download_bytes_per_client": exp.peft.client_bytes(ids),
+                **privacy.round_record(cfg, state, r + 1, cohort),
             }
             if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
                 record.update(evaluate(predict, state.params, exp, cfg.eval_batch_size))
             record["wall_s"] = time.perf_counter() - t0
             log.write(record)
-            if not warnings and (warning := divergence_warning(
-                    cfg, r + 1, record["train_loss"], log.records[0]["train_loss"],
-                    exp.num_classes)):
+            losses = [x["train_loss"] for x in log.records if x["train_loss"] is not None]
+            if not warnings and losses and (warning := divergence_warning(
+                    cfg, r + 1, losses[-1], losses[0], exp.num_classes)):
                 warnings.append(warning)
                 if primary:
                     tqdm.write(warning, file=sys.stderr)
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+            if cohort.dropped and primary:
+                tqdm.write(privacy.truncation_warning(r + 1, cohort), file=sys.stderr)
+            bar.set_postfix(loss=f"{record['train_loss'] or math.nan:.3f}",
                             acc=f"{record.get('eval_accuracy', float('nan')):.3f}")
             if cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0
                                          or r + 1 == cfg.rounds):
@@ -306,7 +312,8 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
                  num_clients=exp.num_clients, data_source=exp.source,
                  train_examples=int(sum(len(ix) for ix in exp.partition)),
                  test_examples=int(len(exp.test["label"])), steps_per_round=exp.steps_per_round,
-                 warnings=warnings, **communication(log.records, exp.peft))
+                 warnings=warnings, **communication(log.records, exp.peft),
+                 **privacy.final_record(cfg, log.records))
     if primary:
         write_json(run_dir / "final.json", final)
     return final
@@ -334,7 +341,8 @@ def summarize(records: list[dict], cfg: RunConfig) -> dict[str, Any]:
         "final_accuracy": accs[-1] if accs else None,
         "best_accuracy": max(accs) if accs else None,
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
-        "final_train_loss": records[-1]["train_loss"] if records else None,
+        "final_train_loss": next((r["train_loss"] for r in reversed(records)
+                                  if r["train_loss"] is not None), None),
         "rounds_to_target": target_round,
         "train_wall_s": float(sum(r["wall_s"] for r in records)),
         "skipped_client_updates": int(sum(len(r["skipped_clients"]) for r in records)),

@@ -154,3 +154,19 @@ def test_contextual_aggregator_sees_only_the_trainable_reference():
     moved = np.sqrt(sum(float(jnp.sum((tight[k] - p[k]) ** 2)) for k in ("b", "v")))
     assert 0 < moved <= 1e-3 * (1 + 1e-5)
     np.testing.assert_array_equal(np.asarray(tight["w"]), np.asarray(p["w"]))
+
+
+def test_dp_fedavg_under_peft_clips_the_trainable_delta_and_keeps_the_base():
+    """DP-FedAvg's delta is taken from the trainable reference: with z = 0 and a clip far
+    above every update it is plain PEFT FedAvg (uniform weights: ragged=False gives every
+    client the same examples), and the frozen leaves stay bitwise."""
+    p, data = params3(), toy.client_data(3, ragged=False)
+    base = fl.fedavg(loss3, optax.adam(0.05), trainable=MASK)
+    private = fl.dp_fedavg(base, fl.DPConfig(clip=1e6, noise_multiplier=0.0,
+                                             expected_clients=3))
+    engine = fl.FederatedEngine(private, fl.ExecutorConfig())
+    got = engine.run_round(engine.init(p, jax.random.key(3)), data).state.params
+    want = run(p, data, rounds=1).params
+    for k in MASK:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(p["w"]))
