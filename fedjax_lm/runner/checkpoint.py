@@ -1,6 +1,9 @@
 """Orbax checkpoints of everything a round depends on: server state, carried client
 states and the round index. Data order and client sampling are pure functions of
-(seed, round), so restoring these makes a resumed run bitwise identical."""
+(seed, round), so restoring these makes a resumed run bitwise identical.
+
+Every call into orbax that writes or deletes runs in a critical section: Ctrl-C waits for it
+(orbax would log a traceback and could leave a half-saved step), then interrupts."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from fedjax_lm.federated import ServerState
+from fedjax_lm.interrupts import critical_section
 
 
 def _to_saveable(state: ServerState, client_states: Any) -> dict:
@@ -33,9 +37,10 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, round_index: int, state: ServerState, client_states: Any = None) -> None:
-        self._manager.save(
-            round_index, args=ocp.args.StandardSave(_to_saveable(state, client_states))
-        )
+        with critical_section():
+            self._manager.save(
+                round_index, args=ocp.args.StandardSave(_to_saveable(state, client_states))
+            )
 
     def restore(self, template_state: ServerState, template_clients: Any = None):
         """Restore the newest checkpoint that reads back into the structure (and shardings) of
@@ -52,7 +57,8 @@ class Checkpointer:
                 print(f"warning: checkpoint {self._manager.directory / str(step)} is damaged "
                       f"({type(e).__name__}); deleted it, resuming from an earlier one",
                       file=sys.stderr)
-                self._manager.delete(step)
+                with critical_section():
+                    self._manager.delete(step)
                 continue
             server = restored["server"]
             server = server.replace(rng=jax.random.wrap_key_data(server.rng))
@@ -61,7 +67,10 @@ class Checkpointer:
         return 0, template_state, template_clients
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Block until an asynchronous save has committed."""
+        with critical_section():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        with critical_section():
+            self._manager.close()
