@@ -81,12 +81,15 @@ class Case:
         return self.fix if isinstance(self.fix, tuple) else (self.fix,)
 
 
-def _model_folder(config: dict) -> Callable[[Path], None]:
+def _model_folder(config: dict | str) -> Callable[[Path], None]:
+    """A copy of the BERT fixture whose config.json is updated with `config` (or is `config`)."""
+
     def make(tmp: Path) -> None:
         folder = tmp / "model"
         shutil.copytree(BERT, folder)
-        cfg = json.loads((folder / "config.json").read_text()) | config
-        (folder / "config.json").write_text(json.dumps(cfg))
+        text = config if isinstance(config, str) else json.dumps(
+            json.loads((folder / "config.json").read_text()) | config)
+        (folder / "config.json").write_text(text)
 
     return make
 
@@ -116,19 +119,18 @@ def _delete(*names: str) -> Callable[[Path], None]:
 
 
 def _damage_checkpoint(*names: str) -> Callable[[Path], None]:
-    """Cut short (or, for names, overwrite with garbage) files of the trained run's newest
-    checkpoint, as if its final.json was never written (killed at the end)."""
+    """Cut short the largest file (array data) of the trained run's newest checkpoint, or
+    overwrite `names` in it with garbage; and remove final.json (as if killed at the end)."""
 
     def damage(tmp: Path) -> None:
         newest = tmp / "run" / "checkpoints" / "2"
         if names:
             for name in names:
                 (newest / name).write_text("{garbage")
-        else:  # the largest files: array data and its metadata
-            files = sorted((p for p in newest.rglob("*") if p.is_file()),
-                           key=lambda p: p.stat().st_size)
-            for path in files[-3:]:
-                path.write_bytes(path.read_bytes()[: path.stat().st_size // 3] + b"\0garbage")
+        else:
+            path = max((p for p in newest.rglob("*") if p.is_file()),
+                       key=lambda p: p.stat().st_size)
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
         (tmp / "run" / "final.json").unlink()
 
     return damage
@@ -186,6 +188,8 @@ CASES = [
          r"model_type must be one of bert, distilbert, albert, got 'roberta'"),
     Case("max_train_examples_zero", [*TINY, "--max-train-examples", "0"],
          r"max_train_examples must be >= 1 \(or unset\), got 0"),
+    Case("clients_more_than_examples", [*TINY, "--clients", "1000"],
+         r"fewer examples \(96\) than clients \(1000\); use fewer clients or more examples"),
     Case("clients_not_int", [*TINY, "--clients", "four"], r"clients must be int, got 'four'"),
     Case("num_labels_on_builtin_task", [*TINY, "--num-labels", "3"],
          r"num_labels / label_names pin the classes of task csv; .* unset them"),
@@ -205,6 +209,9 @@ CASES = [
     Case("config_json_string_size", [*TINY, "--model", "{tmp}/model"],
          r"model/config\.json: hidden_size must be int, got '32'",
          setup=_model_folder({"hidden_size": "32"})),
+    Case("config_json_not_json", [*TINY, "--model", "{tmp}/model"],
+         r"model/config\.json is not valid JSON \(.*\); fix that file, or point --model at "
+         r"another model", setup=_model_folder("{garbage")),
     # (MiniLM at --max-length 512 trains too long for this table: the fix is the tiny preset)
     Case("max_length_beyond_model", [*TINY, "--model", "minilm", "--max-length", "1000"],
          r"max_length 1000 exceeds model 'minilm''s 512 positions; use --max-length 512",
@@ -298,12 +305,17 @@ CASES = [
          r"valid JSON: .*\); delete it and rerun that run's command: it resumes and writes it "
          r"again; or move .*run out of ", trained=True, files={"run/final.json": "[1,"},
          repair=_delete("run/final.json"), fix=(TRAINED, ["report", "{tmp}"])),
-    Case("checkpoint_truncated", TRAINED, r"checkpoint .*/run/checkpoints/2 is damaged \(\w+\); "
-         r"deleted it, resuming from an earlier one", trained=True, code=0,
+    Case("checkpoint_truncated", TRAINED, r"checkpoint .*/run/checkpoints/2 is damaged \(\w+ "
+         r"reading server\.params\.[\w.]+\); deleted it, resuming from an earlier one",
+         trained=True, code=0,
          setup=_damage_checkpoint(), fix=TRAINED, then=_same_model),
     Case("checkpoint_metadata_garbage", TRAINED, r"checkpoint .*/run/checkpoints/2 is damaged "
-         r"\(\w+\); deleted it, resuming from an earlier one", trained=True, code=0,
+         r"\(JSONDecodeError\); deleted it, resuming from an earlier one", trained=True, code=0,
          setup=_damage_checkpoint("default/_METADATA"), fix=TRAINED, then=_same_model),
+    Case("checkpoint_manifest_garbage", TRAINED, r"checkpoint .*/run/checkpoints/2 is damaged "
+         r"\(ValueError in default/manifest\.ocdbt\); deleted it, resuming from an earlier one",
+         trained=True, code=0, setup=_damage_checkpoint("default/manifest.ocdbt"), fix=TRAINED,
+         then=_same_model),
 ]
 
 

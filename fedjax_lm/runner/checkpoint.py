@@ -7,6 +7,7 @@ Every call into orbax that writes or deletes runs in a critical section: Ctrl-C 
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,20 @@ def _to_saveable(state: ServerState, client_states: Any) -> dict:
         "server": state.replace(rng=jax.random.key_data(state.rng)),
         "client_states": client_states if client_states is not None else {},
     }
+
+
+def _what_failed(step_dir: Path, error: Exception) -> str:
+    """The error's kind and the file inside `step_dir` (or else the array) it names, if any:
+    tensorstore quotes a file it cannot decode and spells out the array it could not read;
+    orbax's own JSON errors name neither."""
+    message = str(error)
+    for quoted in reversed(re.findall(r'"(/[^"]+)"', message)):
+        path = Path(quoted)
+        if path.is_file() and path.is_relative_to(step_dir):
+            return f"{type(error).__name__} in {path.relative_to(step_dir)}"
+    if array := re.search(r"'path': '([\w.]+)/'", message):
+        return f"{type(error).__name__} reading {array.group(1)}"
+    return type(error).__name__
 
 
 class Checkpointer:
@@ -54,9 +69,9 @@ class Checkpointer:
             try:
                 restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
             except Exception as e:  # orbax raises many kinds for a damaged file
-                print(f"warning: checkpoint {self._manager.directory / str(step)} is damaged "
-                      f"({type(e).__name__}); deleted it, resuming from an earlier one",
-                      file=sys.stderr)
+                where = Path(self._manager.directory) / str(step)
+                print(f"warning: checkpoint {where} is damaged ({_what_failed(where, e)}); "
+                      "deleted it, resuming from an earlier one", file=sys.stderr)
                 with critical_section():
                     self._manager.delete(step)
                 continue
