@@ -84,9 +84,11 @@ def shared_compiles(_programs: dict):
         yield
 
 
-TRAINED_ARGV = ["--model", "preset:tiny", "--task", "synthetic", "--max-train-examples", "96",
-                "--max-test-examples", "48", "--max-length", "16", "--batch-size", "8",
-                "--local-epochs", "1", "--rounds", "2", "--no-progress"]
+# `fedjax-lm train` flags of a one-round run on the tiny preset, and of the session's trained run
+TINY_ARGV = ["--model", "preset:tiny", "--task", "synthetic", "--max-train-examples", "96",
+             "--max-test-examples", "48", "--max-length", "16", "--batch-size", "8",
+             "--local-epochs", "1", "--rounds", "1", "--no-progress"]
+TRAINED_ARGV = [*TINY_ARGV[:-3], "--rounds", "2", "--no-progress"]
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,8 @@ A row is `Case(id, argv, error, ...)`; adding one is one line or three:
   then   callable(tmp, trained_final, stdout of the last fix): more assertions after the fix.
 
 Everything runs in-process (`cli.main`), sharing compiled programs across rows
-(`shared_compiles`); Ctrl-C and a failing sweep cell run real processes.
+(`shared_compiles`); the Ctrl-C tests interrupt real processes, and a sweep runs its cells as
+processes of their own.
 """
 
 from __future__ import annotations
@@ -39,13 +40,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TRAINED_ARGV
+from tests.conftest import TINY_ARGV, TRAINED_ARGV
 
 pytestmark = pytest.mark.usefixtures("shared_compiles")
 
-TINY = ["--model", "preset:tiny", "--task", "synthetic", "--max-train-examples", "96",
-        "--max-test-examples", "48", "--max-length", "16", "--batch-size", "8",
-        "--local-epochs", "1", "--rounds", "1", "--no-progress"]
+TINY = TINY_ARGV  # one round on the tiny preset
 TRAINED = TRAINED_ARGV  # TINY with --rounds 2: the command of the `trained` run
 BERT = Path(__file__).resolve().parent / "fixtures" / "parity" / "bert"
 
@@ -402,7 +401,7 @@ def test_bad_input_is_one_line_and_the_corrected_command_works(
             assert fixed[fixed.index("--out") + 1] == argv[argv.index("--out") + 1]
         code, out, err = cli(fixed, capfd)
         assert code == 0, err
-        assert "Traceback" not in err and "error" not in err, err
+        assert "Traceback" not in err and "error:" not in err, err
     if fixed[0] == "train":
         assert "final accuracy" in out and (tmp_path / "run" / "final.json").is_file()
     if case.then is not None:
