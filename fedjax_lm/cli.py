@@ -3,13 +3,13 @@
 Thin by design: parse flags into a typed config, then call the runner. Errors a user can
 fix (bad config or flag, missing or damaged file, unloadable model, a folder that cannot be
 written, a diverged run) are printed as one line with exit status 2, never as a traceback;
-Ctrl-C is one line and exit status 130 at any point (imports are lazy, inside the handler).
+Ctrl-C is one line and exit status 130 at any point (imports are lazy, inside the handler;
+writes in flight finish first: fedjax_lm.interrupts).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -239,56 +239,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             yaml.YAMLError, json.JSONDecodeError)
 
 
-# Code a KeyboardInterrupt must not land in: a checkpoint being written (orbax logs a traceback
-# and the step may be left half-saved); it arrives once that code returns.
-_PROTECTED = (f"{os.sep}orbax{os.sep}", f"fedjax_lm{os.sep}runner{os.sep}checkpoint.py")
-_PATIENCE_S = 20.0  # how long Ctrl-C waits for protected code before it interrupts anyway
-
-
-@contextlib.contextmanager
-def _reliable_ctrl_c() -> typing.Iterator[None]:
-    """Ctrl-C raises KeyboardInterrupt, but not inside a garbage-collector callback (jax has one)
-    or a `__del__`, where Python prints "Exception ignored", drops it and the run goes on, nor
-    while a checkpoint is being written: there it is delivered again a moment later."""
-    import gc
-    import signal
-    import threading
-    import time
-
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield  # ignored (a background job), or handled by an embedding program
-        return
-    first_press: list[float] = []
-
-    def must_wait(frame: Any) -> bool:
-        code = frame.f_code
-        if code.co_name == "__del__" or any(getattr(cb, "__code__", None) is code
-                                            for cb in gc.callbacks):
-            return True
-        while frame is not None:
-            if any(part in frame.f_code.co_filename for part in _PROTECTED):
-                return True
-            frame = frame.f_back
-        return False
-
-    def handler(signum: int, frame: Any) -> None:
-        first_press[:] = first_press or [time.monotonic()]
-        if frame is not None and must_wait(frame) and (
-                time.monotonic() - first_press[0] < _PATIENCE_S):
-            again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
-            again.daemon = True
-            again.start()
-            return
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:  # "[Errno 28] ..." says less than this
         where = f"{e.filename}: " if e.filename else ""
@@ -299,7 +249,9 @@ def _one_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """The `fedjax-lm` command; the exit status. Without `argv` (the installed script,
     `python -m fedjax_lm.cli`) it owns the process."""
-    with _reliable_ctrl_c():
+    from fedjax_lm.interrupts import ctrl_c_handler
+
+    with ctrl_c_handler():  # checkpoint and file writes hold Ctrl-C until they are done
         code = _main(argv)
     if code == 130 and argv is None:
         # Interrupted mid-computation, XLA's native teardown at interpreter exit can crash

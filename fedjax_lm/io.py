@@ -1,7 +1,8 @@
-"""Atomic file writes: a reader (or a resumed run) never sees half a file.
+"""Atomic file writes: a reader (or a resumed run) never sees half a file, and Ctrl-C never
+leaves one behind (each write is a critical section).
 
 Every layer writes results through here, so it sits at the top of the package and imports
-nothing from it.
+nothing from it but `interrupts`.
 """
 
 from __future__ import annotations
@@ -15,22 +16,25 @@ from typing import Any, BinaryIO
 
 import yaml
 
+from fedjax_lm.interrupts import critical_section
+
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     """`write(f)` into a temp file in the same folder, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with critical_section():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -2,9 +2,17 @@
 
 XLA reads the flag when jax initialises its backends, so it must be set before any test
 module touches a device; conftest is imported first.
+Also the fixtures that let tests share work: compiled programs across in-process runs
+(`shared_compiles`) and one trained tiny run directory (`trained_run`, `copy_trained_run`).
 """
 
+import importlib
+import json
 import os
+import shutil
+from pathlib import Path
+
+import pytest
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -17,3 +25,92 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 _CACHE = os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax_compilation_cache")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+# Config fields that choose the data, its split and the loop around the round, not the
+# programs a run compiles (a program's input shapes are part of jax's own cache key).
+_NOT_PROGRAM_FIELDS = ("out", "task", "data_dir", "train_file", "test_file", "text_column",
+                       "label_column", "label_names", "num_labels", "max_train_examples",
+                       "max_test_examples", "partition", "alpha", "p", "k", "beta", "rounds",
+                       "eval_every", "eval_batch_size", "checkpoint_every", "nonfinite",
+                       "target_accuracy")
+
+
+@pytest.fixture(scope="session")
+def _programs() -> dict:
+    return {}
+
+
+@pytest.fixture
+def shared_compiles(_programs: dict):
+    """In-process runs that build the same model and algorithm share one initial model, engine
+    and predict function, so their jitted programs are traced and compiled once per session,
+    not per run (jax's caches live on those objects). Data, run directories and every check
+    stay each run's own; a model folder is always loaded afresh."""
+    import jax.numpy as jnp
+    from jax import tree
+
+    train_module = importlib.import_module("fedjax_lm.runner.train")
+    experiment = importlib.import_module("fedjax_lm.runner.experiment")
+    build_engine, make_predict = train_module.build_engine, train_module.make_predict
+    load_model = experiment.load_model
+
+    def cached(kind, key, build):
+        key = (kind, key)
+        if key not in _programs:
+            _programs[key] = build()
+        return _programs[key]
+
+    def shared_load_model(cfg, num_labels):
+        if not cfg.model.startswith("preset:"):
+            return load_model(cfg, num_labels)
+        key = (cfg.model, cfg.model_type, cfg.hidden_act, cfg.attend_to_padding, cfg.max_length,
+               cfg.seed, num_labels)
+        model, params, tokenizer = cached("model", key, lambda: load_model(cfg, num_labels))
+        return model, tree.map(jnp.array, params), tokenizer  # a copy: rounds donate buffers
+
+    def shared_build_engine(cfg, exp):
+        fields = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_PROGRAM_FIELDS}
+        key = (json.dumps(fields, sort_keys=True, default=str), repr(exp.model.config),
+               exp.num_clients)
+        return cached("engine", key, lambda: build_engine(cfg, exp))
+
+    def shared_predict(model):
+        return cached("predict", repr(model.config), lambda: make_predict(model))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(experiment, "load_model", shared_load_model)
+        mp.setattr(train_module, "build_engine", shared_build_engine)
+        mp.setattr(train_module, "make_predict", shared_predict)
+        yield
+
+
+# `fedjax-lm train` flags of a one-round run on the tiny preset, and of the session's trained run
+TINY_ARGV = ["--model", "preset:tiny", "--task", "synthetic", "--max-train-examples", "96",
+             "--max-test-examples", "48", "--max-length", "16", "--batch-size", "8",
+             "--local-epochs", "1", "--rounds", "1", "--no-progress"]
+TRAINED_ARGV = [*TINY_ARGV[:-3], "--rounds", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-round tiny run (`fedjax-lm train TRAINED_ARGV`), trained once per session:
+    tests copy it (`copy_trained_run`) instead of training their own."""
+    from fedjax_lm.cli import main
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDJAX_LM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        assert main(["train", *TRAINED_ARGV, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def copy_trained_run(trained_run: Path):
+    """`copy(dest)`: a fresh copy of the session's trained run at `dest`; its final.json."""
+
+    def copy(dest: Path) -> dict:
+        shutil.copytree(trained_run, dest)
+        (dest / ".lock").unlink(missing_ok=True)
+        return json.loads((dest / "final.json").read_text())
+
+    return copy

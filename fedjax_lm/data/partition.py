@@ -33,7 +33,8 @@ def _check_counts(labels: np.ndarray, num_clients: int | None) -> tuple[np.ndarr
     if num_clients is None or int(num_clients) < 1:
         raise DataError(f"num_clients must be >= 1, got {num_clients}")
     if len(labels) < num_clients:
-        raise DataError(f"fewer examples ({len(labels)}) than clients ({num_clients})")
+        raise DataError(f"fewer examples ({len(labels)}) than clients ({num_clients}); use fewer "
+                        "clients or more examples")
     return labels, int(num_clients)
 
 

@@ -218,9 +218,11 @@ def _read_json(source: Mapping[str, Any] | str | Path) -> dict[str, Any]:
     try:
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
+        raise ModelLoadError(f"{path} is not valid JSON ({e}); fix that file, or point --model "
+                             "at another model") from e
     if not isinstance(hf, dict):
-        raise ModelLoadError(f"{path} holds a JSON {type(hf).__name__}, not an object")
+        raise ModelLoadError(f"{path} holds a JSON {type(hf).__name__}, not an object; fix that "
+                             "file, or point --model at another model")
     return hf
 
 

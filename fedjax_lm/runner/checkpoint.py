@@ -1,9 +1,13 @@
 """Orbax checkpoints of everything a round depends on: server state, carried client
 states and the round index. Data order and client sampling are pure functions of
-(seed, round), so restoring these makes a resumed run bitwise identical."""
+(seed, round), so restoring these makes a resumed run bitwise identical.
+
+Every call into orbax that writes or deletes runs in a critical section: Ctrl-C waits for it
+(orbax would log a traceback and could leave a half-saved step), then interrupts."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +17,7 @@ import orbax.checkpoint as ocp
 
 from fedjax_lm.federated import ClientStateStore, ServerState
 from fedjax_lm.federated.trainable import trainable_part, with_trainable
+from fedjax_lm.interrupts import critical_section
 
 
 def saved_state(mask: Any, state: ServerState) -> ServerState:
@@ -29,6 +34,20 @@ def _to_saveable(state: ServerState, client_states: Any) -> dict:
     }
 
 
+def _what_failed(step_dir: Path, error: Exception) -> str:
+    """The error's kind and the file inside `step_dir` (or else the array) it names, if any:
+    tensorstore quotes a file it cannot decode and spells out the array it could not read;
+    orbax's own JSON errors name neither."""
+    message = str(error)
+    for quoted in reversed(re.findall(r'"(/[^"]+)"', message)):
+        path = Path(quoted)
+        if path.is_file() and path.is_relative_to(step_dir):
+            return f"{type(error).__name__} in {path.relative_to(step_dir)}"
+    if array := re.search(r"'path': '([\w.]+)/'", message):
+        return f"{type(error).__name__} reading {array.group(1)}"
+    return type(error).__name__
+
+
 class Checkpointer:
     def __init__(self, directory: Path, *, max_to_keep: int = 2):
         self._manager = ocp.CheckpointManager(
@@ -40,9 +59,10 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, round_index: int, state: ServerState, client_states: Any = None) -> None:
-        self._manager.save(
-            round_index, args=ocp.args.StandardSave(_to_saveable(state, client_states))
-        )
+        with critical_section():
+            self._manager.save(
+                round_index, args=ocp.args.StandardSave(_to_saveable(state, client_states))
+            )
 
     def restore(self, template_state: ServerState, template_clients: Any = None):
         """Restore the newest checkpoint that reads back into the structure (and shardings) of
@@ -56,10 +76,11 @@ class Checkpointer:
             try:
                 restored = self._manager.restore(step, args=ocp.args.StandardRestore(target))
             except Exception as e:  # orbax raises many kinds for a damaged file
-                print(f"warning: checkpoint {self._manager.directory / str(step)} is damaged "
-                      f"({type(e).__name__}); deleted it, resuming from an earlier one",
-                      file=sys.stderr)
-                self._manager.delete(step)
+                where = Path(self._manager.directory) / str(step)
+                print(f"warning: checkpoint {where} is damaged ({_what_failed(where, e)}); "
+                      "deleted it, resuming from an earlier one", file=sys.stderr)
+                with critical_section():
+                    self._manager.delete(step)
                 continue
             server = restored["server"]
             server = server.replace(rng=jax.random.wrap_key_data(server.rng))
@@ -75,7 +96,10 @@ class Checkpointer:
         return start, state, store and ClientStateStore(states)
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Block until an asynchronous save has committed."""
+        with critical_section():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        with critical_section():
+            self._manager.close()

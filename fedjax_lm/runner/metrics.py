@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fedjax_lm.interrupts import critical_section
 from fedjax_lm.io import atomic_write_text, read_jsonl
 
 
@@ -33,7 +34,7 @@ class MetricsLog:
         self.records.append(record)
         if not self.enabled:
             return
-        with self.path.open("a") as f:
+        with critical_section(), self.path.open("a") as f:  # Ctrl-C never tears a line
             f.write(json.dumps(record) + "\n")
             f.flush()
         if self._tb is not None:

@@ -33,8 +33,11 @@ _IGNORED = EXECUTION_FIELDS | {"seed"}
 def load_runs(root: Path) -> list[dict[str, Any]]:
     runs = []
     for final_path in sorted(Path(root).glob("**/final.json")):
-        final = read_final(final_path, f"rerun that run to rewrite it, or move "
-                                       f"{final_path.parent} out of {root}")
+        # the advice train's own check of a damaged final.json gives, so rerunning works
+        fix = "delete it and rerun that run's command: it resumes and writes it again"
+        if final_path.parent != Path(root):
+            fix += f"; or move {final_path.parent} out of {root}"
+        final = read_final(final_path, fix)
         # a run older than a config field ran with that field's default
         final["config"] = {**RunConfig().to_dict(), **final["config"]}
         final["metrics"] = read_jsonl(final_path.parent / "metrics.jsonl")

@@ -15,6 +15,8 @@ from fedjax_lm.runner import RunConfig, TrainingError, train
 from fedjax_lm.runner.report import write_report
 from fedjax_lm.runner.sweep import run_sweep
 
+pytestmark = pytest.mark.usefixtures("shared_compiles")
+
 TINY = dict(task="synthetic", model="preset:tiny", max_train_examples=96, max_test_examples=48,
             max_length=16, batch_size=8, local_epochs=1, lr=0.05, clients=3, rounds=3)
 
@@ -96,24 +98,27 @@ def test_non_finite_update_fails_clearly_and_a_fully_skipped_round_is_an_error(t
     assert final["rounds"] == 2 and final["skipped_client_updates"] == 0
 
 
-def _cli_train(out: Path, rounds: int) -> subprocess.Popen:
-    args = [sys.executable, "-m", "fedjax_lm.cli", "train", "--no-progress", "--out", str(out),
-            "--rounds", str(rounds), "--client-optimizer", "adam", "--lr", "0.01",
-            "--carry-client-state", "true", "--cohort-size", "2"]
+def _cli_args(out: Path, rounds: int) -> list[str]:
+    args = ["train", "--no-progress", "--out", str(out), "--rounds", str(rounds),
+            "--client-optimizer", "adam", "--lr", "0.01", "--carry-client-state", "true",
+            "--cohort-size", "2"]
     for key, value in TINY.items():
         if key not in ("rounds", "lr"):
             args += [f"--{key.replace('_', '-')}", str(value)]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return args
 
 
 def test_killed_and_resumed_run_is_bitwise_identical(tmp_path):
-    """SIGKILL mid-run, rerun the same command: same final params bit for bit."""
-    rounds = 8
-    ref = _cli_train(tmp_path / "ref", rounds)
-    assert ref.wait(timeout=300) == 0, ref.stdout.read().decode()
+    """SIGKILL mid-run (a real process), rerun the same command: same final params bit for bit
+    as a run never killed (the reference and the rerun run in-process)."""
+    from fedjax_lm.cli import main
 
-    victim = _cli_train(tmp_path / "killed", rounds)
+    rounds = 8
+    assert main(_cli_args(tmp_path / "ref", rounds)) == 0
+    victim = subprocess.Popen([sys.executable, "-m", "fedjax_lm.cli",
+                               *_cli_args(tmp_path / "killed", rounds)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
     metrics = tmp_path / "killed" / "metrics.jsonl"
     try:
         deadline = time.time() + 240
@@ -127,8 +132,7 @@ def test_killed_and_resumed_run_is_bitwise_identical(tmp_path):
             os.killpg(victim.pid, signal.SIGKILL)
     assert not (tmp_path / "killed" / "final.json").exists()
 
-    resumed = _cli_train(tmp_path / "killed", rounds)
-    assert resumed.wait(timeout=300) == 0, resumed.stdout.read().decode()
+    assert main(_cli_args(tmp_path / "killed", rounds)) == 0
     a = json.loads((tmp_path / "ref" / "final.json").read_text())
     b = json.loads((tmp_path / "killed" / "final.json").read_text())
     assert a["params_sha256"] == b["params_sha256"]
@@ -187,14 +191,15 @@ def test_per_client_heads_reproduce_paper_one_round_one(tmp_path):
 def test_scaffold_from_the_cli_resumes_bitwise_with_its_client_state(tmp_path):
     """`--algorithm scaffold` with partial participation: its control variates live in the
     client-state store, are checkpointed, and a resumed run ends bitwise identical."""
+    from fedjax_lm.cli import main
+
     flags = ["--algorithm", "scaffold", "--clients", "4", "--cohort-size", "2",
              "--partition", "dirichlet", "--alpha", "0.1", "--no-progress"]
     for name, rounds in (("straight", 4), ("resumed", 2), ("resumed", 4)):
-        args = [sys.executable, "-m", "fedjax_lm.cli", "train", *flags,
+        args = ["train", *flags,
                 *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "clients"],
                 "--rounds", str(rounds), "--out", str(tmp_path / name)]
-        out = subprocess.run(args, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
+        assert main(args) == 0
     a = json.loads((tmp_path / "straight" / "final.json").read_text())
     b = json.loads((tmp_path / "resumed" / "final.json").read_text())
     assert a["config"]["algorithm"] == "scaffold" and a["client_state_sha256"]
