@@ -10,9 +10,16 @@ import importlib
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
+
+# A suite started as a background job (`make test &` in a script) inherits SIGINT ignored, and
+# so would every process it starts; the Ctrl-C tests need Python's own handler. A handler set
+# here becomes SIG_DFL in child processes, where Python installs its handler again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -63,8 +70,10 @@ def shared_compiles(_programs: dict):
     def shared_load_model(cfg, num_labels):
         if not cfg.model.startswith("preset:"):
             return load_model(cfg, num_labels)
+        from fedjax_lm.runner.peft import model_overrides  # the adapters shape the model too
+
         key = (cfg.model, cfg.model_type, cfg.hidden_act, cfg.attend_to_padding, cfg.max_length,
-               cfg.seed, num_labels)
+               cfg.seed, num_labels, json.dumps(model_overrides(cfg), default=str))
         model, params, tokenizer = cached("model", key, lambda: load_model(cfg, num_labels))
         return model, tree.map(jnp.array, params), tokenizer  # a copy: rounds donate buffers
 
