@@ -4,9 +4,13 @@
 
 MiniLM (pretrained, `--model minilm`), Adam, S local steps x batch B x length L of random tokens;
 LoRA R on the `--targets` projections vs every parameter trained, same C and chunking (the
-vectorized engine, chunks by the scan executor). Each variant runs in its own process (its
-peak RSS is its own): one round to compile, then `--rounds` timed rounds. Prints and writes
-`DIR/peft_cpu.json` and `DIR/peft_cpu.md`: client-steps per second, compiled per-client bytes
+vectorized engine, chunks by the `--executor`: `host` dispatches one compiled chunk step per
+chunk, so a one-chunk round compiles it and the C-client round reuses it). Each variant runs in
+its own process (its peak RSS is its own): a one-chunk round to compile, a timed one-chunk round
+(written first, `one_chunk_s`: the fallback when the C-client round cannot finish in the time
+at hand), then `--rounds` timed C-client rounds. Each child writes `DIR/row_<variant>.json`;
+the parent writes `DIR/peft_cpu.json` and `DIR/peft_cpu.md` (`--report` rebuilds them from the
+rows already there): client-steps per second, compiled per-client bytes
 (XLA's memory analysis of the chunk program at two widths: carried state, gradients and
 activations), each client's carried state (trainable params + Adam + delta), the bytes a client
 sends per round, peak RSS, and the LoRA / full ratios.
@@ -43,7 +47,8 @@ def measure(args: argparse.Namespace) -> dict:
     mask = None if pred is None else fl.mask_from_predicate(params, pred)
     loss_fn = models.classification_loss(loaded.model)
     algorithm = fl.fedavg(loss_fn, optax.adam(1e-4), trainable=mask)
-    engine = fl.FederatedEngine(algorithm, fl.ExecutorConfig(clients_per_chunk=args.chunk))
+    engine = fl.FederatedEngine(algorithm, fl.ExecutorConfig(clients_per_chunk=args.chunk,
+                                                             chunk_executor=args.executor))
     rs = np.random.RandomState(0)
     shape = (args.clients, args.steps, args.batch, args.length)
     data = {"input_ids": rs.randint(1, loaded.config.vocab_size, shape).astype(np.int32),
@@ -52,30 +57,43 @@ def measure(args: argparse.Namespace) -> dict:
             "label": rs.randint(0, 2, shape[:3]).astype(np.int32),
             "mask": np.ones(shape[:3], np.float32)}
     state = engine.init(params, jax.random.key(0))
-    t0 = time.perf_counter()
-    state = engine.run_round(state, data).state
-    jax.block_until_ready(state.params)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(args.rounds):
+
+    def timed_round(state, clients):
         t0 = time.perf_counter()
-        state = engine.run_round(state, data).state
+        state = engine.run_round(state, jax.tree.map(lambda x: x[:clients], data)).state
         jax.block_until_ready(state.params)
-        times.append(time.perf_counter() - t0)
+        return state, time.perf_counter() - t0
+
+    state, first = timed_round(state, args.chunk)  # compiles the chunk step
+    state, one_chunk = timed_round(state, args.chunk)
     batch = mem.text_batch(args.steps, args.batch, args.length)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     est = mem.estimate_memory(loss_fn, shapes, optax.adam(1e-4), batch, trainable=mask,
                               widths=(1, 2))
     trainable, total = count(mask, params)
+    row = {"variant": args.variant, "clients": args.clients, "chunk": args.chunk,
+           "executor": args.executor, "first_round_s": first, "one_chunk_s": one_chunk,
+           "one_chunk_client_steps_per_s": args.chunk * args.steps / one_chunk,
+           "compiled_per_client_bytes": est.per_client_bytes,
+           "client_state_bytes": est.client_state_bytes,
+           "upload_bytes_per_client": trainable, "param_bytes": total,
+           "one_chunk_peak_rss_bytes": peak_rss(), "loadavg": os.getloadavg()}
+    # Written before the C-client round: what is left if that round cannot finish in time.
+    (args.out / f"row_{args.variant}.json").write_text(json.dumps(row, indent=1))
+    print(json.dumps(row), flush=True)
+    times = []
+    for _ in range(args.rounds):
+        state, seconds = timed_round(state, args.clients)
+        times.append(seconds)
     round_s = min(times)
-    return {"variant": args.variant, "clients": args.clients, "chunk": args.chunk,
-            "first_round_s": first, "round_s": round_s,
+    return {**row, "round_s": round_s,
             "client_steps_per_s": args.clients * args.steps / round_s,
-            "compiled_per_client_bytes": est.per_client_bytes,
-            "client_state_bytes": est.client_state_bytes,
-            "upload_bytes_per_client": trainable, "param_bytes": total,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "loadavg": os.getloadavg()}
+            "peak_rss_bytes": peak_rss(), "loadavg": os.getloadavg()}
+
+
+def peak_rss() -> int:
+    """This process's peak resident set so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:
@@ -90,37 +108,38 @@ def main() -> None:
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default="query,value")
-    p.add_argument("--rounds", type=int, default=1, help="timed rounds after the first")
+    p.add_argument("--executor", choices=("host", "scan"), default="host")
+    p.add_argument("--rounds", type=int, default=1, help="timed C-client rounds")
+    p.add_argument("--variants", default="full,lora", help="children to run, in this order")
+    p.add_argument("--report", action="store_true", help="only rebuild the tables from rows")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/peft-cpu"))
     args = p.parse_args()
-    if args.variant:  # a child: one variant, its row as JSON on the last line
-        print(json.dumps(measure(args)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.variant:  # a child: one variant, its row as JSON in DIR/row_<variant>.json
+        row = measure(args)
+        (args.out / f"row_{args.variant}.json").write_text(json.dumps(row, indent=1))
+        print(json.dumps(row))
         return
-    rows = {}
-    for variant in ("full", "lora"):
-        argv = [a for a in sys.argv[1:]]
-        out = subprocess.run([sys.executable, __file__, *argv, "--variant", variant],
-                             check=True, capture_output=True, text=True).stdout
-        rows[variant] = json.loads(out.strip().splitlines()[-1])
+    if not args.report:
+        for variant in args.variants.split(","):
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant],
+                           check=True)
+    rows = {v: json.loads((args.out / f"row_{v}.json").read_text()) for v in ("full", "lora")}
     full, lora = rows["full"], rows["lora"]
-    ratios = {
-        "client_steps_per_s (lora / full)": lora["client_steps_per_s"] / full["client_steps_per_s"],
-        "compiled_per_client_bytes (lora / full)":
-            lora["compiled_per_client_bytes"] / full["compiled_per_client_bytes"],
-        "client_state_bytes (lora / full)": lora["client_state_bytes"] / full["client_state_bytes"],
-        "upload_bytes_per_client (lora / full)":
-            lora["upload_bytes_per_client"] / full["upload_bytes_per_client"],
-        "peak_rss_bytes (lora / full)": lora["peak_rss_bytes"] / full["peak_rss_bytes"],
-    }
-    keys = [k for k in full if k not in ("variant", "loadavg")]
+    names = ("client_steps_per_s", "one_chunk_client_steps_per_s", "compiled_per_client_bytes",
+             "client_state_bytes", "upload_bytes_per_client", "peak_rss_bytes",
+             "one_chunk_peak_rss_bytes")
+    # A key missing from a row (its C-client round did not finish) has no ratio.
+    ratios = {f"{k} (lora / full)": lora[k] / full[k] for k in names if k in lora and k in full}
+    keys = [k for k in dict.fromkeys([*full, *lora]) if k not in ("variant", "loadavg", "executor")]
     lines = [f"# LoRA (R={args.rank}, {args.targets}) vs full fine-tuning, {args.model}, Adam, "
              f"{args.steps} steps x batch {args.batch} x length {args.length}, C={args.clients}, "
              f"chunks of {args.chunk}", "", "| | full | lora |", "|---|---|---|"]
-    lines += [f"| {k} | {full[k]:.4g} | {lora[k]:.4g} |" for k in keys]
+    cell = lambda row, k: f"{row[k]:.4g}" if k in row else "-"  # noqa: E731
+    lines += [f"| {k} | {cell(full, k)} | {cell(lora, k)} |" for k in keys]
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" for k, v in ratios.items()]
     lines += ["", f"load average (full, lora): {full['loadavg']}, {lora['loadavg']}"]
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "peft_cpu.json").write_text(json.dumps({"rows": rows, "ratios": ratios},
                                                        indent=1))
     (args.out / "peft_cpu.md").write_text("\n".join(lines) + "\n")
