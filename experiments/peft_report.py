@@ -73,7 +73,7 @@ def markdown(groups: dict[tuple, list[dict]]) -> str:
         m, s = mean_std([r["final_accuracy"] for r in rs])
         mb = rs[0]["upload_mb_per_client"]
         lines.append(f"| {c} | {part} | {meth} | {len(rs)} | {m:.3f} ± {s:.3f} | "
-                     f"{rs[0]['upload_mb_per_client_round']:.3f} | {mb:.2f} | {m / mb:.3g} | "
+                     f"{rs[0]['upload_mb_per_client_round']:.3g} | {mb:.3g} | {m / mb:.3g} | "
                      f"{np.mean([r['train_wall_s'] for r in rs]):.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -99,6 +99,7 @@ def plot(path: Path, groups: dict[tuple, list[dict]]) -> None:
         for j, xm, ym in zip(x, mb, mean, strict=True):
             axes[1].annotate(METHODS[j], (xm, ym), fontsize=7, xytext=(4, 2),
                              textcoords="offset points")
+    axes[1].margins(x=0.15)
     axes[0].set_xticks(range(len(METHODS)), METHODS, rotation=20)
     axes[0].set(ylabel="final test accuracy (mean ± std over seeds)",
                 title="accuracy per method (equal rounds)")

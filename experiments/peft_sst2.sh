@@ -6,12 +6,12 @@ set -euo pipefail
 data=${1:?usage: $0 DATA_DIR [OUT]}
 out=${2:-experiments/results/peft_sst2}
 declare -A methods=(
-  [full]="--lr 1e-4"
-  [head]="--peft head --lr 1e-3"
-  [bitfit]="--peft bitfit --lr 1e-3"
-  [lora_fedit]="--peft lora --lora-aggregation fedit --lr 1e-3"
-  [lora_ffa]="--peft lora --lora-aggregation ffa --lr 1e-3"
-  [lora_exact]="--peft lora --lora-aggregation exact --lr 1e-3"
+  [full]="--lr 3e-4"
+  [head]="--peft head --lr 1e-2"
+  [bitfit]="--peft bitfit --lr 3e-3"
+  [lora_fedit]="--peft lora --lora-aggregation fedit --lr 3e-3"
+  [lora_ffa]="--peft lora --lora-aggregation ffa --lr 3e-3"
+  [lora_exact]="--peft lora --lora-aggregation exact --lr 3e-3"
 )
 for seed in 0 1 2; do
   for m in full head bitfit lora_fedit lora_ffa lora_exact; do
