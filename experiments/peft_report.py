@@ -96,8 +96,9 @@ def plot(path: Path, groups: dict[tuple, list[dict]]) -> None:
                          fmt="o", capsize=3, label=label)
         mb = [groups[(c, part, METHODS[j])][0]["upload_mb_per_client"] for j in x]
         axes[1].errorbar(mb, mean, yerr=std, fmt="o", capsize=3, label=label)
-        for j, xm, ym in zip(x, mb, mean, strict=True):
-            axes[1].annotate(METHODS[j], (xm, ym), fontsize=7, xytext=(4, 2),
+        for j, xm, ym in zip(x, mb, mean, strict=True) if i == 0 else ():
+            # staggered: methods of equal upload (fedit, exact) sit on the same point
+            axes[1].annotate(METHODS[j], (xm, ym), fontsize=7, xytext=(4, 4 + 8 * (j % 3)),
                              textcoords="offset points")
     axes[1].margins(x=0.15)
     axes[0].set_xticks(range(len(METHODS)), METHODS, rotation=20)
