@@ -258,6 +258,12 @@ CASES = [
     Case("lora_target_unknown", [*TINY, "--peft", "lora", "--lora-targets", "query,querry"],
          r"lora_targets querry match no projection; valid: query, key, value, attention_output, "
          r"intermediate, output", fix=[*TINY, "--peft", "lora", "--lora-targets", "query"]),
+    Case("lora_target_empty_name", [*TINY, "--peft", "lora", "--lora-targets", "query,,value"],
+         r"^lora_targets query,,value has an empty name; list projections separated by single "
+         r"commas from: query, key, value, attention_output, intermediate, output$",
+         fix=[*TINY, "--peft", "lora", "--lora-targets", "query,value"]),
+    Case("lora_flag_without_peft_lora", [*TINY, "--peft", "head", "--lora-rank", "4"],
+         r"^--lora-rank needs --peft lora \(got --peft head\); add --peft lora or drop it$"),
     Case("lora_rank_zero", [*TINY, "--peft", "lora", "--lora-rank", "0"],
          r"lora_rank must be >= 1, got 0"),
     Case("lora_rank_beyond_projection", [*TINY, "--peft", "lora", "--lora-rank", "65"],

@@ -79,8 +79,8 @@ def check_peft(cfg: Any) -> None:
     need(cfg.freeze_layers >= 0, f"freeze_layers must be >= 0, got {cfg.freeze_layers}")
     given = [_flag(k) for k in LORA_FIELDS if getattr(cfg, k) is not None]
     need(cfg.peft == "lora" or not given,
-         f"{', '.join(given)} need --peft lora (got --peft {mode(cfg)}); add --peft lora or drop "
-         "them")
+         f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --peft lora (got --peft "
+         f"{mode(cfg)}); add --peft lora or drop {'it' if len(given) == 1 else 'them'}")
     need(mode(cfg) == "none" or cfg.algorithm in ("fedavg", "fedprox"),
          f"peft {cfg.peft} runs with algorithm fedavg or fedprox, not {cfg.algorithm}")
     if cfg.peft != "lora":
@@ -90,10 +90,13 @@ def check_peft(cfg: Any) -> None:
     need(lora["lora_alpha"] > 0, f"lora_alpha must be > 0, got {lora['lora_alpha']}")
     need(0 <= lora["lora_dropout"] < 1, f"lora_dropout must be in [0, 1), got "
                                         f"{lora['lora_dropout']}")
-    bad = [t for t in lora["lora_targets"] if t not in LORA_TARGET_NAMES]
-    need(not bad and lora["lora_targets"],
-         f"lora_targets {','.join(bad) or '(none)'} match no projection; valid: "
-         f"{', '.join(LORA_TARGET_NAMES)}")
+    targets = lora["lora_targets"]
+    need(bool(targets) and all(targets),  # `query,,value`: an empty name, not an unknown one
+         f"lora_targets {','.join(targets) or '(none)'} has an empty name; list projections "
+         f"separated by single commas from: {', '.join(LORA_TARGET_NAMES)}")
+    bad = [t for t in targets if t not in LORA_TARGET_NAMES]
+    need(not bad, f"lora_targets {','.join(bad)} match no projection; valid: "
+                  f"{', '.join(LORA_TARGET_NAMES)}")
     need(lora["lora_aggregation"] in LORA_AGGREGATIONS,
          f"lora_aggregation must be one of {', '.join(LORA_AGGREGATIONS)}, got "
          f"{lora['lora_aggregation']!r}")

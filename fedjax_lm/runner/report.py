@@ -116,7 +116,8 @@ def write_report(root: Path, *, title: str = "", sweep_wall_s: float | None = No
         raise FileNotFoundError(f"no finished runs (final.json) under {root}")
     fields = varying_fields(runs)
     columns = fields + ["seed", "final_accuracy", "best_accuracy", "rounds_to_target",
-                        "final_eval_loss", "train_wall_s", "skipped_client_updates", "run_dir"]
+                        "final_eval_loss", "train_wall_s", "skipped_client_updates",
+                        "upload_bytes_per_client", "download_bytes_per_client", "run_dir"]
     write_csv(root / "results.csv", [{**{f: r["config"][f] for f in fields + ["seed"]},
                                       **{c: r.get(c) for c in columns[len(fields) + 1:]}}
                                      for r in runs], columns)

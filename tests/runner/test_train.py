@@ -1,5 +1,6 @@
 """The training loop on a tiny encoder: outputs, resume, faults, sweeps and reports."""
 
+import csv
 import json
 import os
 import signal
@@ -155,6 +156,9 @@ def test_sweep_skips_finished_cells_and_reports(tmp_path):
 
     rows = (tmp_path / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 3 and rows[0].startswith("model,task,clients,seed,final_accuracy")
+    table = list(csv.DictReader(rows))  # each run's communication, as its final.json says
+    assert [float(r["upload_bytes_per_client"]) for r in table] == [
+        json.loads(p.read_text())["upload_bytes_per_client"] for p in finals]
     summary = (tmp_path / "summary.md").read_text()
     assert "| preset:tiny | synthetic | 1 | 1 |" in summary
     assert "| preset:tiny | synthetic | 2 | 1 |" in summary
