@@ -27,7 +27,8 @@ def read_rows(runs: Path, private: bool) -> list[dict]:
         c = f["config"]
         rows.append({"setting": "dp" if private else "non-private",
                      "target_epsilon": c["target_epsilon"] if private else "",
-                     "seed": c["seed"], "rounds": f["rounds"], "epsilon": f["epsilon"],
+                     "seed": c["seed"], "rounds": f["rounds"],
+                     "epsilon": f.get("epsilon", math.inf),  # no DP: no epsilon key
                      "noise_multiplier": f.get("dp_noise_multiplier_used"),
                      "final_accuracy": f["final_accuracy"], "best_accuracy": f["best_accuracy"],
                      "final_eval_loss": f["final_eval_loss"],
