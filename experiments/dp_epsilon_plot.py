@@ -33,7 +33,7 @@ def read_rows(runs: Path, private: bool) -> list[dict]:
                      "final_accuracy": f["final_accuracy"], "best_accuracy": f["best_accuracy"],
                      "final_eval_loss": f["final_eval_loss"],
                      "dp_overflow_delta": f.get("dp_overflow_delta"),
-                     "truncated_clients": f["truncated_clients"]})
+                     "truncated_clients": f.get("truncated_clients", 0)})
     return rows
 
 
