@@ -71,6 +71,7 @@ def coerce(name: str, hint: Any, value: Any) -> Any:
 
 def check(cfg: RunConfig) -> None:
     """Every rule a config must pass before any work starts (one ConfigError naming the fix)."""
+
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ConfigError(msg)
@@ -126,7 +127,8 @@ def check(cfg: RunConfig) -> None:
     check_robustness(cfg, execution)
     from fedjax_lm.runner import privacy
 
-    privacy.check(cfg, {f.name: f for f in dataclasses.fields(cfg)}["aggregator"].default)
+    default_aggregator = next(f.default for f in dataclasses.fields(cfg) if f.name == "aggregator")
+    privacy.check(cfg, default_aggregator)
     from fedjax_lm.data import PARTITIONERS, TASKS
 
     need(cfg.task in TASKS, f"unknown task {cfg.task!r}; valid tasks: {', '.join(sorted(TASKS))}")
