@@ -36,19 +36,42 @@ def preset(args: argparse.Namespace) -> dict:
             "server_optimizer": "fedavg", "checkpoint_every": 1,
             **({"data_dir": args.data_dir} if args.data_dir else {}),
         },
-        "sweep": {"clients": [1, 2, 4, 8, 16, 32], "seed": list(range(args.seeds))},
+        "sweep": {"clients": args.clients, "seed": list(range(args.seeds))},
     }
 
 
-def run_arm(name: str, cmd: list[str], log: Path) -> float:
-    print(f"{name}: {' '.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
-    with log.open("w") as f:
-        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    wall = time.perf_counter() - t0
-    print(f"{name}: {wall:.1f} s", flush=True)
-    return wall
+def run_arms(arms: dict[str, list[str]], out: Path, concurrent: bool) -> dict[str, dict]:
+    """Each arm's wall time and CPU time (user + sys of its whole process tree, cells
+    included: every process is waited for). `concurrent` starts both at once: on a host
+    shared with other work the two then see the same load, and CPU time, which load does not
+    stretch, is the comparable measure."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    procs = {}
+    for name, cmd in arms.items():
+        print(f"{name}: {' '.join(cmd)}", flush=True)
+        wrapped = [sys.executable, "-c", CPU_WRAPPER, str(out / f"{name}.cpu"), *cmd]
+        procs[name] = (time.perf_counter(), subprocess.Popen(
+            wrapped, stdout=(out / f"{name}.log").open("w"), stderr=subprocess.STDOUT, env=env))
+        if not concurrent:
+            procs[name][1].wait()
+    result = {}
+    for name, (t0, proc) in procs.items():
+        if proc.wait() != 0:
+            raise SystemExit(f"{name} failed (exit {proc.returncode}); see {out}/{name}.log")
+        wall = time.perf_counter() - t0
+        result[name] = {"wall_s": wall, "cpu_s": float((out / f"{name}.cpu").read_text())}
+        print(f"{name}: {result[name]}", flush=True)
+    return result
+
+
+# Runs argv[2:] and writes the CPU seconds of its whole process tree to argv[1].
+CPU_WRAPPER = """
+import resource, subprocess, sys
+code = subprocess.call(sys.argv[2:])
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write(str(u.ru_utime + u.ru_stime))
+sys.exit(code)
+"""
 
 
 def compare(a: Path, b: Path) -> dict:
@@ -71,7 +94,11 @@ def main() -> int:
     p.add_argument("--data-dir", help="../shared/data: IMDB (else the synthetic task)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--clients", type=lambda t: [int(c) for c in t.split(",")],
+                   default=[1, 2, 4, 8, 16, 32], help="client counts (default 1,2,4,8,16,32)")
     p.add_argument("--work", type=Path, help="sweep folders (default OUT/runs; not results)")
+    p.add_argument("--concurrent", action="store_true",
+                   help="run both arms at once (a shared host: compare CPU time)")
     args = p.parse_args()
     args.task = "imdb" if args.data_dir else "synthetic"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -86,23 +113,31 @@ def main() -> int:
         "vectorized": base + ["--out-dir", str(work / "vectorized"), "--vectorize"],
         "sequential": base + ["--out-dir", str(work / "sequential")],
     }
-    walls = {name: run_arm(name, cmd, args.out / f"{name}.log") for name, cmd in arms.items()}
+    load = os.getloadavg()
+    times = run_arms(arms, args.out, args.concurrent)
     check = compare(work / "sequential", work / "vectorized")
-    ratio = walls["sequential"] / walls["vectorized"]
+    ratio = {k: times["sequential"][k] / times["vectorized"][k] for k in ("wall_s", "cpu_s")}
     result = {"command": " ".join(sys.argv), "cells": check["cells"], "rounds": args.rounds,
-              "task": args.task, "wall_s": walls, "speedup": ratio, "equivalence": check,
-              "nproc": os.cpu_count(), "load_avg_at_end": os.getloadavg()}
+              "task": args.task, "concurrent": args.concurrent, "arms": times,
+              "speedup": ratio, "equivalence": check, "nproc": os.cpu_count(),
+              "load_avg_at_start": load, "load_avg_at_end": os.getloadavg()}
     (args.out / "vectorized_sweep.json").write_text(json.dumps(result, indent=2) + "\n")
     d = check["max_abs_diff"]
     (args.out / "vectorized_sweep.md").write_text(
-        "| arm | wall s |\n|---|---|\n"
-        + "".join(f"| {k} | {walls[k]:.1f} |\n" for k in ("sequential", "vectorized"))
-        + f"| **speedup** | **{ratio:.2f}x** |\n\n"
+        "| arm | wall s | CPU s (process tree) |\n|---|---|---|\n"
+        + "".join(f"| {k} | {times[k]['wall_s']:.1f} | {times[k]['cpu_s']:.1f} |\n"
+                  for k in ("sequential", "vectorized"))
+        + f"| **sequential / vectorized** | **{ratio['wall_s']:.2f}x** | "
+        f"**{ratio['cpu_s']:.2f}x** |\n\n"
+        f"Arms run {'concurrently' if args.concurrent else 'one after the other'}; load "
+        f"average {load[0]:.1f} at the start, {result['load_avg_at_end'][0]:.1f} at the end "
+        f"({os.cpu_count()} cores).\n\n"
         f"{check['cells']} cells, {args.rounds} rounds, task {args.task}; "
         f"bitwise-equal final params in {check['bitwise_equal_params']}/{check['cells']} "
         f"cells; max |diff| final accuracy {d['final_accuracy']:.2e}, eval loss "
         f"{d['final_eval_loss']:.2e}, train loss {d['final_train_loss']:.2e}\n")
-    print(f"speedup (sequential / vectorized wall time): {ratio:.2f}x")
+    print(f"speedup (sequential / vectorized): wall {ratio['wall_s']:.2f}x, "
+          f"CPU {ratio['cpu_s']:.2f}x")
     print((args.out / "vectorized_sweep.md").read_text())
     return 0
 
