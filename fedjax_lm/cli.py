@@ -124,7 +124,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     flag = "--out" if overrides.get("out") else "--out-dir"
     out = Path(overrides.pop("out", None) or args.out_dir or Path("runs") / preset.name)
     check_out_dir(out, flag)
-    run_sweep(preset, overrides, out, progress=not args.no_progress, isolate=True)
+    vectorize = preset.vectorize
+    if args.vectorize or args.vectorize_padding or args.vectorize_memory:
+        vectorize = vectorize.replace(
+            enabled=True, **{k: v for k, v in (("padding", args.vectorize_padding),
+                                               ("memory", args.vectorize_memory)) if v})
+    run_sweep(preset, overrides, out, progress=not args.no_progress, isolate=True,
+              vectorize=vectorize)
     print((out / "summary.md").read_text())
     print(f"results: {out}/results.csv; plots: {out}/accuracy_vs_round.png, "
           f"{out}/final_accuracy_vs_clients.png")
@@ -192,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.add_argument("--out-dir", type=Path, help="sweep folder (default runs/<preset name>)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--vectorize", action="store_true",
+                   help="cells differing only in seed, lr, server_lr, clients, cohort_size run "
+                        "as one program (a preset's `vectorize: true` does the same)")
+    p.add_argument("--vectorize-padding", type=float, metavar="X",
+                   help="most padded work per real work a shared program may do (default 1.5)")
+    p.add_argument("--vectorize-memory", metavar="SIZE",
+                   help="memory one vectorized program may take, e.g. 8GiB (default: 90%% of "
+                        "the device's, half the host's available RAM on a CPU)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="results.csv, summary.md and plots from finished runs")

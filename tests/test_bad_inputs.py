@@ -56,6 +56,17 @@ def _csv(labels: list, header: str = "text,label") -> str:
 GOOD_CSV = _csv([0, 1] * 40)
 
 
+def _tiny_preset(sweep: str) -> str:
+    """A preset of TINY cells with the given `sweep:` grid (YAML flow mapping)."""
+    return ("base: {model: 'preset:tiny', task: synthetic, max_train_examples: 96, "
+            "max_test_examples: 48, max_length: 16, batch_size: 8, local_epochs: 1, rounds: 1}\n"
+            f"sweep: {sweep}\n")
+
+
+VECTORIZE = ["sweep", "--config", "{tmp}/p.yaml", "--out-dir", "{tmp}/s", "--no-progress",
+             "--vectorize"]
+
+
 @dataclass(frozen=True)
 class Case:
     """One row of the table (see the module docstring)."""
@@ -401,6 +412,15 @@ CASES = [
          r"\(ValueError in default/manifest\.ocdbt\); deleted it, resuming from an earlier one",
          trained=True, code=0, setup=_damage_checkpoint("default/manifest.ocdbt"), fix=TRAINED,
          then=_same_model),
+    # sweep --vectorize: not errors; what cannot share a program runs alone, said in one line
+    Case("vectorize_shapes_differ_beyond_padding", VECTORIZE, r"^vectorize: max_length=16, "
+         r"max_length=24 run\(s\) alone, each its own program: they differ in max_length, "
+         r"beyond seed, lr", files={"p.yaml": _tiny_preset("{max_length: [16, 24]}")}, code=0),
+    Case("vectorize_memory_too_large", [*VECTORIZE, "--vectorize-memory", "1KiB"],
+         r"^vectorize: the program of 2 cells \(seed=0, seed=1\) needs [\d.]+ \w+, over the "
+         r"1\.00 KiB budget \(vectorize memory\); the largest group that fits is 0 cell\(s\) "
+         r"\(~[\d.]+ \w+ each\): running its cells one by one",
+         files={"p.yaml": _tiny_preset("{seed: [0, 1]}")}, code=0),
 ]
 
 

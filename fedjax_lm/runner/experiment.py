@@ -4,7 +4,8 @@ its loss, and an engine. Everything here is deterministic in the config's seed."
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -54,7 +55,7 @@ def load_model(cfg: RunConfig, num_labels: int) -> tuple[models.Model, Any, Any]
         overrides["hidden_act"] = cfg.hidden_act
     if cfg.model.startswith(PRESET_PREFIX):
         size = cfg.model[len(PRESET_PREFIX):]
-        tokenizer = fdata.load_tokenizer(models.minilm_path())
+        tokenizer = _preset_tokenizer()
         try:
             config = models.preset(
                 size, cfg.model_type, vocab_size=len(tokenizer), num_labels=num_labels,
@@ -63,7 +64,7 @@ def load_model(cfg: RunConfig, num_labels: int) -> tuple[models.Model, Any, Any]
         except ValueError as e:
             raise ConfigError(f"model {cfg.model!r}: {e}") from None
         model = models.Model(config)
-        params = jax.jit(model.init)(jax.random.key(cfg.seed))
+        params = _init_program(config)(jax.random.key(cfg.seed))
         return model, params, tokenizer
     loaded = models.from_pretrained(cfg.model, num_labels, head_seed=cfg.seed, **overrides)
     if loaded.tokenizer is None:
@@ -77,6 +78,17 @@ def load_model(cfg: RunConfig, num_labels: int) -> tuple[models.Model, Any, Any]
                           f"{loaded.config.max_position_embeddings} positions; use --max-length "
                           f"{loaded.config.max_position_embeddings} or less")
     return loaded.model, loaded.params, loaded.tokenizer
+
+
+@functools.lru_cache(maxsize=8)
+def _init_program(config: models.EncoderConfig):
+    """One compiled initialiser per model config: the cells of a sweep (seeds) share it."""
+    return jax.jit(models.Model(config).init)
+
+
+@functools.lru_cache(maxsize=1)
+def _preset_tokenizer():
+    return fdata.load_tokenizer(models.minilm_path())
 
 
 def _partition(cfg: RunConfig, task: fdata.TaskData) -> list[np.ndarray]:
@@ -132,35 +144,59 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     )
 
 
-def client_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
-    return fl.make_client_optimizer(cfg.client_optimizer, cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay)
+def client_optimizer(cfg: RunConfig, lr: Any = None) -> optax.GradientTransformation:
+    return fl.make_client_optimizer(cfg.client_optimizer, cfg.lr if lr is None else lr,
+                                    momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def per_client_heads(model: models.Model, seed: int) -> ClientParamsInit:
+def head_key(seed: int) -> jax.Array:
+    return jax.random.key(seed + 1)
+
+
+def per_client_heads(model: models.Model, seed: int, key: jax.Array | None = None
+                     ) -> ClientParamsInit:
     """Paper 1's code: in round 1 every client starts from its own random head, drawn from
-    (seed + 1, client id)."""
-    key = jax.random.key(seed + 1)
+    (seed + 1, client id) (`key`: that key, given as an array, e.g. traced)."""
+    key = head_key(seed) if key is None else key
     return lambda params, cid: model.init_head(params, jax.random.fold_in(key, cid))
 
 
-def build_algorithm(cfg: RunConfig, exp: Experiment) -> fl.Algorithm:
-    """The run's algorithm as engine hooks (wrapped in DP-FedAvg when dp_clip is set)."""
-    algorithm = _base_algorithm(cfg, exp)
+class Hypers(NamedTuple):
+    """What may differ between the federations of one vectorized program: arrays that the
+    algorithm reads at run time instead of constants baked into its program."""
+
+    lr: Any  # float32 client learning rate
+    server_lr: Any  # float32 (read only by a server optimizer other than fedavg)
+    head_key: Any  # key(seed + 1) for paper 1's per-client heads
+
+
+def hypers(cfg: RunConfig) -> Hypers:
+    return Hypers(np.float32(cfg.lr), np.float32(cfg.server_lr), head_key(cfg.seed))
+
+
+def build_algorithm(cfg: RunConfig, exp: Experiment, hp: Hypers | None = None) -> fl.Algorithm:
+    """The run's algorithm as engine hooks (wrapped in DP-FedAvg when dp_clip is set); `hp`
+    replaces the config's learning rates and head key by (traced) arrays."""
+    algorithm = _base_algorithm(cfg, exp, hp)
     if privacy.dp_enabled(cfg):
         return fl.dp_fedavg(algorithm, privacy.plan(cfg).mechanism)
     return algorithm
 
 
-def _base_algorithm(cfg: RunConfig, exp: Experiment) -> fl.Algorithm:
+def _base_algorithm(cfg: RunConfig, exp: Experiment, hp: Hypers | None) -> fl.Algorithm:
     loss_fn = models.classification_loss(exp.model)
-    server = fl.make_server_optimizer(cfg.server_optimizer, cfg.server_lr)
-    heads = per_client_heads(exp.model, cfg.seed) if cfg.head_init == "per_client" else None
+    # Plain FedAvg's server_lr picks the optimizer's structure (1: none), so it stays a constant.
+    traced_server_lr = hp is not None and cfg.server_optimizer != "fedavg"
+    server = fl.make_server_optimizer(cfg.server_optimizer,
+                                      hp.server_lr if traced_server_lr else cfg.server_lr)
+    heads = (per_client_heads(exp.model, cfg.seed, hp and hp.head_key)
+             if cfg.head_init == "per_client" else None)
+    lr = cfg.lr if hp is None else hp.lr
     if cfg.algorithm == "scaffold":
         cohort = cfg.cohort_size or exp.num_clients
-        return fl.scaffold(loss_fn, cfg.lr, server, cohort_fraction=cohort / exp.num_clients,
+        return fl.scaffold(loss_fn, lr, server, cohort_fraction=cohort / exp.num_clients,
                            client_params_init=heads)
-    return fl.fedavg(loss_fn, client_optimizer(cfg), server, prox_mu=cfg.prox_mu,
+    return fl.fedavg(loss_fn, client_optimizer(cfg, lr), server, prox_mu=cfg.prox_mu,
                      carry_optimizer_state=cfg.carry_client_state, client_params_init=heads,
                      aggregator=exp.peft.aggregator or aggregator(cfg, exp.malicious),
                      trainable=exp.peft.trainable, client_mask=exp.peft.client_mask)

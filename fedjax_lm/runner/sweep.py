@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from fedjax_lm.grid import expand_grid
 from fedjax_lm.io import write_yaml
 from fedjax_lm.runner import rundir
-from fedjax_lm.runner.config import ConfigError, Preset, RunConfig, from_dict
+from fedjax_lm.runner.config import ConfigError, Preset, RunConfig, VectorizeOptions, from_dict
 from fedjax_lm.runner.report import read_final, write_report
 from fedjax_lm.runner.train import TrainingError, train
 
@@ -95,22 +95,35 @@ def train_in_subprocess(cfg: RunConfig, *, progress: bool) -> dict:
 
 def run_sweep(
     preset: Preset, overrides: dict[str, Any], out: Path, *, progress: bool = True,
-    isolate: bool = False,
+    isolate: bool = False, vectorize: VectorizeOptions | None = None,
 ) -> list[dict]:
     """Run every cell (skipping finished ones), then write the report. `isolate` runs each
-    cell in its own process (what the CLI does)."""
+    cell in its own process (what the CLI does); `vectorize` (default: the preset's) runs
+    cells that can share a program as one (runner/vectorized.py)."""
     out = Path(out)
     cells = expand(preset, overrides, out)
     check_resumable(cells)
-    results = []
     started = time.perf_counter()
-    bar = tqdm(cells, desc=f"sweep {preset.name}", unit="cell", disable=not progress)
-    for cfg in bar:
-        bar.set_postfix_str(Path(cfg.out).name)
-        finished = Path(cfg.out) / "final.json"
-        if isolate and not finished.exists():
-            results.append(train_in_subprocess(cfg, progress=progress))
-        else:
-            results.append(train(cfg, progress=progress))
+    vectorize = vectorize or preset.vectorize
+
+    def run_cell(cfg: RunConfig) -> dict:
+        if isolate and not (Path(cfg.out) / "final.json").exists():
+            return train_in_subprocess(cfg, progress=progress)
+        return train(cfg, progress=progress)
+
+    if vectorize.enabled:
+        from fedjax_lm.runner.vectorized import run_vectorized
+
+        todo = [c for c in cells if rundir.check_resumable(c, Path(c.out)) is None]
+        done = {c.out: run_cell(c) for c in cells if c not in todo}
+        ran = dict(zip([c.out for c in todo], run_vectorized(
+            todo, vectorize, run_alone=run_cell, progress=progress), strict=True))
+        results = [done.get(c.out) or ran[c.out] for c in cells]
+    else:
+        results = []
+        bar = tqdm(cells, desc=f"sweep {preset.name}", unit="cell", disable=not progress)
+        for cfg in bar:
+            bar.set_postfix_str(Path(cfg.out).name)
+            results.append(run_cell(cfg))
     write_report(out, title=preset.name, sweep_wall_s=time.perf_counter() - started)
     return results

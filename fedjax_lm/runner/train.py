@@ -2,30 +2,33 @@
 
 Rerunning the same command in the same run directory resumes from the last checkpoint;
 because data order and client sampling are pure functions of (seed, round), a run killed
-and resumed ends bitwise identical to an uninterrupted one.
+and resumed ends bitwise identical to an uninterrupted one. What is written to the run
+directory each round lives in `bookkeeping` (shared with vectorized sweeps).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
-from fedjax_lm.data import pack_eval
-from fedjax_lm.federated.trainable import split, trainable_part
-from fedjax_lm.io import write_json, write_yaml
+from fedjax_lm.federated.trainable import trainable_part
 from fedjax_lm.models import classification_stats
 from fedjax_lm.runner import privacy
-from fedjax_lm.runner.checkpoint import Checkpointer, saved_state
+from fedjax_lm.runner.bookkeeping import (
+    RunBook,
+    TrainingError,
+    check_base_of,
+    data_fingerprint,
+    divergence_warning,
+    nonfinite_server_parts,
+    params_digest,
+)
 from fedjax_lm.runner.config import RunConfig, from_dict
-from fedjax_lm.runner.digest import data_fingerprint, params_digest
 from fedjax_lm.runner.experiment import (
     Experiment,
     build_engine,
@@ -33,16 +36,12 @@ from fedjax_lm.runner.experiment import (
     client_optimizer,
     round_data,
 )
-from fedjax_lm.runner.guards import (
-    TrainingError,
-    divergence_warning,
-    nonfinite_error,
-    nonfinite_server_parts,
-)
-from fedjax_lm.runner.metrics import MetricsLog
-from fedjax_lm.runner.peft import communication
-from fedjax_lm.runner.rundir import check_base, check_data, check_resumable, locked
+from fedjax_lm.runner.rundir import check_resumable, locked
 from fedjax_lm.scale.distributed import is_primary
+
+__all__ = ["TrainingError", "check_base_of", "data_fingerprint", "divergence_warning",
+           "make_predict", "memory_plan_lines", "nonfinite_server_parts", "params_digest",
+           "train"]
 
 
 def make_predict(model):
@@ -54,27 +53,6 @@ def make_predict(model):
         return correct, nll
 
     return jax.jit(predict)
-
-
-def evaluate(predict, params, exp: Experiment, batch_size: int) -> dict[str, float]:
-    """Global test accuracy / loss, and the accuracy on each client's test shard."""
-    batches = pack_eval(exp.test, batch_size)
-    correct, nll = [], []
-    for i in range(batches["mask"].shape[0]):
-        c, n = predict(params, {k: v[i] for k, v in batches.items()})
-        correct.append(np.asarray(c))
-        nll.append(np.asarray(n))
-    real = batches["mask"].reshape(-1) > 0
-    correct = np.concatenate(correct)[real]
-    nll = np.concatenate(nll)[real]
-    per_client = np.array([correct[ix].mean() for ix in exp.test_shards])
-    return {
-        "eval_loss": float(nll.mean()),
-        "eval_accuracy": float(correct.mean()),
-        "client_accuracy_min": float(per_client.min()),
-        "client_accuracy_mean": float(per_client.mean()),
-        "client_accuracy_max": float(per_client.max()),
-    }
 
 
 def memory_plan_lines(cfg: RunConfig, exp: Experiment, engine) -> list[str]:
@@ -138,26 +116,8 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
     state = engine.init(exp.params, base_key)
     store = (engine.new_store(exp.params, exp.num_clients) if engine.algorithm.stateful
              else None)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = Checkpointer(run_dir / "checkpoints")
-    start = ckpt.latest_round() or 0
-    check_data(run_dir, data_fingerprint(exp), rounds_done=start, write=primary)
-    check_base_of(run_dir, cfg, exp, rounds_done=start, write=primary)
-    mask = exp.peft.trainable
-    # Setup succeeded: only now does the directory record its config. A final.json of fewer
-    # rounds no longer describes it once training continues.
-    if primary:
-        write_yaml(run_dir / "config.yaml", cfg.to_dict())
-        (run_dir / "final.json").unlink(missing_ok=True)
-    if start:
-        start, state, store = ckpt.restore_trainable(mask, state, store)
-        if bad_parts := nonfinite_server_parts(state):
-            raise TrainingError(
-                f"the round-{start} checkpoint in {run_dir} holds non-finite server "
-                f"{bad_parts} (saved by a version that did not check the server update); "
-                f"delete {run_dir} to start over")
-    log = MetricsLog(run_dir, start, enabled=primary)
-    predict = make_predict(exp.model)
+    book = RunBook(cfg, exp, state, store, predict=make_predict(exp.model), primary=primary)
+    start, state, store = book.start, book.state, book.store
     setup_s = time.perf_counter() - t_setup
     if primary and progress:
         for line in memory_plan_lines(cfg, exp, engine):
@@ -166,100 +126,20 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
         for line in privacy.plan(cfg).lines(cfg):
             tqdm.write(line)
 
-    warnings: list[str] = []
     bar = tqdm(range(start, cfg.rounds), initial=start, total=cfg.rounds, desc=run_dir.name,
                disable=not progress, unit="round", leave=False)
     try:
         for r in bar:
             t0 = time.perf_counter()
             cohort = privacy.draw_cohort(cfg, base_key, r)
-            ids = cohort.real_ids
             data = cohort.zero_padding(round_data(cfg, exp, r, cohort.ids))
             cs = store and store.gather(cohort.ids)
             state, metrics, cs = engine.run_round(state, data, client_ids=cohort.ids,
                                                   client_states=cs)
-            bad = [int(i) for i in ids[~np.asarray(metrics.client_finite)[:len(ids)]]]
-            # Checked before anything is logged or checkpointed: only finite states are saved,
-            # so the latest checkpoint is a good one.
-            server = nonfinite_server_parts(state, metrics.update_norm)
-            stop = nonfinite_error(cfg, r + 1, ids, bad, server, run_dir, ckpt.latest_round() or 0)
-            if stop:
-                raise TrainingError(stop)
-            if store is not None:
-                store.scatter(ids, cohort.real(cs))
-            record: dict[str, Any] = {
-                "round": r + 1,
-                # None: nobody joined this (Poisson) round, so no client trained
-                "train_loss": float(metrics.loss) if len(ids) else None,
-                "update_norm": float(metrics.update_norm),
-                "cohort_size": len(ids),  # this round's clients; config.clients: the population
-                "skipped_clients": bad,
-                # Per round: the trainable leaves down and up (the frozen base once, before).
-                "upload_bytes_per_client": exp.peft.client_bytes(ids),
-                "download_bytes_per_client": exp.peft.client_bytes(ids),
-                **privacy.round_record(cfg, state, r + 1, cohort),
-            }
-            if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
-                record.update(evaluate(predict, state.params, exp, cfg.eval_batch_size))
-            record["wall_s"] = time.perf_counter() - t0
-            log.write(record)
-            losses = [x["train_loss"] for x in log.records if x["train_loss"] is not None]
-            if not warnings and losses and (warning := divergence_warning(
-                    cfg, r + 1, losses[-1], losses[0], exp.num_classes)):
-                warnings.append(warning)
-                if primary:
-                    tqdm.write(warning, file=sys.stderr)
-            if cohort.dropped and primary:
-                tqdm.write(privacy.truncation_warning(r + 1, cohort), file=sys.stderr)
+            record = book.record(r, cohort, state, metrics, cs, t0)
             bar.set_postfix(loss=f"{record['train_loss'] or math.nan:.3f}",
                             acc=f"{record.get('eval_accuracy', float('nan')):.3f}")
-            if cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0
-                                         or r + 1 == cfg.rounds):
-                ckpt.save(r + 1, saved_state(mask, state), store and store.states)
-        ckpt.wait()
     finally:
         bar.close()
-        log.close()
-        ckpt.close()
-    final = summarize(log.records, cfg)
-    final.update(setup_s=setup_s, params_sha256=params_digest(state.params),
-                 client_state_sha256=store and params_digest(store.states),
-                 num_clients=exp.num_clients, data_source=exp.source,
-                 train_examples=int(sum(len(ix) for ix in exp.partition)),
-                 test_examples=int(len(exp.test["label"])), steps_per_round=exp.steps_per_round,
-                 warnings=warnings, **communication(log.records, exp.peft),
-                 **privacy.final_record(cfg, log.records))
-    if primary:
-        write_json(run_dir / "final.json", final)
-    return final
-
-
-def check_base_of(run_dir: Path, cfg: RunConfig, exp: Experiment, *, rounds_done: int,
-                  write: bool) -> None:
-    """Under PEFT: record the frozen base's identity, or refuse a resume onto another."""
-    mask = exp.peft.trainable
-    if mask is not None:
-        check_base(run_dir, {"model": cfg.model,
-                             "base_sha256": params_digest(split(mask, exp.params)[1])},
-                   rounds_done=rounds_done, write=write)
-
-
-def summarize(records: list[dict], cfg: RunConfig) -> dict[str, Any]:
-    evals = [r for r in records if "eval_accuracy" in r]
-    accs = [r["eval_accuracy"] for r in evals]
-    target_round = None
-    if cfg.target_accuracy is not None:
-        target_round = next((r["round"] for r in evals if r["eval_accuracy"]
-                             >= cfg.target_accuracy), None)
-    return {
-        "rounds": cfg.rounds,
-        "final_accuracy": accs[-1] if accs else None,
-        "best_accuracy": max(accs) if accs else None,
-        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
-        "final_train_loss": next((r["train_loss"] for r in reversed(records)
-                                  if r["train_loss"] is not None), None),
-        "rounds_to_target": target_round,
-        "train_wall_s": float(sum(r["wall_s"] for r in records)),
-        "skipped_client_updates": int(sum(len(r["skipped_clients"]) for r in records)),
-        "config": dataclasses.asdict(cfg),
-    }
+        book.close()
+    return book.final(setup_s)

@@ -1,0 +1,191 @@
+"""One run directory's bookkeeping across rounds, whoever runs the rounds (`train` one
+federation, `vectorized` many in one program): open it (check, restore), record each round
+(finite checks, metrics, evaluation, warnings, checkpoint), write final.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fedjax_lm import federated as fl
+from fedjax_lm.data import pack_eval
+from fedjax_lm.federated.trainable import split
+from fedjax_lm.io import write_json, write_yaml
+from fedjax_lm.runner import privacy
+from fedjax_lm.runner.checkpoint import Checkpointer, saved_state
+from fedjax_lm.runner.config import RunConfig
+from fedjax_lm.runner.digest import data_fingerprint, params_digest
+from fedjax_lm.runner.experiment import Experiment
+from fedjax_lm.runner.guards import (
+    TrainingError,
+    divergence_warning,
+    nonfinite_error,
+    nonfinite_server_parts,
+)
+from fedjax_lm.runner.metrics import MetricsLog
+from fedjax_lm.runner.peft import communication
+from fedjax_lm.runner.rundir import check_base, check_data
+
+
+def evaluate(predict, params, exp: Experiment, batch_size: int) -> dict[str, float]:
+    """Global test accuracy / loss, and the accuracy on each client's test shard."""
+    batches = pack_eval(exp.test, batch_size)
+    correct, nll = [], []
+    for i in range(batches["mask"].shape[0]):
+        c, n = predict(params, {k: v[i] for k, v in batches.items()})
+        correct.append(np.asarray(c))
+        nll.append(np.asarray(n))
+    real = batches["mask"].reshape(-1) > 0
+    correct = np.concatenate(correct)[real]
+    nll = np.concatenate(nll)[real]
+    per_client = np.array([correct[ix].mean() for ix in exp.test_shards])
+    return {
+        "eval_loss": float(nll.mean()),
+        "eval_accuracy": float(correct.mean()),
+        "client_accuracy_min": float(per_client.min()),
+        "client_accuracy_mean": float(per_client.mean()),
+        "client_accuracy_max": float(per_client.max()),
+    }
+
+
+class RunBook:
+    """A run directory opened for training from `state` (round 0): after `__init__`, `start`
+    is the round to resume at and `state` / `store` hold what was restored. Only the primary
+    process writes (multi-host runs)."""
+
+    def __init__(self, cfg: RunConfig, exp: Experiment, state: fl.ServerState,
+                 store: fl.ClientStateStore | None, *, predict, primary: bool = True):
+        self.cfg, self.exp, self.predict, self.primary = cfg, exp, predict, primary
+        self.run_dir = run_dir = Path(cfg.out)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt = Checkpointer(run_dir / "checkpoints")
+        start = self.ckpt.latest_round() or 0
+        check_data(run_dir, data_fingerprint(exp), rounds_done=start, write=primary)
+        check_base_of(run_dir, cfg, exp, rounds_done=start, write=primary)
+        self.mask = exp.peft.trainable
+        # Setup succeeded: only now does the directory record its config. A final.json of fewer
+        # rounds no longer describes it once training continues.
+        if primary:
+            write_yaml(run_dir / "config.yaml", cfg.to_dict())
+            (run_dir / "final.json").unlink(missing_ok=True)
+        if start:
+            start, state, store = self.ckpt.restore_trainable(self.mask, state, store)
+            if bad_parts := nonfinite_server_parts(state):
+                raise TrainingError(
+                    f"the round-{start} checkpoint in {run_dir} holds non-finite server "
+                    f"{bad_parts} (saved by a version that did not check the server update); "
+                    f"delete {run_dir} to start over")
+        self.start, self.state, self.store = start, state, store
+        self.log = MetricsLog(run_dir, start, enabled=primary)
+        self.warnings: list[str] = []
+        self._closed = False
+
+    def record(self, r: int, cohort: privacy.RoundCohort, state: fl.ServerState,
+               metrics: fl.RoundMetrics, client_states: Any, t0: float) -> dict[str, Any]:
+        """Round `r` (0-based) has run: stop on a non-finite update (before anything is
+        logged or saved, so the latest checkpoint is a good one), else log, evaluate, warn and
+        checkpoint it."""
+        cfg, exp, store = self.cfg, self.exp, self.store
+        ids = cohort.real_ids
+        bad = [int(i) for i in ids[~np.asarray(metrics.client_finite)[:len(ids)]]]
+        server = nonfinite_server_parts(state, metrics.update_norm)
+        stop = nonfinite_error(cfg, r + 1, ids, bad, server, self.run_dir,
+                               self.ckpt.latest_round() or 0)
+        if stop:
+            raise TrainingError(stop)
+        if store is not None:
+            store.scatter(ids, cohort.real(client_states))
+        self.state = state
+        record: dict[str, Any] = {
+            "round": r + 1,
+            # None: nobody joined this (Poisson) round, so no client trained
+            "train_loss": float(metrics.loss) if len(ids) else None,
+            "update_norm": float(metrics.update_norm),
+            "cohort_size": len(ids),  # this round's clients; config.clients: the population
+            "skipped_clients": bad,
+            # Per round: the trainable leaves down and up (the frozen base once, before).
+            "upload_bytes_per_client": exp.peft.client_bytes(ids),
+            "download_bytes_per_client": exp.peft.client_bytes(ids),
+            **privacy.round_record(cfg, state, r + 1, cohort),
+        }
+        if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
+            record.update(evaluate(self.predict, state.params, exp, cfg.eval_batch_size))
+        record["wall_s"] = time.perf_counter() - t0
+        self.log.write(record)
+        losses = [x["train_loss"] for x in self.log.records if x["train_loss"] is not None]
+        if not self.warnings and losses and (warning := divergence_warning(
+                cfg, r + 1, losses[-1], losses[0], exp.num_classes)):
+            self.warnings.append(warning)
+            if self.primary:
+                tqdm.write(warning, file=sys.stderr)
+        if cohort.dropped and self.primary:
+            tqdm.write(privacy.truncation_warning(r + 1, cohort), file=sys.stderr)
+        if cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0
+                                     or r + 1 == cfg.rounds):
+            self.ckpt.save(r + 1, saved_state(self.mask, state), store and store.states)
+        return record
+
+    def close(self) -> None:
+        """Wait for the last checkpoint, release the log and the checkpointer (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.ckpt.wait()
+        finally:
+            self.log.close()
+            self.ckpt.close()
+
+    def final(self, setup_s: float) -> dict[str, Any]:
+        """final.json's contents (written by the primary process)."""
+        cfg, exp, store = self.cfg, self.exp, self.store
+        final = summarize(self.log.records, cfg)
+        final.update(setup_s=setup_s, params_sha256=params_digest(self.state.params),
+                     client_state_sha256=store and params_digest(store.states),
+                     num_clients=exp.num_clients, data_source=exp.source,
+                     train_examples=int(sum(len(ix) for ix in exp.partition)),
+                     test_examples=int(len(exp.test["label"])),
+                     steps_per_round=exp.steps_per_round, warnings=self.warnings,
+                     **communication(self.log.records, exp.peft),
+                     **privacy.final_record(cfg, self.log.records))
+        if self.primary:
+            write_json(self.run_dir / "final.json", final)
+        return final
+
+
+def check_base_of(run_dir: Path, cfg: RunConfig, exp: Experiment, *, rounds_done: int,
+                  write: bool) -> None:
+    """Under PEFT: record the frozen base's identity, or refuse a resume onto another."""
+    mask = exp.peft.trainable
+    if mask is not None:
+        check_base(run_dir, {"model": cfg.model,
+                             "base_sha256": params_digest(split(mask, exp.params)[1])},
+                   rounds_done=rounds_done, write=write)
+
+
+def summarize(records: list[dict], cfg: RunConfig) -> dict[str, Any]:
+    evals = [r for r in records if "eval_accuracy" in r]
+    accs = [r["eval_accuracy"] for r in evals]
+    target_round = None
+    if cfg.target_accuracy is not None:
+        target_round = next((r["round"] for r in evals if r["eval_accuracy"]
+                             >= cfg.target_accuracy), None)
+    return {
+        "rounds": cfg.rounds,
+        "final_accuracy": accs[-1] if accs else None,
+        "best_accuracy": max(accs) if accs else None,
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "final_train_loss": next((r["train_loss"] for r in reversed(records)
+                                  if r["train_loss"] is not None), None),
+        "rounds_to_target": target_round,
+        "train_wall_s": float(sum(r["wall_s"] for r in records)),
+        "skipped_client_updates": int(sum(len(r["skipped_clients"]) for r in records)),
+        "config": dataclasses.asdict(cfg),
+    }

@@ -1,0 +1,318 @@
+"""`fedjax-lm sweep --vectorize`: sweep cells that differ only in seed, learning rates or
+client count train as ONE compiled program with a leading federation axis
+(`federated.federations`), each cell still in its own run directory (`bookkeeping.RunBook`:
+config, metrics, checkpoints, final.json, resume).
+
+Planning, one printed line per program or lone cell:
+1. a cell whose features the federation axis does not carry (DP, robust aggregators, attacks,
+   PEFT, carried client state, Poisson sampling, other backends) runs alone;
+2. the rest are grouped by everything but `VARYING` (and where they write); within a group,
+   cells of different client counts / local steps share a program while the padded work stays
+   within `padding` × the real work (paper 1's sweep at one epoch has C × S constant, so
+   padding C = 1 to C = 32 would compute 32× more: those stay separate programs);
+3. a program is compiled before it runs; if XLA's peak exceeds the memory budget, the largest
+   group that fits is named and the program split into groups of that size.
+A group whose cells stopped at different rounds first runs the lagging cells alone up to the
+furthest one, then continues together; every cell's numbers equal its run alone (to float
+tolerance: summation over a padded client axis may reorder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from fedjax_lm import federated as fl
+from fedjax_lm.federated.federations import FederationRound, compiled_bytes, stack, unstack
+from fedjax_lm.runner import privacy
+from fedjax_lm.runner.bookkeeping import RunBook
+from fedjax_lm.runner.config import EXECUTION_FIELDS, RunConfig, VectorizeOptions
+from fedjax_lm.runner.experiment import (
+    Experiment,
+    build_algorithm,
+    build_experiment,
+    hypers,
+    round_data,
+)
+from fedjax_lm.runner.rundir import checkpointed_round, locked
+from fedjax_lm.runner.train import make_predict, train
+from fedjax_lm.scale.memory import format_bytes
+
+# What may differ between the federations of one program (traced, or padded).
+VARYING = ("seed", "lr", "server_lr", "clients", "cohort_size")
+# Execution fields each cell keeps to itself (the others shape the program).
+PER_CELL = EXECUTION_FIELDS - {"backend", "clients_per_chunk", "chunk_executor"}
+
+RunAlone = Callable[[RunConfig], dict]
+
+
+@dataclasses.dataclass
+class Group:
+    """Cells run as one program (`exps` built), or one cell run alone (`exps` None)."""
+
+    cells: list[RunConfig]
+    line: str  # what is printed about it
+    exps: list[Experiment] | None = None
+
+    @property
+    def names(self) -> str:
+        return _names([Path(c.out).name for c in self.cells])
+
+
+def not_vectorized(cfg: RunConfig) -> str | None:
+    """What of this cell the federation axis does not carry, or None."""
+    checks = (
+        (cfg.backend != "vmap" or cfg.chunk_executor != "scan",
+         f"backend={cfg.backend}, chunk_executor={cfg.chunk_executor} (a vectorized program "
+         "is one vmap/scan program on one device)"),
+        (privacy.dp_enabled(cfg), "DP-FedAvg (dp_clip)"),
+        (cfg.sampling != "fixed", f"sampling={cfg.sampling}"),
+        (cfg.aggregator != "mean", f"aggregator={cfg.aggregator}"),
+        (cfg.attack is not None, f"attack={cfg.attack}"),
+        (cfg.peft is not None or cfg.freeze_layers > 0, "parameter-efficient fine-tuning"),
+        (cfg.algorithm == "scaffold" or cfg.carry_client_state,
+         "carried client state (scaffold, carry_client_state)"),
+    )
+    return next((why for bad, why in checks if bad), None)
+
+
+def program_key(cfg: RunConfig) -> tuple:
+    """Cells with equal keys can share a program. Plain FedAvg's server_lr decides whether a
+    server optimizer exists at all, so there it is part of the program."""
+    varying = set(VARYING) - ({"server_lr"} if cfg.server_optimizer == "fedavg" else set())
+    d = cfg.to_dict()
+    return tuple(sorted((k, str(v)) for k, v in d.items() if k not in varying | PER_CELL))
+
+
+def _work(cfg: RunConfig, exp: Experiment) -> tuple[int, int]:
+    """(clients a round, local steps) of one cell."""
+    return cfg.cohort_size or cfg.clients, exp.steps_per_round
+
+
+def split_by_padding(cells: list[RunConfig], exps: list[Experiment], limit: float
+                     ) -> list[list[int]]:
+    """Indices of the cells per program: cells of one shape always together, the next shape
+    (largest first) joins while padded work <= `limit` × real work."""
+    shapes: dict[tuple[int, int], list[int]] = {}
+    for i, (cfg, exp) in enumerate(zip(cells, exps, strict=True)):
+        shapes.setdefault(_work(cfg, exp), []).append(i)
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for shape in sorted(shapes, reverse=True):
+        trial = current + shapes[shape]
+        works = [_work(cells[i], exps[i]) for i in trial]
+        padded = len(trial) * max(c for c, _ in works) * max(s for _, s in works)
+        if current and padded > limit * sum(c * s for c, s in works):
+            groups.append(current)
+            trial = shapes[shape]
+        current = trial
+    return groups + [current]
+
+
+def plan(cells: list[RunConfig], options: VectorizeOptions) -> tuple[list[Group], list[str]]:
+    """The programs and lone cells of a sweep (in the order of their first cell), and the
+    warnings: one line per reason a cell cannot share a program."""
+    groups: list[Group] = []
+    unsupported: dict[str, list[str]] = {}
+    by_key: dict[tuple, list[RunConfig]] = {}
+    for cfg in cells:
+        if why := not_vectorized(cfg):
+            groups.append(Group([cfg], ""))
+            unsupported.setdefault(why, []).append(Path(cfg.out).name)
+        else:
+            by_key.setdefault(program_key(cfg), []).append(cfg)
+    warnings = [f"{_names(names)} run(s) alone: {why} is not vectorized"
+                for why, names in unsupported.items()]
+    alone = [members[0] for members in by_key.values() if len(members) == 1]
+    if alone:
+        differ = sorted({f for k in by_key for f, v in k
+                         if any(dict(o).get(f) != v for o in by_key if o != k)})
+        why = (f"they differ in {', '.join(differ)}, beyond {', '.join(VARYING)}"
+               if differ else "no other cell to share a program with")
+        warnings.append(f"{_names([Path(c.out).name for c in alone])} run(s) alone, each its "
+                        f"own program: {why}")
+        groups += [Group([cfg], "") for cfg in alone]
+    for members in (m for m in by_key.values() if len(m) > 1):
+        exps = [build_experiment(cfg) for cfg in members]
+        parts = split_by_padding(members, exps, options.padding)
+        for part in parts:
+            group = Group([members[i] for i in part], "", [exps[i] for i in part])
+            clients = max(_work(c, e)[0] for c, e in zip(group.cells, group.exps, strict=True))
+            steps = max(e.steps_per_round for e in group.exps)
+            note = (f" (not padded together with the other {len(members) - len(part)}: that "
+                    f"would exceed {options.padding:g}x the real work)" if len(parts) > 1 else "")
+            group.line = (f"{len(part)} cell(s) as one program, padded to {clients} clients x "
+                          f"{steps} local steps: {group.names}{note}")
+            groups.append(group)
+    order = {c.out: i for i, c in enumerate(cells)}
+    return sorted(groups, key=lambda g: order[g.cells[0].out]), warnings
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names) if len(names) <= 4 else f"{len(names)} cells ({names[0]}, ...)"
+
+
+def memory_budget(options: VectorizeOptions) -> int:
+    """Bytes one program may take: the option, 90% of an accelerator's, or half the host's
+    available RAM (a CPU host is shared with everything else running)."""
+    if options.memory:
+        return options.memory
+    stats = jax.devices()[0].memory_stats() or {}
+    if limit := stats.get("bytes_limit"):
+        return int(0.9 * limit)
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024 // 2
+
+
+def say(line: str) -> None:
+    """What runs as one program (stdout)."""
+    tqdm.write(f"vectorize: {line}")
+
+
+def warn(line: str) -> None:
+    """What could not run as planned (stderr, one line each)."""
+    tqdm.write(f"warning: vectorize: {line}", file=sys.stderr)
+
+
+def run_vectorized(cells: list[RunConfig], options: VectorizeOptions, *, run_alone: RunAlone,
+                   progress: bool = True) -> list[dict]:
+    """Every (unfinished) cell, as planned; results in cell order."""
+    results: dict[str, dict] = {}
+    groups, warnings = plan(cells, options)
+    for line in warnings:
+        warn(line)
+    for group in groups:
+        if group.line:
+            say(group.line)
+        if len(group.cells) == 1:
+            cfg = group.cells[0]
+            results[cfg.out] = (train(cfg, progress=progress, exp=group.exps[0]) if group.exps
+                                else run_alone(cfg))
+            continue
+        for cfg, final in zip(group.cells, run_group(group, options, progress), strict=True):
+            results[cfg.out] = final
+    return [results[c.out] for c in cells]
+
+
+def run_group(group: Group, options: VectorizeOptions, progress: bool) -> list[dict]:
+    """Bring the cells to the same round, fit the program in memory, then train together."""
+    finals: dict[str, dict] = {}
+    cells, exps = group.cells, group.exps
+    done = [checkpointed_round(Path(c.out)) or 0 for c in cells]
+    target = max((d for c, d in zip(cells, done, strict=True) if d < c.rounds), default=0)
+    for i, cfg in enumerate(cells):
+        if done[i] >= cfg.rounds:  # checkpointed to the end: only final.json is missing
+            finals[cfg.out] = train(cfg, progress=progress, exp=exps[i])
+        elif done[i] < target:
+            say(f"cell {Path(cfg.out).name} is at round {done[i]}, its group at {target}: "
+                f"running it alone to round {target}")
+            train(cfg.replace(rounds=target), progress=progress, exp=exps[i])
+    todo = [i for i, c in enumerate(cells) if c.out not in finals]
+    if len(todo) == 1:
+        finals[cells[todo[0]].out] = train(cells[todo[0]], progress=progress, exp=exps[todo[0]])
+    elif todo:
+        sub = Group([cells[i] for i in todo], group.line, [exps[i] for i in todo])
+        for cfg, final in zip(sub.cells, _fit_and_train(sub, options, progress), strict=True):
+            finals[cfg.out] = final
+    return [finals[c.out] for c in cells]
+
+
+def _program(group: Group) -> FederationRound:
+    cfg, exp = group.cells[0], group.exps[0]  # equal but for VARYING: one algorithm of hypers
+    return FederationRound(lambda hp: build_algorithm(cfg, exp, hp), cfg.clients_per_chunk)
+
+
+def _cohorts(group: Group, r: int) -> tuple[list[privacy.RoundCohort], list[fl.Cohort]]:
+    drawn, cohorts = [], []
+    for cfg, exp in zip(group.cells, group.exps, strict=True):
+        rc = privacy.draw_cohort(cfg, jax.random.key(cfg.seed), r)
+        data = rc.zero_padding(round_data(cfg, exp, r, rc.ids))
+        drawn.append(rc)
+        cohorts.append(fl.make_cohort(data, rc.ids, weighting=cfg.weighting))
+    return drawn, cohorts
+
+
+def _initial_states(group: Group) -> list[fl.ServerState]:
+    states = []
+    for cfg, exp in zip(group.cells, group.exps, strict=True):
+        algorithm = build_algorithm(cfg, exp)
+        params = jax.tree.map(lambda x: jnp.array(x, copy=True), exp.params)  # donated
+        states.append(fl.init_state(algorithm, params, jax.random.key(cfg.seed)))
+    return states
+
+
+def _fit_and_train(group: Group, options: VectorizeOptions, progress: bool) -> list[dict]:
+    """Compile the group's program (nothing runs) and split the group if it does not fit."""
+    program = _program(group)
+    start = checkpointed_round(Path(group.cells[0].out)) or 0
+    shapes = jax.eval_shape(lambda: stack(_initial_states(group)))
+    hp = stack([hypers(c) for c in group.cells])
+    steps = max(e.steps_per_round for e in group.exps)
+    blocks = program.place(_cohorts(group, start)[1], steps)
+    need = compiled_bytes(program.compile(shapes, blocks, hp))
+    budget = memory_budget(options)
+    if need <= budget:
+        return _train_group(group, program, hp, steps, progress)
+    per = need / len(group.cells)
+    fit = int(budget // per)
+    action = (f"splitting it into groups of {fit}" if fit >= 2
+              else "running its cells one by one")
+    warn(f"the program of {len(group.cells)} cells ({group.names}) needs {format_bytes(need)}, "
+        f"over the {format_bytes(budget)} budget (vectorize memory); the largest group that "
+        f"fits is {fit} cell(s) (~{format_bytes(per)} each): {action}")
+    if fit < 2:
+        return [train(c, progress=progress, exp=e)
+                for c, e in zip(group.cells, group.exps, strict=True)]
+    finals = []
+    for i in range(0, len(group.cells), fit):
+        part = Group(group.cells[i:i + fit], group.line, group.exps[i:i + fit])
+        if len(part.cells) == 1:
+            finals.append(train(part.cells[0], progress=progress, exp=part.exps[0]))
+        else:
+            finals += _train_group(part, _program(part), stack([hypers(c) for c in part.cells]),
+                                   steps, progress)
+    return finals
+
+
+def _train_group(group: Group, program: FederationRound, hp, steps: int,
+                 progress: bool) -> list[dict]:
+    """The rounds of every cell as one program; each cell's own directory holds its run."""
+    cells, exps = group.cells, group.exps
+    rounds = cells[0].rounds
+    with contextlib.ExitStack() as stack_:
+        t_setup = time.perf_counter()
+        for cfg in cells:
+            stack_.enter_context(locked(Path(cfg.out)))
+        predict = make_predict(exps[0].model)  # one model config: one compiled predict
+        books = [RunBook(cfg, exp, state, None, predict=predict)
+                 for cfg, exp, state in zip(cells, exps, _initial_states(group), strict=True)]
+        for book in books:
+            stack_.callback(book.close)
+        start = books[0].start
+        if any(b.start != start for b in books):  # another process moved a cell meanwhile
+            raise RuntimeError("the cells of a vectorized group are at different rounds")
+        states = stack([b.state for b in books])
+        setup_s = (time.perf_counter() - t_setup) / len(cells)
+        bar = tqdm(range(start, rounds), initial=start, total=rounds, unit="round",
+                   desc=f"{len(cells)} federations", disable=not progress, leave=False)
+        for r in bar:
+            t0 = time.perf_counter()
+            drawn, cohorts = _cohorts(group, r)
+            states, outputs = program(states, cohorts, hp, steps)
+            shared = (time.perf_counter() - t0) / len(cells)
+            for book, rc, state, out in zip(books, drawn, unstack(states, len(cells)), outputs,
+                                            strict=True):
+                book.record(r, rc, state, out.metrics, None, time.perf_counter() - shared)
+        bar.close()
+        for book in books:
+            book.close()  # checkpoints committed before final.json says the run is done
+        return [book.final(setup_s) for book in books]

@@ -1,0 +1,110 @@
+"""`sweep --vectorize`: which cells share a program, and that a shared program's cells equal
+the same cells run alone with `train` (metrics, parameters), resumed included."""
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_lm.runner import vectorized
+from fedjax_lm.runner.checkpoint import Checkpointer
+from fedjax_lm.runner.config import Preset, VectorizeOptions, from_dict, vectorize_options
+from fedjax_lm.runner.sweep import expand, run_sweep
+from fedjax_lm.runner.train import train
+
+TINY = {"model": "preset:tiny", "task": "synthetic", "max_train_examples": 96,
+        "max_test_examples": 48, "max_length": 16, "batch_size": 8, "local_epochs": None,
+        "local_steps": 2, "rounds": 2, "client_optimizer": "adam", "lr": 1e-3}
+
+
+def _cells(grid: dict, tmp: Path, **base):
+    return expand(Preset("t", {**TINY, **base}, grid), {}, tmp)
+
+
+def test_cells_of_one_shape_share_a_program_and_padding_is_bounded():
+    """Paper 1 at one epoch: C x S is constant, so padding C = 1 up to C = 2 would double the
+    work: seeds share a program, client counts do not. At fixed S they do, within the bound."""
+    cfgs = [SimpleNamespace(cohort_size=None, clients=c) for c in (1, 1, 2, 2, 4)]
+    epochs = [SimpleNamespace(steps_per_round=8 // c.clients) for c in cfgs]
+    assert vectorized.split_by_padding(cfgs, epochs, 1.5) == [[4], [2, 3], [0, 1]]
+    fixed = [SimpleNamespace(steps_per_round=2) for _ in cfgs]
+    assert vectorized.split_by_padding(cfgs, fixed, 1.5) == [[4, 2, 3], [0, 1]]
+    assert vectorized.split_by_padding(cfgs, fixed, 4.0) == [[4, 2, 3, 0, 1]]
+
+
+def test_cells_beyond_padding_or_unsupported_run_alone_with_the_reason(tmp_path):
+    cells = _cells({"max_length": [16, 32]}, tmp_path)
+    cells += _cells({"seed": [0, 1]}, tmp_path / "dp", dp_clip=1.0)
+    groups, warnings = vectorized.plan(cells, VectorizeOptions(enabled=True))
+    assert [len(g.cells) for g in groups] == [1, 1, 1, 1]
+    assert warnings == [
+        "seed=0, seed=1 run(s) alone: DP-FedAvg (dp_clip) is not vectorized",
+        "max_length=16, max_length=32 run(s) alone, each its own program: they differ in "
+        "max_length, beyond seed, lr, server_lr, clients, cohort_size"]
+
+
+def test_plain_fedavg_server_lr_is_part_of_the_program(tmp_path):
+    a, b = _cells({"server_lr": [1.0, 0.5]}, tmp_path)
+    assert vectorized.program_key(a) != vectorized.program_key(b)  # 1.0: no server optimizer
+    c, d = _cells({"server_lr": [1.0, 0.5]}, tmp_path, server_optimizer="fedavgm")
+    assert vectorized.program_key(c) == vectorized.program_key(d)
+
+
+def test_vectorize_options_from_yaml():
+    assert vectorize_options(True, "v") == VectorizeOptions(enabled=True)
+    opts = vectorize_options({"padding": 2, "memory": "1GiB"}, "v")
+    assert (opts.enabled, opts.padding, opts.memory) == (True, 2.0, 2**30)
+    with pytest.raises(Exception, match="padding must be a number >= 1"):
+        vectorize_options({"padding": 0.5}, "v")
+
+
+def _params(run_dir: Path, cfg) -> dict:
+    """The final server params of a run, restored from its last checkpoint."""
+    from fedjax_lm import federated as fl
+    from fedjax_lm.runner.experiment import build_algorithm, build_experiment
+
+    exp = build_experiment(cfg)
+    state = fl.init_state(build_algorithm(cfg, exp), exp.params, jax.random.key(cfg.seed))
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    try:
+        return ckpt.restore(state)[1].params
+    finally:
+        ckpt.close()
+
+
+@pytest.mark.slow
+def test_vectorized_sweep_equals_each_cell_alone_and_resumes(tmp_path, capsys):
+    """Four cells (2 client counts x 2 seeds, different lrs) as one padded program, against
+    each run alone with `train`. Then more rounds, with one cell rolled back a round: it
+    catches up alone, the group continues together, and still equals the cells alone."""
+    grid = {"clients": [3, 2], "seed": [0, 1]}
+    preset = Preset("t", {**TINY, "rounds": 1}, grid)
+    opts = VectorizeOptions(enabled=True, padding=2.0)
+    run_sweep(preset, {"lr": 2e-3}, tmp_path / "vec", progress=False, vectorize=opts)
+    assert "4 cell(s) as one program, padded to 3 clients" in capsys.readouterr().out
+    # resume with two rounds more; one cell lost its last round
+    cell = tmp_path / "vec" / "clients=2,seed=1"
+    shutil.rmtree(cell)
+    preset = Preset("t", {**TINY, "rounds": 3}, grid)
+    run_sweep(preset, {"lr": 2e-3}, tmp_path / "vec", progress=False, vectorize=opts)
+    assert "clients=2,seed=1 is at round 0, its group at 1" in capsys.readouterr().out
+    for cfg in expand(preset, {"lr": 2e-3}, tmp_path / "alone"):
+        alone = train(cfg, progress=False)
+        run = tmp_path / "vec" / Path(cfg.out).name
+        vec = json.loads((run / "final.json").read_text())
+        assert vec["rounds"] == alone["rounds"] == 3
+        rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+                for d in (run, Path(cfg.out))]
+        assert [r["round"] for r in rows[0]] == [1, 2, 3]
+        for a, b in zip(*rows, strict=True):
+            for key in ("train_loss", "update_norm", "eval_loss", "eval_accuracy"):
+                assert abs(a[key] - b[key]) <= 1e-6, (cfg.out, key)
+        mine, theirs = _params(run, cfg), _params(Path(cfg.out), cfg)
+        diff = max(float(np.max(np.abs(x - y))) for x, y in
+                   zip(jax.tree.leaves(mine), jax.tree.leaves(theirs), strict=True))
+        assert diff <= 1e-6, cfg.out
+    assert from_dict(vec["config"]).rounds == 3
