@@ -55,6 +55,11 @@ class RunConfig:
     # -- federation
     clients: int = 4
     cohort_size: int | None = None  # clients per round; None = all
+    # population evaluation: H more clients partitioned with the population but never trained
+    # on, and a seeded sample of K training (and K held-out) clients evaluated on their own
+    # data each eval round (accuracy percentiles p10/p50/p90/worst in metrics.jsonl)
+    holdout_clients: int = 0
+    eval_clients: int | None = None
     partition: str = "iid"
     alpha: float = 1.0  # dirichlet concentration
     p: float = 0.8  # majority fraction
@@ -119,6 +124,8 @@ class RunConfig:
     seed: int = 0
     eval_every: int = 1
     eval_batch_size: int = execution_field(64)
+    # pack round r + 1's cohort on a background thread while round r runs (same numbers)
+    prefetch: bool = execution_field(True)
     checkpoint_every: int = execution_field(1)
     nonfinite: str = "fail"  # fail: stop with a clear message; skip: drop the client
     target_accuracy: float | None = None  # for "rounds to reach" in summaries
@@ -193,8 +200,15 @@ def _check(cfg: RunConfig) -> None:
 
     need(cfg.clients >= 1, f"clients must be >= 1, got {cfg.clients}")
     need(cfg.cohort_size is None or 1 <= cfg.cohort_size <= cfg.clients,
-         f"cohort_size must be in [1, clients={cfg.clients}], got {cfg.cohort_size}")
+         f"cohort_size must be in [1, clients={cfg.clients}], got {cfg.cohort_size}: a cohort "
+         "cannot be larger than the population; lower --cohort-size or raise --clients")
     need(cfg.rounds >= 1, f"rounds must be >= 1, got {cfg.rounds}")
+    need(cfg.holdout_clients >= 0, f"holdout_clients must be >= 0, got {cfg.holdout_clients}")
+    need(cfg.eval_clients is None or cfg.eval_clients >= 1,
+         f"eval_clients must be >= 1 (or unset), got {cfg.eval_clients}")
+    need(cfg.holdout_clients == 0 or cfg.eval_clients is not None,
+         "holdout_clients are evaluated by --eval-clients K (a sample of K held-out and K "
+         "training clients each eval round): add --eval-clients")
     need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
     need(cfg.max_length >= 2, f"max_length must be >= 2, got {cfg.max_length}")
     need((cfg.local_epochs is None) != (cfg.local_steps is None),

@@ -27,15 +27,19 @@ class Experiment:
     cfg: RunConfig
     model: models.Model
     params: Any  # the server's initial params
-    train: dict[str, np.ndarray]  # tokenised training examples [N, ...]
+    train: dict[str, np.ndarray]  # tokenised training examples [N, ...] (memory-mapped store)
     test: dict[str, np.ndarray]  # tokenised global test set [M, ...]
-    partition: list[np.ndarray]  # client -> indices into `train`
-    test_shards: list[np.ndarray]  # client -> indices into `test` (paper 1: split the same way)
+    partition: fdata.ClientIndex  # client -> indices into `train`
+    # client -> indices into `test` (paper 1: split the same way); empty when the population
+    # outnumbers the test examples (then the global test set is evaluated whole, unsharded)
+    test_shards: fdata.ClientIndex
     num_classes: int
     steps_per_round: int  # S: the longest client's local steps (fixed across rounds)
     source: str  # where the data came from, for the record
     peft: PeftPlan  # which parameters train, and what a client sends
     malicious: np.ndarray | None = None  # bool[N]: the attack's clients (fixed for the run)
+    # held-out clients (`holdout_clients`): partitioned with the population, never trained on
+    heldout: fdata.ClientIndex | None = None
 
     @property
     def num_clients(self) -> int:
@@ -79,11 +83,30 @@ def load_model(cfg: RunConfig, num_labels: int) -> tuple[models.Model, Any, Any]
     return loaded.model, loaded.params, loaded.tokenizer
 
 
-def _partition(cfg: RunConfig, task: fdata.TaskData) -> list[np.ndarray]:
+def _partition(cfg: RunConfig, task: fdata.TaskData
+               ) -> tuple[fdata.ClientIndex, fdata.ClientIndex | None]:
+    """(training clients, held-out clients or None). With `holdout_clients` H the population is
+    partitioned into clients + H and a seeded random H of them are held out (never trained)."""
     params = ({"groups": task.train.groups} if cfg.partition == "natural"
               else partition_params(cfg))
     partitioner = fdata.make_partitioner(cfg.partition, **params)
-    return [np.asarray(ix) for ix in partitioner(task.train.labels, cfg.clients, cfg.seed)]
+    index = partitioner(task.train.labels, cfg.clients + cfg.holdout_clients, cfg.seed)
+    if not cfg.holdout_clients:
+        return index, None
+    held = np.sort(np.random.default_rng((cfg.seed, 3)).choice(
+        len(index), cfg.holdout_clients, replace=False))
+    return index.select(np.setdiff1d(np.arange(len(index)), held)), index.select(held)
+
+
+def _test_shards(cfg: RunConfig, num_test: int) -> fdata.ClientIndex:
+    """Paper 1 splits the test set like the training set, one shard per client; a population
+    with more clients than test examples gets none (the test set is evaluated unsharded)."""
+    shard = num_test // cfg.clients
+    if shard == 0:
+        return fdata.ClientIndex(np.zeros(0, np.int64), np.zeros(1, np.int64))
+    order = np.random.default_rng((cfg.seed, 1)).permutation(num_test)
+    body = np.sort(order[: shard * cfg.clients].reshape(cfg.clients, shard), axis=1)
+    return fdata.ClientIndex(body.reshape(-1), np.arange(cfg.clients + 1, dtype=np.int64) * shard)
 
 
 def build_experiment(cfg: RunConfig) -> Experiment:
@@ -105,14 +128,14 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     model, params, tokenizer = load_model(cfg, task.num_classes)
     splits = fdata.tokenize_task(task, tokenizer, cfg.max_length)
     train, test = splits["train"].features, splits["test"].features
-    partition = _partition(cfg, task)
-    shard = len(test["label"]) // cfg.clients
-    if shard == 0:
-        raise ConfigError(f"the test set ({len(test['label'])} examples) is smaller than "
-                          f"the number of clients ({cfg.clients})")
-    order = np.random.default_rng((cfg.seed, 1)).permutation(len(test["label"]))
-    test_shards = [np.sort(order[c * shard:(c + 1) * shard]) for c in range(cfg.clients)]
-    sizes = [len(ix) for ix in partition]
+    partition, heldout = _partition(cfg, task)
+    test_shards = _test_shards(cfg, len(test["label"]))
+    if not len(test_shards):
+        print(f"the test set ({len(test['label'])} examples) is smaller than the population "
+              f"({cfg.clients} clients): it is evaluated whole, without per-client shards "
+              "(--eval-clients K samples per-client accuracies on the clients' own data)",
+              flush=True)
+    sizes = partition.sizes
     steps = fdata.steps_per_client(
         sizes, cfg.batch_size, num_epochs=cfg.local_epochs, num_steps=cfg.local_steps,
         drop_last=cfg.drop_last,
@@ -125,7 +148,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     return Experiment(
         cfg=cfg, model=model, params=params, train=train, test=test, partition=partition,
         test_shards=test_shards, num_classes=task.num_classes,
-        steps_per_round=int(np.max(steps)), source=task.source,
+        steps_per_round=int(np.max(steps)), source=task.source, heldout=heldout,
         malicious=(None if cfg.malicious_fraction is None
                    else fl.malicious_clients(cfg.clients, cfg.malicious_fraction, cfg.seed)),
         peft=build_peft(cfg, params, cfg.clients),

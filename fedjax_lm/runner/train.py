@@ -20,7 +20,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fedjax_lm import federated as fl
-from fedjax_lm.data import pack_eval
 from fedjax_lm.federated.trainable import split, trainable_part
 from fedjax_lm.federated.tree import tree_all_finite
 from fedjax_lm.io import write_json, write_yaml
@@ -28,6 +27,7 @@ from fedjax_lm.models import classification_stats
 from fedjax_lm.runner import privacy
 from fedjax_lm.runner.checkpoint import Checkpointer, saved_state
 from fedjax_lm.runner.config import RunConfig, from_dict
+from fedjax_lm.runner.evaluation import CLIENT_ACCURACY_FILE, population_eval, predict_split
 from fedjax_lm.runner.experiment import (
     Experiment,
     build_engine,
@@ -37,6 +37,7 @@ from fedjax_lm.runner.experiment import (
 )
 from fedjax_lm.runner.metrics import MetricsLog
 from fedjax_lm.runner.peft import communication
+from fedjax_lm.runner.prefetch import RoundFeeder
 from fedjax_lm.runner.rundir import check_base, check_data, check_resumable, locked
 from fedjax_lm.scale.distributed import is_primary
 
@@ -50,26 +51,59 @@ class TrainingError(RuntimeError):
     """A run that had to stop (e.g. a non-finite client update under policy `fail`)."""
 
 
+_HASH_CHUNK = 1 << 24  # bytes hashed at a time: a memory-mapped store is never copied whole
+
+
 def params_digest(params: Any) -> str:
     """SHA-256 over every parameter's bytes: equal digests mean bitwise-equal models."""
     h = hashlib.sha256()
     for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda x: str(x[0])):
         h.update(jax.tree_util.keystr(path).encode())
-        h.update(np.asarray(leaf).tobytes())
+        _update(h, leaf)
+    return h.hexdigest()
+
+
+def _update(h: Any, leaf: Any) -> None:
+    """h.update(leaf's bytes), in row chunks for large arrays (the same digest as whole)."""
+    arr = np.asarray(leaf)
+    if arr.nbytes <= _HASH_CHUNK or arr.ndim == 0:
+        h.update(arr.tobytes())
+        return
+    rows = max(1, _HASH_CHUNK // max(1, arr[0].nbytes))
+    for start in range(0, len(arr), rows):
+        h.update(np.ascontiguousarray(arr[start:start + rows]).tobytes())
+
+
+def partition_digest(*indices: Any) -> str:
+    """`params_digest([list(a), list(b), ...])` of client index arrays, without building the
+    per-client list (10^6 clients): the same digest resumed runs recorded before `ClientIndex`."""
+    keyed = []
+    for i, index in enumerate(indices):
+        for c in range(len(index)):
+            path = (jax.tree_util.SequenceKey(i), jax.tree_util.SequenceKey(c))
+            keyed.append((str(path), jax.tree_util.keystr(path), i, c))
+    keyed.sort(key=lambda x: x[0])
+    h = hashlib.sha256()
+    for _, key, i, c in keyed:
+        h.update(key.encode())
+        h.update(np.asarray(indices[i][c]).tobytes())
     return h.hexdigest()
 
 
 def data_fingerprint(exp: Experiment) -> dict[str, Any]:
     """What a resumed run must train on again: the tokenised splits and the partition."""
-    return {
+    out = {
         "train_examples": int(len(exp.train["label"])),
         "test_examples": int(len(exp.test["label"])),
         "num_classes": exp.num_classes,
         "train_sha256": params_digest(exp.train),
         "test_sha256": params_digest(exp.test),
-        "partition_sha256": params_digest([exp.partition, exp.test_shards]),
+        "partition_sha256": partition_digest(exp.partition, exp.test_shards),
         "source": exp.source,
     }
+    if exp.heldout is not None:
+        out["heldout_sha256"] = partition_digest(exp.heldout)
+    return out
 
 
 @jax.jit
@@ -142,24 +176,18 @@ def make_predict(model):
 
 
 def evaluate(predict, params, exp: Experiment, batch_size: int) -> dict[str, float]:
-    """Global test accuracy / loss, and the accuracy on each client's test shard."""
-    batches = pack_eval(exp.test, batch_size)
-    correct, nll = [], []
-    for i in range(batches["mask"].shape[0]):
-        c, n = predict(params, {k: v[i] for k, v in batches.items()})
-        correct.append(np.asarray(c))
-        nll.append(np.asarray(n))
-    real = batches["mask"].reshape(-1) > 0
-    correct = np.concatenate(correct)[real]
-    nll = np.concatenate(nll)[real]
-    per_client = np.array([correct[ix].mean() for ix in exp.test_shards])
-    return {
-        "eval_loss": float(nll.mean()),
-        "eval_accuracy": float(correct.mean()),
-        "client_accuracy_min": float(per_client.min()),
-        "client_accuracy_mean": float(per_client.mean()),
-        "client_accuracy_max": float(per_client.max()),
-    }
+    """Global test accuracy / loss, and the accuracy on each client's test shard (when the
+    test set is large enough to give every client one)."""
+    correct, nll = predict_split(predict, params, exp.test, batch_size)
+    out = {"eval_loss": float(nll.mean()), "eval_accuracy": float(correct.mean())}
+    shards = exp.test_shards
+    if len(shards):
+        per_client = (np.add.reduceat(correct.astype(np.float64)[shards.order],
+                                      shards.offsets[:-1]) / shards.sizes)
+        out.update(client_accuracy_min=float(per_client.min()),
+                   client_accuracy_mean=float(per_client.mean()),
+                   client_accuracy_max=float(per_client.max()))
+    return out
 
 
 def memory_plan_lines(cfg: RunConfig, exp: Experiment, engine) -> list[str]:
@@ -252,14 +280,20 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
             tqdm.write(line)
 
     warnings: list[str] = []
-    bar = tqdm(range(start, cfg.rounds), initial=start, total=cfg.rounds, desc=run_dir.name,
-               disable=not progress, unit="round", leave=False)
+    bar = tqdm(total=cfg.rounds, initial=start, desc=run_dir.name, disable=not progress,
+               unit="round", leave=False)
+
+    def make_round(r: int) -> tuple[privacy.RoundCohort, dict]:
+        """Round r's cohort and its packed data, on the device: a pure function of (cfg, r)."""
+        cohort = privacy.draw_cohort(cfg, base_key, r)
+        data = cohort.zero_padding(round_data(cfg, exp, r, cohort.ids))
+        return cohort, jax.device_put(data)
+
+    feeder = RoundFeeder(make_round, ahead=cfg.prefetch)
     try:
-        for r in bar:
-            t0 = time.perf_counter()
-            cohort = privacy.draw_cohort(cfg, base_key, r)
+        for r, (cohort, data), host_wait_s in feeder.rounds(start, cfg.rounds):
+            t0 = time.perf_counter() - host_wait_s
             ids = cohort.real_ids
-            data = cohort.zero_padding(round_data(cfg, exp, r, cohort.ids))
             cs = store and store.gather(cohort.ids)
             state, metrics, cs = engine.run_round(state, data, client_ids=cohort.ids,
                                                   client_states=cs)
@@ -283,9 +317,20 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
                 "upload_bytes_per_client": exp.peft.client_bytes(ids),
                 "download_bytes_per_client": exp.peft.client_bytes(ids),
                 **privacy.round_record(cfg, state, r + 1, cohort),
+                # what this round waited for its data (packing not hidden by prefetch)
+                "host_wait_s": host_wait_s,
             }
             if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
                 record.update(evaluate(predict, state.params, exp, cfg.eval_batch_size))
+                if cfg.eval_clients is not None:
+                    fields, per_client = population_eval(
+                        predict, state.params, exp.train,
+                        {"train": exp.partition, "heldout": exp.heldout}, cfg.eval_clients,
+                        cfg.seed, r + 1, cfg.eval_batch_size)
+                    record.update(fields)
+                    if primary:
+                        write_json(run_dir / CLIENT_ACCURACY_FILE,
+                                   {"round": r + 1, **per_client})
             record["wall_s"] = time.perf_counter() - t0
             log.write(record)
             losses = [x["train_loss"] for x in log.records if x["train_loss"] is not None]
@@ -296,6 +341,7 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
                     tqdm.write(warning, file=sys.stderr)
             if cohort.dropped and primary:
                 tqdm.write(privacy.truncation_warning(r + 1, cohort), file=sys.stderr)
+            bar.update()
             bar.set_postfix(loss=f"{record['train_loss'] or math.nan:.3f}",
                             acc=f"{record.get('eval_accuracy', float('nan')):.3f}")
             if cfg.checkpoint_every and ((r + 1) % cfg.checkpoint_every == 0
@@ -303,6 +349,7 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
                 ckpt.save(r + 1, saved_state(mask, state), store and store.states)
         ckpt.wait()
     finally:
+        feeder.close()
         bar.close()
         log.close()
         ckpt.close()
@@ -310,7 +357,7 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
     final.update(setup_s=setup_s, params_sha256=params_digest(state.params),
                  client_state_sha256=store and params_digest(store.states),
                  num_clients=exp.num_clients, data_source=exp.source,
-                 train_examples=int(sum(len(ix) for ix in exp.partition)),
+                 train_examples=int(exp.partition.sizes.sum()),
                  test_examples=int(len(exp.test["label"])), steps_per_round=exp.steps_per_round,
                  warnings=warnings, **communication(log.records, exp.peft),
                  **privacy.final_record(cfg, log.records))
