@@ -13,7 +13,8 @@
   by round so both see the same load. Target: ratio <= 1.3. Also the process's peak RSS beyond
   its RSS after the model, engine and a first (compiling) round: target <= 2 GiB.
 - agnews: the run that peaked at 15.4 GiB before (AG News, 5,000 Dirichlet clients, cohorts of
-  500, tiny preset, 2 rounds of 2 steps), its peak RSS now (`/usr/bin/time -v`).
+  500, tiny preset, 2 rounds of 2 steps), its peak RSS now (`/usr/bin/time -v`), in chunks of
+  `--chunk` clients (unset: the automatic CPU chunking, a quarter of RAM of client state).
 
 Each part runs in its own process (its RSS is its own) and writes DIR/<part>.json; the parent
 writes DIR/population.md. Timings on a shared 2-core machine are noisy: the load average is
@@ -167,7 +168,8 @@ def agnews(args: argparse.Namespace) -> dict:
            "--clients", "5000", "--partition", "dirichlet", "--alpha", "1", "--cohort-size",
            "500", "--model", "preset:tiny", "--rounds", "2", "--local-steps", "2",
            "--local-epochs", "none", "--batch-size", "8", "--out", str(out / "run"),
-           "--no-progress"]
+           "--no-progress"] + ([] if args.chunk is None else ["--clients-per-chunk",
+                                                               str(args.chunk)])
     t = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t

@@ -4,6 +4,7 @@ its loss, and an engine. Everything here is deterministic in the config's seed."
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -193,10 +194,19 @@ def _base_algorithm(cfg: RunConfig, exp: Experiment) -> fl.Algorithm:
 # A vmapped round holds every client's copy of the trainable parameters several times over
 # (params, gradient, delta, optimizer state, the running sum: measured 5.5 copies of the tiny
 # preset's 8 MB on a CPU). Unchunked, a cohort of 500 such clients peaked at 15 GiB of RAM; on a
-# CPU host a cohort whose estimate exceeds the budget runs in chunks instead (same math, the
-# sum taken chunk by chunk; --clients-per-chunk overrides).
+# CPU host a cohort whose estimate exceeds a quarter of the machine's memory runs in chunks
+# instead (same math, the sum taken chunk by chunk; --clients-per-chunk overrides). Cohorts
+# that fit run unchunked as before.
 CLIENT_STATE_COPIES = 6
-HOST_CLIENT_BUDGET = 2 * 2**30
+
+
+def host_client_budget() -> int:
+    """Bytes of client state a CPU round may hold at once: a quarter of RAM, at least 2 GiB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 * 2**30
+    return max(2 * 2**30, total // 4)
 
 
 def auto_chunk(cfg: RunConfig, exp: Experiment) -> int | None:
@@ -210,9 +220,9 @@ def auto_chunk(cfg: RunConfig, exp: Experiment) -> int | None:
         int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(trainable))
     cohort = (privacy.plan(cfg).max_cohort if cfg.sampling == "poisson"
               else privacy.expected_clients(cfg))
-    if cohort * per_client <= HOST_CLIENT_BUDGET:
+    if cohort * per_client <= host_client_budget():
         return None
-    return max(1, HOST_CLIENT_BUDGET // per_client)
+    return max(1, host_client_budget() // per_client)
 
 
 def build_engine(cfg: RunConfig, exp: Experiment) -> fl.FederatedEngine:
@@ -226,7 +236,7 @@ def build_engine(cfg: RunConfig, exp: Experiment) -> fl.FederatedEngine:
             pass
         else:
             print(f"memory: a cohort of {privacy.expected_clients(cfg)} clients unchunked would "
-                  f"hold over {HOST_CLIENT_BUDGET / 2**30:.0f} GiB of client state; running "
+                  f"hold over {host_client_budget() / 2**30:.0f} GiB of client state; running "
                   f"it in chunks of {width} (set --clients-per-chunk to choose)", flush=True)
             return engine
     return fl.FederatedEngine(build_algorithm(cfg, exp), executor(cfg), weighting=cfg.weighting)
