@@ -34,6 +34,15 @@ def _pseudo_words(rng: np.random.Generator, n: int) -> list[str]:
     return words
 
 
+def _flip(rng: np.random.Generator, truth: np.ndarray, noise: float,
+          num_classes: int) -> tuple[np.ndarray, int]:
+    """Labels with a `noise` fraction moved to another class (int32), and how many moved."""
+    labels = truth.copy()
+    flip = rng.random(len(truth)) < noise
+    labels[flip] = (truth[flip] + rng.integers(1, num_classes, flip.sum())) % num_classes
+    return labels.astype(np.int32), int(flip.sum())
+
+
 def make_synthetic(
     *,
     num_classes: int = 4,
@@ -84,10 +93,8 @@ def make_synthetic(
                     for kw in is_kw
                 )
             )
-        labels = truth.copy()
-        flip = rng.random(n) < noise
-        labels[flip] = (truth[flip] + rng.integers(1, num_classes, flip.sum())) % num_classes
-        return Split(labels=labels.astype(np.int32), texts=texts), int(flip.sum())
+        labels, flipped = _flip(rng, truth, noise, num_classes)
+        return Split(labels=labels, texts=texts), flipped
 
     train, flipped = generate(num_train, label_noise)
     test, _ = generate(num_test, 0.0)
@@ -131,10 +138,7 @@ def synthetic_population(
             0, keywords_per_class, (n, words_per_text))
         table = words[np.where(keyword, kw_ids, ids)]
         texts = [" ".join(row) for row in table.tolist()]
-        labels = truth.copy()
-        flip = rng.random(n) < noise
-        labels[flip] = (truth[flip] + rng.integers(1, num_classes, flip.sum())) % num_classes
-        return Split(labels=labels.astype(np.int32), texts=texts)
+        return Split(labels=_flip(rng, truth, noise, num_classes)[0], texts=texts)
 
     train, test = generate(num_train, label_noise), generate(num_test, 0.0)
     names = tuple(f"class_{c}" for c in range(num_classes))
