@@ -5,6 +5,7 @@ from fedjax_lm.data.errors import DataError
 from fedjax_lm.data.pack import pack_clients, pack_clients_eval, pack_eval, steps_per_client
 from fedjax_lm.data.partition import (
     PARTITIONERS,
+    ClientIndex,
     ClientSplits,
     dirichlet,
     iid,
@@ -35,6 +36,7 @@ __all__ = [
     "DATA_DIR_ENV",
     "PARTITIONERS",
     "TASKS",
+    "ClientIndex",
     "ClientSplits",
     "DataError",
     "Split",
