@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pickle
 import sys
 import time
 from collections.abc import Callable
@@ -30,9 +31,10 @@ import optax
 
 from fedjax_lm import data as fdata
 from fedjax_lm.grid import ConfigError, append_cell, execution_field, load_yaml, resume_grid
-from fedjax_lm.io import atomic_savefig
+from fedjax_lm.io import atomic_savefig, atomic_write_bytes
 from fedjax_lm.models.activations import ABU_BASES, ABU_VARIANTS, blend_weights
 from fedjax_lm.models.cnn import (
+    INITS,
     image_classification_eval,
     image_classification_loss,
     make_cnn_model,
@@ -42,8 +44,9 @@ from fedjax_lm.personalize.clients import select_clients
 from fedjax_lm.personalize.config import load_config
 
 Params = Any
-ACTIVATIONS = (*ABU_VARIANTS, "relu", "elu", "tanh", "swish", "identity",
-               "scaled_relu", "scaled_elu", "scaled_tanh", "scaled_swish", "scaled_identity")
+ACTIVATIONS = (*ABU_VARIANTS, "relu", "elu", "selu", "tanh", "swish", "identity",
+               "scaled_relu", "scaled_elu", "scaled_selu", "scaled_tanh", "scaled_swish",
+               "scaled_identity")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class AbuCifarConfig:
     activations: tuple[str, ...] = ACTIVATIONS
     seeds: tuple[int, ...] = (0, 1, 2)
     width: int = 64  # smcn conv channels (64 = the paper); fc widths scale with it
+    init: str = "paper"  # paper: the authors' truncated-normal kernels, biases 0.1; or flax
     steps: int = 60_000
     batch_size: int = 256
     lr: float = 1e-3
@@ -85,10 +89,11 @@ class AbuFederatedConfig:
 # ----------------------------------------------------------------------------- model
 
 
-def smcn_model(activation: str, width: int, dropout_rate: float, num_classes: int = 10):
+def smcn_model(activation: str, width: int, dropout_rate: float, num_classes: int = 10,
+               init: str = "paper"):
     """Paper 3's smcn (`cnn.SMCN`); width 64 is the paper's, narrower copies fit a CPU."""
     return make_cnn_model("smcn", num_classes, activation, dropout_rate=dropout_rate,
-                          width=width)
+                          width=width, init=init)
 
 
 def standardize(images: np.ndarray) -> np.ndarray:
@@ -143,13 +148,45 @@ def _eval_batches(split: dict[str, np.ndarray], batch_size: int) -> dict[str, ja
     return {k: jnp.asarray(v) for k, v in b.items()}
 
 
+def _partial_key(cfg: AbuCifarConfig, activation: str) -> dict[str, Any]:
+    """What a saved partial run must match to be continued (everything but where it runs)."""
+    values = dataclasses.asdict(cfg)
+    for name in ("name", "data_dir", "activations"):
+        values.pop(name)
+    return {"activation": activation, **values}
+
+
+def save_partial(path: Path, cfg: AbuCifarConfig, activation: str, state: dict[str, Any]
+                 ) -> None:
+    """Pickle one activation's training state (host arrays) atomically, so a killed run
+    continues from its last validation check instead of from step 0."""
+    payload = {"key": _partial_key(cfg, activation), **jax.device_get(state)}
+    atomic_write_bytes(path, pickle.dumps(payload))
+
+
+def load_partial(path: Path | None, cfg: AbuCifarConfig, activation: str
+                 ) -> dict[str, Any] | None:
+    """The saved state of this activation under this config, or None (none saved, or saved
+    under other settings: then it is ignored and overwritten)."""
+    if path is None or not path.is_file():
+        return None
+    payload = pickle.loads(path.read_bytes())
+    if payload.pop("key") != _partial_key(cfg, activation):
+        return None
+    for name in ("params", "opt_state", "best"):
+        payload[name] = jax.tree.map(jnp.asarray, payload[name])
+    return payload
+
+
 def train_activation(
     cfg: AbuCifarConfig, activation: str, arrays: dict[str, dict[str, np.ndarray]],
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, checkpoint: Path | None = None,
 ) -> dict[str, Any]:
-    """All seeds of one activation, vmapped over a leading run axis."""
+    """All seeds of one activation, vmapped over a leading run axis. With `checkpoint`, the
+    state is saved there after every validation check and a matching saved state is resumed
+    (bitwise the same run: data order, dropout keys and Adam state all continue)."""
     t0 = time.perf_counter()
-    model = smcn_model(activation, cfg.width, cfg.dropout_rate)
+    model = smcn_model(activation, cfg.width, cfg.dropout_rate, init=cfg.init)
     loss_fn, eval_fn = image_classification_loss(model), image_classification_eval(model)
     opt = make_optimizer(cfg.lr, cfg.weight_decay)
     r = len(cfg.seeds)
@@ -205,9 +242,18 @@ def train_activation(
     best = params
     best_val = jnp.full((r,), -1.0)
     best_step = np.zeros(r, np.int64)
-    curve = []
+    curve: list[dict[str, Any]] = []
     base = jax.random.key(12345)
-    done = 0
+    done, wall_before = 0, 0.0
+    saved = load_partial(checkpoint, cfg, activation)
+    if saved is not None:
+        done, curve, wall_before = saved["done"], saved["curve"], saved["wall_s"]
+        params, opt_state, best = saved["params"], saved["opt_state"], saved["best"]
+        best_val, best_step = jnp.asarray(saved["best_val"]), np.asarray(saved["best_step"])
+        orders = saved["orders"]
+        for g, state in zip(rngs, saved["rng_states"], strict=True):
+            g.bit_generator.state = state
+        log(f"  {activation}: resumed at step {done} of {cfg.steps}")
     while done < cfg.steps:
         k = min(cfg.eval_every, cfg.steps - done)
         keys = jax.vmap(lambda i: jax.vmap(lambda s: jax.random.fold_in(
@@ -220,11 +266,17 @@ def train_activation(
         best_val = jnp.where(improved, val, best_val)
         best_step = np.where(np.asarray(improved), done, best_step)
         curve.append({"step": done, "val_acc": np.asarray(val).tolist()})
+        if checkpoint is not None and done < cfg.steps:
+            save_partial(checkpoint, cfg, activation, {
+                "done": done, "curve": curve, "params": params, "opt_state": opt_state,
+                "best": best, "best_val": best_val, "best_step": best_step, "orders": orders,
+                "rng_states": [g.bit_generator.state for g in rngs],
+                "wall_s": wall_before + time.perf_counter() - t0})
     test = np.asarray(accuracy(best, test_b))
     rec: dict[str, Any] = {
         "activation": activation, "seeds": list(cfg.seeds), "test_acc": test.tolist(),
         "best_val_acc": np.asarray(best_val).tolist(), "best_step": best_step.tolist(),
-        "curve": curve, "wall_s": time.perf_counter() - t0,
+        "curve": curve, "wall_s": wall_before + time.perf_counter() - t0,
     }
     weights = blend_weights(best)
     if weights:
@@ -244,9 +296,11 @@ def run_cifar(cfg: AbuCifarConfig, out_dir: Path, command: str) -> list[dict[str
         f" test {len(arrays['test']['label'])}; width {cfg.width}, {cfg.steps} steps of "
         f"{cfg.batch_size}")
     for cell in todo:
-        rec = train_activation(cfg, cell["activation"], arrays, log)
+        ckpt = out_dir / "checkpoints" / f"{cell['activation']}.pkl"  # git-ignored
+        rec = train_activation(cfg, cell["activation"], arrays, log, checkpoint=ckpt)
         done.append(rec)
         append_cell(out_dir, rec)
+        ckpt.unlink(missing_ok=True)
         write_cifar_report(out_dir, done, cfg, command, time.perf_counter() - t0)
     return done
 
@@ -430,6 +484,8 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
     kind = load_yaml(args.config).get("kind", "cifar")
     cls = AbuCifarConfig if kind == "cifar" else AbuFederatedConfig
     cfg: Any = load_config(cls, args.config, smoke=args.smoke)
+    if kind == "cifar" and cfg.init not in INITS:
+        raise ConfigError(f"init must be one of {', '.join(INITS)}, got {cfg.init!r}")
     if args.data_dir:
         cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
     if args.work_dir:
