@@ -305,6 +305,26 @@ def run_cifar(cfg: AbuCifarConfig, out_dir: Path, command: str) -> list[dict[str
     return done
 
 
+REFERENCE = "relu"  # the paired differences in the table are against this activation
+
+
+def _paired(rec: dict[str, Any], ref: dict[str, Any] | None) -> tuple[str, str]:
+    """(Δ test accuracy vs the reference, mean ± std over the shared seeds; wins / n).
+
+    Seed s gives every activation the same initial kernels, data order and dropout keys, so the
+    per-seed difference is a paired comparison."""
+    if ref is None or rec is ref:
+        return "–", "–"
+    mine = dict(zip(rec["seeds"], rec["test_acc"], strict=True))
+    theirs = dict(zip(ref["seeds"], ref["test_acc"], strict=True))
+    shared = [s for s in mine if s in theirs]
+    if not shared:
+        return "–", "–"
+    d = np.asarray([mine[s] - theirs[s] for s in shared])
+    wins = int((d > 0).sum())
+    return f"{report.mean_std(d)}", f"{wins}/{len(d)}"
+
+
 def write_cifar_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, command: str,
                        wall_s: float) -> None:
     rows = []
@@ -315,37 +335,115 @@ def write_cifar_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, comm
                          "test_acc": round(acc, 4), "best_val_acc": round(val, 4),
                          "best_step": step})
     ranked = sorted(recs, key=lambda r: -float(np.mean(r["test_acc"])))
-    lines = ["| activation | test accuracy (%) mean ± std | n | best val (%) |",
-             "| --- | --- | --- | --- |"]
+    ref = next((r for r in recs if r["activation"] == REFERENCE), None)
+    lines = [f"| activation | test accuracy (%) mean ± std | n | Δ vs {REFERENCE} (paired, pp) "
+             f"| seeds above {REFERENCE} | best val (%) | runs whose best step is the last |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for rec in ranked:
+        delta, wins = _paired(rec, ref)
+        last = int(np.sum(np.asarray(rec["best_step"]) == cfg.steps))
         lines.append(f"| {rec['activation']} | {report.mean_std(rec['test_acc'])} | "
-                     f"{len(rec['test_acc'])} | {100 * np.mean(rec['best_val_acc']):.1f} |")
+                     f"{len(rec['test_acc'])} | {delta} | {wins} | "
+                     f"{100 * np.mean(rec['best_val_acc']):.1f} | {last}/{len(rec['best_step'])} |")
+    _plot_accuracy(out_dir / "accuracy.png", ranked, cfg)
+    _plot_curves(out_dir / "val_curves.png", recs)
     _plot_blend(out_dir / "blend_weights.png", [r for r in recs if "blend_weights" in r])
     report.write_results(out_dir, rows, "\n".join(lines) + "\n", cfg, command, wall_s,
                          activations_done=len(recs))
 
 
-def _plot_blend(path: Path, recs: list[dict[str, Any]]) -> None:
-    """One panel per ABU variant: effective blend weight of each base per layer (mean over
-    seeds, bars) — what each layer's activation converged to."""
-    if not recs:
-        return
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(recs), figsize=(4 * len(recs), 3.6), squeeze=False)
+    return plt
+
+
+def _plot_accuracy(path: Path, ranked: list[dict[str, Any]], cfg: Any) -> None:
+    """Test accuracy per activation, best first: mean ± std over seeds (bar) and every seed
+    (dots), ABU variants / α-scaled / fixed in three colours."""
+    if not ranked:
+        return
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 0.32 * len(ranked) + 1.2))
+    for i, rec in enumerate(ranked):
+        a = 100 * np.asarray(rec["test_acc"])
+        name = rec["activation"]
+        color = "C2" if name in ABU_VARIANTS else ("C1" if name.startswith("scaled_") else "C0")
+        y = len(ranked) - 1 - i
+        ax.scatter(a, np.full(len(a), y), s=8, color=color, alpha=0.35)
+        ax.errorbar(a.mean(), y, xerr=a.std(ddof=1) if len(a) > 1 else 0, fmt="o",
+                    color=color, capsize=3)
+    ax.set_yticks(range(len(ranked)), [r["activation"] for r in ranked][::-1])
+    ax.set_xlabel(f"test accuracy (%), mean ± std over {len(ranked[0]['test_acc'])} seeds "
+                  "(dots: seeds)")
+    ax.set_title(f"smcn width {cfg.width}, {cfg.steps} steps of {cfg.batch_size}: "
+                 "ABU (green), α-scaled (orange), fixed (blue)", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+
+
+def _plot_curves(path: Path, recs: list[dict[str, Any]]) -> None:
+    """Small multiples: validation accuracy vs step per activation, mean ± std over seeds,
+    on shared axes (the reference activation in grey in every panel)."""
+    if not recs:
+        return
+    plt = _plt()
+    n = len(recs)
+    cols = min(n, 6)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.9 * rows), sharex=True,
+                             sharey=True, squeeze=False)
+    ref = next((r for r in recs if r["activation"] == REFERENCE), None)
+
+    def curve(rec):
+        steps = [c["step"] for c in rec["curve"]]
+        v = 100 * np.asarray([c["val_acc"] for c in rec["curve"]])  # [T, seeds]
+        return steps, v.mean(1), v.std(1, ddof=1) if v.shape[1] > 1 else 0 * v.mean(1)
+
+    for ax, rec in zip(axes.flat, recs, strict=False):
+        if ref is not None and rec is not ref:
+            x, mu, sd = curve(ref)
+            ax.plot(x, mu, color="0.6", lw=1)
+        x, mu, sd = curve(rec)
+        ax.errorbar(x, mu, yerr=sd, color="C0", capsize=2, lw=1.2)
+        ax.set_title(rec["activation"], fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("val acc (%)", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=8)
+    fig.suptitle(f"validation accuracy, mean ± std over seeds (grey: {REFERENCE})", fontsize=9)
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+
+
+def _plot_blend(path: Path, recs: list[dict[str, Any]]) -> None:
+    """One panel per ABU variant: effective blend weight of each base per layer, mean ± std
+    over seeds — what each layer's activation moved to from its uniform 0.2."""
+    if not recs:
+        return
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(recs), figsize=(3.6 * len(recs), 3.4), squeeze=False,
+                             sharey=True)
     for ax, rec in zip(axes[0], recs, strict=True):
         layers = sorted(rec["blend_weights"], key=lambda s: (len(s), s))
-        w = np.stack([np.mean(rec["blend_weights"][name], axis=0) for name in layers])  # [L, 5]
+        per_seed = np.stack([np.asarray(rec["blend_weights"][name]).reshape(-1, len(ABU_BASES))
+                             for name in layers])  # [L, seeds, 5]
+        w, sd = per_seed.mean(1), per_seed.std(1, ddof=1) if per_seed.shape[1] > 1 else None
         x = np.arange(len(layers))
         for j, base in enumerate(ABU_BASES):
-            ax.bar(x + (j - 2) * 0.16, w[:, j], width=0.16, label=base)
+            ax.bar(x + (j - 2) * 0.16, w[:, j], width=0.16, label=base,
+                   yerr=None if sd is None else sd[:, j], capsize=1.5, error_kw={"lw": 0.7})
         ax.set_xticks(x, layers, rotation=45)
-        ax.axhline(0, color="k", lw=0.5)
+        ax.axhline(0.2, color="k", lw=0.5, ls=":")
         ax.set_title(rec["activation"])
-    axes[0][0].set_ylabel("effective blend weight (mean over seeds)")
+    axes[0][0].set_ylabel("effective blend weight (mean ± std over seeds; dotted: init)")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     atomic_savefig(fig, path)
@@ -420,38 +518,54 @@ def write_federated_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, 
 
 
 def _plot_federated(path: Path, recs: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    abu = [r for r in recs if "blend_weights" in r]
-    fig, axes = plt.subplots(1, 2 if abu else 1, figsize=(10 if abu else 5, 3.8), squeeze=False)
-    ax = axes[0][0]
-    for arm in dict.fromkeys(r["arm"] for r in recs):
-        curves = [[c.get("eval_accuracy", np.nan) for c in r["curve"]]
-                  for r in recs if r["arm"] == arm]
+    """Accuracy vs round per arm (mean ± std over seeds, one panel per arm on shared axes) and,
+    for ABU arms, the FedAvg-averaged blend weights per layer (mean ± std over seeds)."""
+    plt = _plt()
+    arms = list(dict.fromkeys(r["arm"] for r in recs))
+    abu_recs = [r for r in recs if "blend_weights" in r]
+    n = len(arms) + bool(abu_recs)
+    fig, axes = plt.subplots(1, n, figsize=(3.8 * n, 3.4), squeeze=False)
+    axes = axes[0]
+    for i, arm in enumerate(arms):
+        ax = axes[i]
+        rs = [r for r in recs if r["arm"] == arm]
+        curves = [[(c["round"], c["eval_accuracy"]) for c in r["curve"] if "eval_accuracy" in c]
+                  for r in rs]
         m = min(len(c) for c in curves)
-        a = np.asarray([c[:m] for c in curves])
-        x = np.arange(1, m + 1)
-        ax.plot(x, a.mean(0), marker="o", label=f"{arm} (n={len(curves)})")
-        ax.fill_between(x, a.min(0), a.max(0), alpha=0.2)
-    ax.set_xlabel("round")
-    ax.set_ylabel("global test accuracy")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    if abu:
-        ax = axes[0][1]
-        layers = sorted(abu[0]["blend_weights"], key=lambda s: (len(s), s))
-        w = np.stack([np.mean([np.asarray(r["blend_weights"][name]) for r in abu], axis=0)
-                      for name in layers])
-        w = w.reshape(len(layers), -1)
+        x = [c[0] for c in curves[0][:m]]
+        a = 100 * np.asarray([[v for _, v in c[:m]] for c in curves])
+        sd = a.std(0, ddof=1) if len(a) > 1 else np.zeros(m)
+        for other in arms:  # the other arms in grey, for comparison at a glance
+            if other != arm:
+                o = [r for r in recs if r["arm"] == other]
+                oc = 100 * np.asarray([[c["eval_accuracy"] for c in r["curve"]
+                                        if "eval_accuracy" in c][:m] for r in o])
+                ax.plot(x, oc.mean(0), color="0.6", lw=1, label=f"{other} (mean)")
+        ax.errorbar(x, a.mean(0), yerr=sd, marker="o", ms=3, capsize=3, color=f"C{i}",
+                    label=f"{arm}: mean ± std, n={len(a)}")
+        ax.set_title(arm)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("global test accuracy (%)")
+    for ax in axes[1:len(arms)]:
+        ax.sharey(axes[0])
+    if abu_recs:
+        ax = axes[-1]
+        layers = sorted(abu_recs[0]["blend_weights"], key=lambda s: (len(s), s))
+        per_seed = np.stack([np.stack([np.asarray(r["blend_weights"][name]).reshape(-1)
+                                       for r in abu_recs]) for name in layers])  # [L, seeds, 5]
+        w = per_seed.mean(1)
+        sd = per_seed.std(1, ddof=1) if per_seed.shape[1] > 1 else np.zeros_like(w)
         x = np.arange(len(layers))
         for j, base in enumerate(ABU_BASES):
-            ax.bar(x + (j - 2) * 0.16, w[:, j], width=0.16, label=base)
+            ax.bar(x + (j - 2) * 0.16, w[:, j], width=0.16, label=base, yerr=sd[:, j],
+                   capsize=1.5, error_kw={"lw": 0.7})
+        ax.axhline(0.2, color="k", lw=0.5, ls=":")
         ax.set_xticks(x, [name.replace("/", "\n") for name in layers], fontsize=6)
-        ax.set_title("FedAvg-averaged ABU_N blend weights per FFN layer")
-        ax.legend(fontsize=7)
+        ax.set_title("ABU_N blend weights per FFN layer\n(mean ± std over seeds; dotted: init)",
+                     fontsize=8)
+        ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     fig.tight_layout()
     atomic_savefig(fig, path)
 
@@ -475,6 +589,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output dir (default experiments/results/NAME)")
     parser.add_argument("--data-dir", default=None, help="dataset root (else $FEDJAX_LM_DATA_DIR)")
     parser.add_argument("--smoke", action="store_true", help="the config's few-step smoke run")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite table, CSV and plots from the finished cells; no training")
     parser.add_argument("--work-dir", default=None,
                         help="federated configs: where the per-run checkpoint dirs go "
                              "(default: the config's work_dir)")
@@ -494,6 +610,14 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
         cfg = dataclasses.replace(cfg, work_dir=args.work_dir)
     out = Path(args.out or f"experiments/results/{cfg.name}")
     command = " ".join(["python -m fedjax_lm.personalize.abu", *(argv or sys.argv[1:])])
+    if args.report_only:
+        axes = {"activation": "activations"} if kind == "cifar" else {"arm": "arms",
+                                                                        "seed": "seeds"}
+        done, _ = resume_grid(out, cfg, axes)
+        command, wall_s = report.finished_run(out, done)
+        write = write_cifar_report if kind == "cifar" else write_federated_report
+        write(out, done, cfg, command, wall_s)
+        return 0
     (run_cifar if kind == "cifar" else run_federated)(cfg, out, command)
     return 0
 

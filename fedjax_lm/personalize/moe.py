@@ -382,6 +382,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output dir (default experiments/results/NAME)")
     parser.add_argument("--data-dir", default=None, help="dataset root (else $FEDJAX_LM_DATA_DIR)")
     parser.add_argument("--smoke", action="store_true", help="the config's few-step smoke run")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite table, CSV and plot from the finished cells; no training")
 
 
 def check_config(cfg: MoeConfig) -> None:
@@ -402,6 +404,11 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
         cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
     out = Path(args.out or f"experiments/results/{cfg.name}")
     command = " ".join(["python -m fedjax_lm.personalize.moe", *(argv or sys.argv[1:])])
+    if args.report_only:
+        done, _ = resume_grid(out, cfg, {"seed": "seeds", "skew": "skews"})
+        command, wall_s = report.finished_run(out, done)
+        report.write_moe(out, done, cfg, command, wall_s)
+        return 0
     run(cfg, out, command)
     return 0
 

@@ -40,6 +40,18 @@ def write_meta(out_dir: Path, cfg: Any, command: str, wall_s: float, **extra: An
     atomic_write_text(out_dir / META, json.dumps(meta, indent=2) + "\n")
 
 
+def finished_run(out_dir: Path, cells: list[dict[str, Any]]) -> tuple[str, float]:
+    """(command, wall seconds) recorded by the run that made `cells`, for rewriting its report
+    without training (`--report-only`)."""
+    from fedjax_lm.grid import ConfigError
+
+    if not cells:
+        raise ConfigError(f"no finished cells in {out_dir}: run the command without "
+                          "--report-only first")
+    meta = json.loads((Path(out_dir) / META).read_text())
+    return meta["command"], float(meta["wall_s"])
+
+
 def write_results(out_dir: Path, rows: list[dict[str, Any]], table: str, cfg: Any, command: str,
                   wall_s: float, **extra: Any) -> None:
     """What every experiment leaves beside its plots: results.csv (one row per run), table.md

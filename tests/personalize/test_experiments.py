@@ -222,3 +222,12 @@ def test_moe_ordered_pairs_splits_on_cifar_sized_labels():
     counts = np.bincount(labels[np.concatenate([s.train[11], s.val[11], s.test[11]])],
                          minlength=10)
     assert counts[1] == 500  # p = 1.0: every example of client (1, 1) is class 1
+
+
+def test_report_only_needs_finished_cells(tmp_path, capsys):
+    from fedjax_lm.cli import main
+
+    cfg = str(ROOT / "experiments" / "moe_cifar10.yaml")
+    assert main(["moe", "--config", cfg, "--out", str(tmp_path), "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert "no finished cells in" in err and "without --report-only first" in err
