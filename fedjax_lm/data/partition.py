@@ -220,12 +220,16 @@ def majority(
     k: int = 2,
     client_size: int | None = None,
     num_classes: int | None = None,
+    majors: Sequence[Sequence[int]] | None = None,
 ) -> ClientIndex:
     """Each client: k majority classes holding exactly round(p * n) of its n examples (split as
     evenly as possible between them), the rest spread evenly over the other classes (paper 2).
 
     Majority classes are dealt from a seeded class permutation in turn, so every class is a
-    majority class about equally often. `client_size` defaults to len(labels) // num_clients.
+    majority class about equally often — unless `majors` names each client's majority classes
+    (e.g. `ordered_pairs`, the paper's overlapping pairs); repeats collapse, so a pair (a, a) is
+    a single-class client with all round(p * n) majority examples in class a.
+    `client_size` defaults to len(labels) // num_clients.
     """
     labels, n_c = _check_counts(labels, num_clients)
     n_classes = int(num_classes or labels.max() + 1)
@@ -240,20 +244,38 @@ def majority(
         raise DataError(f"client_size must be >= 1, got {n}")
     if n * n_c > len(labels):
         raise DataError(f"{n_c} clients x {n} examples exceeds the {len(labels)} examples")
+    if majors is not None:
+        if len(majors) != n_c:
+            raise DataError(f"majors names {len(majors)} clients, expected {n_c}")
+        flat = np.concatenate([np.asarray(m, dtype=np.int64).ravel() for m in majors])
+        if flat.size == 0 or flat.min() < 0 or flat.max() >= n_classes:
+            raise DataError(f"majors must be class ids in [0, {n_classes - 1}]")
     rng = _rng(seed)
     order = rng.permutation(n_classes)
     n_major = int(round(p * n))
     counts = np.zeros((n_c, n_classes), dtype=np.int64)
     for c in range(n_c):
-        major = order[(c * k + np.arange(k)) % n_classes]
+        if majors is None:
+            major = order[(c * k + np.arange(k)) % n_classes]
+        else:
+            major = np.unique(np.asarray(majors[c], dtype=np.int64))
+        m = len(major)
         minor = np.setdiff1d(np.arange(n_classes), major)
-        counts[c, major] = n_major // k
-        counts[c, major[: n_major % k]] += 1
+        counts[c, major] = n_major // m
+        counts[c, major[: n_major % m]] += 1
         n_minor = n - n_major
         counts[c, minor] = n_minor // len(minor)
         counts[c, rng.choice(minor, n_minor % len(minor), replace=False)] += 1
     pools = _class_pools(labels, n_classes, rng)
     return validate_partition(_draw_from_pools(pools, counts, len(labels)), len(labels))
+
+
+def ordered_pairs(num_clients: int, num_classes: int) -> list[tuple[int, int]]:
+    """Paper 2's overlapping majority pairs: client i gets the i-th ordered pair (a, b) of
+    `itertools.product(range(K), repeat=2)`, i.e. (i // K, i % K), cycling after K² clients.
+    With K = 10 and 100 clients every ordered pair appears once, so each class is a majority
+    class of 19 clients and the 10 pairs (a, a) are single-majority-class clients."""
+    return [((i // num_classes) % num_classes, i % num_classes) for i in range(num_clients)]
 
 
 def natural(
