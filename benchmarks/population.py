@@ -130,6 +130,7 @@ def rounds(args: argparse.Namespace) -> dict:
     state = run(state, *make(0))  # compiles
     compile_s = time.perf_counter() - t0
     rss["after_first_round"] = _rss()
+    print(f"setup {setup_s:.1f} s, first round {compile_s:.1f} s, rss {rss}", flush=True)
     # Blocks alternate so both kinds see the same load: a pipeline block of m rounds (the
     # first, with nothing prefetched yet, untimed) then m - 1 rounds whose data was made and
     # put on the device before the clock starts (no packing thread running meanwhile).
@@ -143,6 +144,8 @@ def rounds(args: argparse.Namespace) -> dict:
                 if i:
                     fed.append(time.perf_counter() - t + wait)
                     waits.append(wait)
+                    print(f"pipeline round {r + i}: {fed[-1]:.2f} s (waited {wait:.3f} s); "
+                          f"rss {_rss()}", flush=True)
         r += m
         ready = [make(k) for k in range(r, r + m - 1)]
         jax.block_until_ready([d for _, d in ready])
@@ -150,6 +153,7 @@ def rounds(args: argparse.Namespace) -> dict:
             t = time.perf_counter()
             state = run(state, cohort, data)
             resident.append(time.perf_counter() - t)
+            print(f"on-device round: {resident[-1]:.2f} s; rss {_rss()}", flush=True)
         r += m - 1
         del ready
     rss["end"] = _rss()

@@ -158,9 +158,9 @@ def test_a_second_writer_on_the_same_out_fails_at_once_naming_the_holder(tmp_pat
 
 def test_a_failed_setup_leaves_nothing_that_refuses_the_corrected_command(tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(ConfigError, match=r"the test set \(2 examples\) is smaller than the "
-                                          r"number of clients \(3\)"):
-        train(tiny(tmp_path, max_test_examples=2), progress=False)
+    with pytest.raises(ConfigError, match=r"no client has a full batch: client sizes 32\.\.32 "
+                                          r"with batch_size=64 and drop_last"):
+        train(tiny(tmp_path, batch_size=64), progress=False)
     assert not (out / "config.yaml").exists()
     # A leftover config.yaml with no checkpoint (an older version's failed setup) binds nothing.
     (out / "config.yaml").write_text(yaml.safe_dump(tiny(tmp_path, lr=0.5).to_dict()))
