@@ -19,16 +19,9 @@ from tqdm.auto import tqdm
 from fedjax_lm.federated.trainable import trainable_part
 from fedjax_lm.models import classification_stats
 from fedjax_lm.runner import privacy
-from fedjax_lm.runner.bookkeeping import (
-    RunBook,
-    TrainingError,
-    check_base_of,
-    data_fingerprint,
-    divergence_warning,
-    nonfinite_server_parts,
-    params_digest,
-)
+from fedjax_lm.runner.bookkeeping import RunBook, check_base_of
 from fedjax_lm.runner.config import RunConfig, from_dict
+from fedjax_lm.runner.digest import data_fingerprint, params_digest
 from fedjax_lm.runner.experiment import (
     Experiment,
     build_engine,
@@ -36,6 +29,7 @@ from fedjax_lm.runner.experiment import (
     client_optimizer,
     round_data,
 )
+from fedjax_lm.runner.guards import TrainingError, divergence_warning, nonfinite_server_parts
 from fedjax_lm.runner.rundir import check_resumable, locked
 from fedjax_lm.scale.distributed import is_primary
 
