@@ -173,6 +173,12 @@ GOOD = {"train.csv": GOOD_CSV}
 
 CASES = [
     # -- flags and config values that used to fail deep inside the run (or not at all)
+    Case("cohort_larger_than_population", [*TINY, "--clients", "4", "--cohort-size", "5"],
+         r"cohort_size must be in \[1, clients=4\], got 5: a cohort cannot be larger than "
+         r"the population; lower --cohort-size or raise --clients",
+         fix=[*TINY, "--clients", "4", "--cohort-size", "4"]),
+    Case("holdout_without_eval_clients", [*TINY, "--holdout-clients", "2"],
+         r"holdout_clients are evaluated by --eval-clients K .*: add --eval-clients"),
     Case("seed_negative", [*TINY, "--seed", "-1"], r"seed must be in \[0, 4294967294\], got -1",
          fix=[*TINY, "--seed", "0"]),
     Case("alpha_inf", [*TINY, "--partition", "dirichlet", "--alpha", "inf"],
@@ -514,28 +520,39 @@ def test_bad_input_is_one_line_and_the_corrected_command_works(
         case.then(tmp_path, trained, out)
 
 
-def test_damaged_tokenisation_cache_is_named_removed_and_rebuilt(
+@pytest.mark.parametrize("fault", ["damaged", "other_tokenizer"])
+def test_damaged_or_foreign_population_store_is_named_and_rebuilt(
     tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, fault: str,
 ) -> None:
-    """Not an error: one warning line per damaged entry (stderr in a real run), then rebuilt."""
+    """Not an error: one warning line per damaged store, or per store whose fingerprint names
+    another tokenizer (stderr in a real run), then rebuilt and used."""
     monkeypatch.setenv("FEDJAX_LM_CACHE_DIR", str(tmp_path / "cache"))
     argv = _argv(TINY, tmp_path)
     assert cli(argv, capfd)[0] == 0
-    entries = sorted((tmp_path / "cache" / "tokenized").glob("*.npz"))
-    assert len(entries) == 2
-    for entry in entries:
-        entry.write_bytes(entry.read_bytes()[:100])
+    stores = sorted(p for p in (tmp_path / "cache" / "tokenized").iterdir()
+                    if not p.name.startswith("."))
+    assert len(stores) == 2
+    for store in stores:
+        if fault == "damaged":
+            ids = store / "input_ids.npy"
+            ids.write_bytes(ids.read_bytes()[:100])
+        else:
+            meta = json.loads((store / "store.json").read_text())
+            meta["fingerprint"]["tokenizer"] = "0123456789abcdef0123"
+            (store / "store.json").write_text(json.dumps(meta))
     shutil.rmtree(tmp_path / "run")
-    with caplog.at_level("WARNING", logger="fedjax_lm.data.cache"):
+    with caplog.at_level("WARNING", logger="fedjax_lm.data.tokenization"):
         code, _, err = cli(argv, capfd)
     assert code == 0 and "Traceback" not in err
     warnings = sorted(r.getMessage() for r in caplog.records)
-    assert len(warnings) == 2 and all(str(e) in w and "removed, rebuilding it" in w
-                                      for e, w in zip(entries, warnings, strict=True))
+    why = "is damaged" if fault == "damaged" else "built for another tokenizer '0123456789ab"
+    assert len(warnings) == 2 and all(
+        w.startswith(f"population store {e}: ") and why in w and w.endswith("rebuilding it")
+        for e, w in zip(stores, warnings, strict=True)), warnings
     caplog.clear()
     assert cli(argv + ["--out", str(tmp_path / "again")], capfd)[0] == 0
-    assert not caplog.records  # the rebuilt entries are used
+    assert not caplog.records  # the rebuilt stores are used
 
 
 def test_tokenizers_never_run_shipped_code(tmp_path: Path,

@@ -5,6 +5,7 @@ from fedjax_lm.data.errors import DataError
 from fedjax_lm.data.pack import pack_clients, pack_clients_eval, pack_eval, steps_per_client
 from fedjax_lm.data.partition import (
     PARTITIONERS,
+    ClientIndex,
     ClientSplits,
     dirichlet,
     iid,
@@ -13,6 +14,7 @@ from fedjax_lm.data.partition import (
     majority,
     make_partitioner,
     natural,
+    ordered_pairs,
     quantity_skew,
     split_clients,
     validate_partition,
@@ -35,6 +37,7 @@ __all__ = [
     "DATA_DIR_ENV",
     "PARTITIONERS",
     "TASKS",
+    "ClientIndex",
     "ClientSplits",
     "DataError",
     "Split",
@@ -51,6 +54,7 @@ __all__ = [
     "majority",
     "make_partitioner",
     "natural",
+    "ordered_pairs",
     "pack_clients",
     "pack_clients_eval",
     "pack_eval",

@@ -34,6 +34,15 @@ def _pseudo_words(rng: np.random.Generator, n: int) -> list[str]:
     return words
 
 
+def _flip(rng: np.random.Generator, truth: np.ndarray, noise: float,
+          num_classes: int) -> tuple[np.ndarray, int]:
+    """Labels with a `noise` fraction moved to another class (int32), and how many moved."""
+    labels = truth.copy()
+    flip = rng.random(len(truth)) < noise
+    labels[flip] = (truth[flip] + rng.integers(1, num_classes, flip.sum())) % num_classes
+    return labels.astype(np.int32), int(flip.sum())
+
+
 def make_synthetic(
     *,
     num_classes: int = 4,
@@ -84,10 +93,8 @@ def make_synthetic(
                     for kw in is_kw
                 )
             )
-        labels = truth.copy()
-        flip = rng.random(n) < noise
-        labels[flip] = (truth[flip] + rng.integers(1, num_classes, flip.sum())) % num_classes
-        return Split(labels=labels.astype(np.int32), texts=texts), int(flip.sum())
+        labels, flipped = _flip(rng, truth, noise, num_classes)
+        return Split(labels=labels, texts=texts), flipped
 
     train, flipped = generate(num_train, label_noise)
     test, _ = generate(num_test, 0.0)
@@ -99,3 +106,41 @@ def make_synthetic(
 @register_task("synthetic", needs_data=False)
 def _load_synthetic(ctx: LoadContext, **params: float | int) -> TaskData:
     return make_synthetic(seed=ctx.seed, **params)  # type: ignore[arg-type]
+
+
+def synthetic_population(
+    num_train: int,
+    num_test: int = 10_000,
+    *,
+    num_classes: int = 4,
+    words_per_text: int = 12,
+    keywords_per_class: int = 8,
+    keyword_rate: float = 0.15,
+    vocab_size: int = 400,
+    label_noise: float = 0.1,
+    seed: int = 0,
+) -> TaskData:
+    """The synthetic task's generative model at population scale (10^6 examples and more),
+    vectorised: the same kind of texts, drawn from another random stream than `make_synthetic`
+    (which keeps its own, so existing runs are unchanged)."""
+    if num_train < 1 or num_test < 1:
+        raise DataError(f"num_train/num_test must be >= 1: {num_train}/{num_test}")
+    rng = np.random.default_rng((seed, 7))
+    words = np.asarray(_pseudo_words(rng, vocab_size + num_classes * keywords_per_class),
+                       dtype=object)
+
+    def generate(n: int, noise: float) -> Split:
+        truth = rng.permutation(np.arange(n) % num_classes)
+        ids = rng.integers(0, vocab_size, (n, words_per_text))
+        keyword = rng.random((n, words_per_text)) < keyword_rate
+        keyword[np.arange(n), rng.integers(0, words_per_text, n)] = True
+        kw_ids = vocab_size + truth[:, None] * keywords_per_class + rng.integers(
+            0, keywords_per_class, (n, words_per_text))
+        table = words[np.where(keyword, kw_ids, ids)]
+        texts = [" ".join(row) for row in table.tolist()]
+        return Split(labels=_flip(rng, truth, noise, num_classes)[0], texts=texts)
+
+    train, test = generate(num_train, label_noise), generate(num_test, 0.0)
+    names = tuple(f"class_{c}" for c in range(num_classes))
+    return TaskData("synthetic_population", train, test, num_classes, names,
+                    source=f"generated (population, seed {seed})")

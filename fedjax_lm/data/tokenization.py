@@ -1,10 +1,14 @@
-"""Tokenise a task's texts once and cache the arrays on disk.
+"""Tokenise a task's texts once and keep the arrays on disk: the population store.
 
 A sweep runs the same (task, tokenizer, max length) many times; tokenising 50k reviews costs
-more than a short federated run, so the arrays are cached as .npz keyed by the task, split,
-tokenizer identity (name + vocab size + hash of its serialised pipeline), max length and a hash
-of the texts themselves (so a subset or a changed file never hits a stale entry). Entries are
-written atomically (parallel sweeps share one cache dir) and verified when read (`data.cache`).
+more than a short federated run, so the arrays are stored as flat .npy files, memory-mapped by
+every later run (a population of 10^6 clients is never loaded whole: a round reads its cohort's
+rows). A store's fingerprint is the task, split, tokenizer identity (name + vocab size + hash of
+its serialised pipeline), max length and a hash of the texts themselves (so a subset or a
+changed data file never hits a stale store); one found with another fingerprint (e.g. an explicit
+`store_dir` built for another task or tokenizer) is rebuilt, and a warning line says so. Stores
+are built in a temp folder and renamed into place (parallel sweeps share one cache dir) and
+their shapes are verified when opened (`data.cache`).
 
 (Named `tokenization` rather than `tokenize` so it never shadows the standard-library module.)
 """
@@ -21,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fedjax_lm.data.cache import Check, load_arrays, save_arrays
+from fedjax_lm.data.cache import open_store, save_store
 from fedjax_lm.data.errors import DataError
 from fedjax_lm.data.sources import resolve_cache_dir
 from fedjax_lm.data.task_data import Split, TaskData
@@ -92,13 +96,17 @@ def texts_fingerprint(texts: list[str]) -> str:
     return h.hexdigest()
 
 
-def encode_texts(texts: list[str], tokenizer: Any, max_length: int) -> dict[str, np.ndarray]:
+def encode_texts(
+    texts: list[str], tokenizer: Any, max_length: int, out: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
     """Truncate and pad every text to `max_length`; int32 input_ids / attention_mask /
-    token_type_ids [N, L] (zeros for token_type_ids when the tokenizer has none)."""
+    token_type_ids [N, L] (zeros for token_type_ids when the tokenizer has none), written into
+    `out` (e.g. memory-mapped files) when given, chunk by chunk."""
     if max_length < 2:
         raise DataError(f"max_length must be >= 2, got {max_length}")
     n = len(texts)
-    out = {k: np.zeros((n, max_length), dtype=np.int32) for k in TEXT_KEYS}
+    if out is None:
+        out = {k: np.zeros((n, max_length), dtype=np.int32) for k in TEXT_KEYS}
     for start in range(0, n, _CHUNK):
         enc = tokenizer(
             texts[start : start + _CHUNK],
@@ -123,8 +131,11 @@ def tokenize_split(
     split_name: str,
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
+    store_dir: str | os.PathLike[str] | None = None,
 ) -> TokenizedSplit:
-    """Tokenised features of one split, read from / written to the cache when `use_cache`."""
+    """Tokenised features of one split, read from / written to its store when `use_cache`
+    (`store_dir`, else a folder of the cache dir named by the fingerprint). The arrays of a
+    store are read-only memory maps; `label` is always the split's own (in memory)."""
     if split.texts is None:
         raise DataError(f"task {task!r} split {split_name!r} has no texts to tokenise")
     key = {
@@ -134,34 +145,34 @@ def tokenize_split(
         "max_length": max_length,
         "texts": texts_fingerprint(split.texts),
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    path: Path | None = None
-    if use_cache:
+    labels = split.labels.astype(np.int32)
+    if not use_cache:
+        return TokenizedSplit({**encode_texts(split.texts, tokenizer, max_length),
+                               "label": labels}, False, None)
+    if store_dir is not None:
+        path = Path(store_dir).expanduser()
+    else:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         path = resolve_cache_dir(cache_dir, "tokenized") / (
-            f"{task}-{split_name}-L{max_length}-{digest}.npz")
-        features = load_arrays(path, _entry_check(len(split), max_length))
-        if features is not None:
-            features["label"] = split.labels.astype(np.int32)
-            log.info("tokenised %s/%s from cache %s", task, split_name, path)
-            return TokenizedSplit(features, True, path)
-    features = encode_texts(split.texts, tokenizer, max_length)
-    features["label"] = split.labels.astype(np.int32)
-    if path is not None:
-        save_arrays(path, features)
-        log.info("tokenised %s/%s (%d texts) -> %s", task, split_name, len(split), path)
-    return TokenizedSplit(features, False, path)
+            f"{task}-{split_name}-L{max_length}-{digest}")
+    arrays, why = open_store(path, key)
+    if arrays is not None and all(arrays[k].shape == (len(split), max_length) for k in TEXT_KEYS):
+        log.info("tokenised %s/%s from store %s", task, split_name, path)
+        return TokenizedSplit({**{k: arrays[k] for k in TEXT_KEYS}, "label": labels}, True, path)
+    if why is not None:  # one line, then rebuilt: a stale store is never an error
+        log.warning("population store %s: %s; rebuilding it", path, why)
+    texts = split.texts
 
+    def write(folder: Path) -> None:
+        out = {k: np.lib.format.open_memmap(folder / f"{k}.npy", mode="w+", dtype=np.int32,
+                                            shape=(len(texts), max_length)) for k in TEXT_KEYS}
+        encode_texts(texts, tokenizer, max_length, out)
+        for a in out.values():
+            a.flush()
 
-def _entry_check(n: int, max_length: int) -> Check:
-    """What a cache entry for `n` texts must hold: every text key as [n, max_length]."""
-
-    def check(arrays: dict[str, np.ndarray]) -> str | None:
-        shapes = {k: getattr(arrays.get(k), "shape", None) for k in TEXT_KEYS}
-        if any(shape != (n, max_length) for shape in shapes.values()):
-            return f"expected {list(TEXT_KEYS)} of shape {(n, max_length)}, found {shapes}"
-        return None
-
-    return check
+    arrays = save_store(path, key, write)
+    log.info("tokenised %s/%s (%d texts) -> %s", task, split_name, len(split), path)
+    return TokenizedSplit({**{k: arrays[k] for k in TEXT_KEYS}, "label": labels}, False, path)
 
 
 def tokenize_task(
@@ -171,8 +182,9 @@ def tokenize_task(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
+    store_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, TokenizedSplit]:
-    """{"train": ..., "test": ...} for a text task."""
+    """{"train": ..., "test": ...} for a text task (stores `store_dir`/train, /test if given)."""
     if task.modality != "text":
         raise DataError(f"task {task.name!r} is {task.modality}, not text: nothing to tokenise")
     return {
@@ -184,6 +196,7 @@ def tokenize_task(
             split_name=name,
             cache_dir=cache_dir,
             use_cache=use_cache,
+            store_dir=None if store_dir is None else Path(store_dir) / name,
         )
         for name in ("train", "test")
     }

@@ -9,11 +9,13 @@ leading client axis of params, batches and keys.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_lm.models.activations import make_activation
@@ -26,6 +28,34 @@ Batch = dict[str, jax.Array]
 
 def _max_pool(x: jax.Array, window: int, stride: int, padding: str) -> jax.Array:
     return nnx.max_pool(x, (window, window), strides=(stride, stride), padding=padding)
+
+
+INITS: tuple[str, ...] = ("flax", "paper")
+
+
+def paper_kernel_init(shape_fan: str) -> Callable:
+    """Paper 3's TF initialisers: truncated normal (cut at ±2σ, not rescaled, as
+    `tf.truncated_normal_initializer`) with σ = sqrt(2 / fan), where fan is kh·kw·in for a
+    conv kernel and in·out for a dense kernel (the authors' code, not He: their dense σ is
+    tiny by design of that formula)."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        fan = math.prod(shape[:-1]) if shape_fan == "conv" else math.prod(shape)
+        std = math.sqrt(2.0 / fan)
+        return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
+
+    return init
+
+
+def _layer_inits(init: str, kind: str, bias: float) -> dict[str, Any]:
+    """Keyword arguments for nnx.Conv / nnx.Linear: flax defaults, or the paper's kernels
+    with constant biases (0.0 for the first conv, 0.1 elsewhere in the authors' smcn)."""
+    if init == "flax":
+        return {}
+    if init != "paper":
+        raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+    return {"kernel_init": paper_kernel_init(kind),
+            "bias_init": nnx.initializers.constant(bias)}
 
 
 class LeNetCifar(nnx.Module):
@@ -62,7 +92,8 @@ class SMCN(nnx.Module):
 
     Each layer has its own activation module, so ABU blend weights are per layer. `width`
     (conv channels; the fcs are 6·width and 3·width) is the paper's 64 by default; a narrower
-    copy lets a CPU afford the activation study.
+    copy lets a CPU afford the activation study. `init="paper"` uses the authors' TF
+    initialisers (`paper_kernel_init`, biases 0 / 0.1); "flax" the library defaults.
     """
 
     def __init__(
@@ -72,24 +103,27 @@ class SMCN(nnx.Module):
         *,
         dropout_rate: float = 0.5,
         width: int = 64,
+        init: str = "flax",
         rngs: nnx.Rngs,
     ):
         w = width
         self.dropout_rate = dropout_rate
-        self.conv1 = nnx.Conv(3, w, (5, 5), padding="SAME", rngs=rngs)
+        conv = lambda bias: _layer_inits(init, "conv", bias)
+        dense = _layer_inits(init, "dense", 0.1)
+        self.conv1 = nnx.Conv(3, w, (5, 5), padding="SAME", rngs=rngs, **conv(0.0))
         self.act1 = make_activation(activation, rngs=rngs)
-        self.conv2 = nnx.Conv(w, w, (3, 3), padding="SAME", rngs=rngs)
+        self.conv2 = nnx.Conv(w, w, (3, 3), padding="SAME", rngs=rngs, **conv(0.1))
         self.act2 = make_activation(activation, rngs=rngs)
-        self.conv3 = nnx.Conv(w, w, (1, 1), padding="SAME", rngs=rngs)
+        self.conv3 = nnx.Conv(w, w, (1, 1), padding="SAME", rngs=rngs, **conv(0.1))
         self.act3 = make_activation(activation, rngs=rngs)
-        self.conv4 = nnx.Conv(w, w, (5, 5), padding="SAME", rngs=rngs)
+        self.conv4 = nnx.Conv(w, w, (5, 5), padding="SAME", rngs=rngs, **conv(0.1))
         self.act4 = make_activation(activation, rngs=rngs)
         # 32 → pool → 16 → pool → 8.
-        self.fc1 = nnx.Linear(8 * 8 * w, 6 * w, rngs=rngs)
+        self.fc1 = nnx.Linear(8 * 8 * w, 6 * w, rngs=rngs, **dense)
         self.act5 = make_activation(activation, rngs=rngs)
-        self.fc2 = nnx.Linear(6 * w, 3 * w, rngs=rngs)
+        self.fc2 = nnx.Linear(6 * w, 3 * w, rngs=rngs, **dense)
         self.act6 = make_activation(activation, rngs=rngs)
-        self.fc3 = nnx.Linear(3 * w, num_classes, rngs=rngs)
+        self.fc3 = nnx.Linear(3 * w, num_classes, rngs=rngs, **dense)
 
     def __call__(
         self, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None
@@ -137,15 +171,17 @@ class CnnModel:
 
 def make_cnn_model(
     name: str, num_classes: int, activation: str = "relu", *, dropout_rate: float = 0.5,
-    width: int = 64,
+    width: int = 64, init: str = "flax",
 ) -> CnnModel:
-    """Build the pure model for `name` in {"lenet", "smcn"}; `dropout_rate` and `width`
-    apply to smcn."""
+    """Build the pure model for `name` in {"lenet", "smcn"}; `dropout_rate`, `width` and
+    `init` apply to smcn."""
     if name not in CNN_MODELS:
         raise ValueError(f"unknown CNN {name!r}; valid: {', '.join(CNN_MODELS)}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
     if name == "smcn":
         module_fn = lambda rngs: SMCN(num_classes, activation, dropout_rate=dropout_rate,
-                                      width=width, rngs=rngs)
+                                      width=width, init=init, rngs=rngs)
     else:
         module_fn = lambda rngs: LeNetCifar(num_classes, activation, rngs=rngs)
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: module_fn(nnx.Rngs(0))))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pickle
 import sys
 import time
 from collections.abc import Callable
@@ -30,9 +31,10 @@ import optax
 
 from fedjax_lm import data as fdata
 from fedjax_lm.grid import ConfigError, append_cell, execution_field, load_yaml, resume_grid
-from fedjax_lm.io import atomic_savefig
+from fedjax_lm.io import atomic_savefig, atomic_write_bytes
 from fedjax_lm.models.activations import ABU_BASES, ABU_VARIANTS, blend_weights
 from fedjax_lm.models.cnn import (
+    INITS,
     image_classification_eval,
     image_classification_loss,
     make_cnn_model,
@@ -42,8 +44,9 @@ from fedjax_lm.personalize.clients import select_clients
 from fedjax_lm.personalize.config import load_config
 
 Params = Any
-ACTIVATIONS = (*ABU_VARIANTS, "relu", "elu", "tanh", "swish", "identity",
-               "scaled_relu", "scaled_elu", "scaled_tanh", "scaled_swish", "scaled_identity")
+ACTIVATIONS = (*ABU_VARIANTS, "relu", "elu", "selu", "tanh", "swish", "identity",
+               "scaled_relu", "scaled_elu", "scaled_selu", "scaled_tanh", "scaled_swish",
+               "scaled_identity")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,9 @@ class AbuCifarConfig:
     activations: tuple[str, ...] = ACTIVATIONS
     seeds: tuple[int, ...] = (0, 1, 2)
     width: int = 64  # smcn conv channels (64 = the paper); fc widths scale with it
+    # paper: the authors' truncated-normal kernels, biases 0.1 (the presets set it); flax: the
+    # library defaults, what runs made before this field existed used (absent = flax).
+    init: str = "flax"
     steps: int = 60_000
     batch_size: int = 256
     lr: float = 1e-3
@@ -85,10 +91,11 @@ class AbuFederatedConfig:
 # ----------------------------------------------------------------------------- model
 
 
-def smcn_model(activation: str, width: int, dropout_rate: float, num_classes: int = 10):
+def smcn_model(activation: str, width: int, dropout_rate: float, num_classes: int = 10,
+               init: str = "flax"):
     """Paper 3's smcn (`cnn.SMCN`); width 64 is the paper's, narrower copies fit a CPU."""
     return make_cnn_model("smcn", num_classes, activation, dropout_rate=dropout_rate,
-                          width=width)
+                          width=width, init=init)
 
 
 def standardize(images: np.ndarray) -> np.ndarray:
@@ -143,13 +150,45 @@ def _eval_batches(split: dict[str, np.ndarray], batch_size: int) -> dict[str, ja
     return {k: jnp.asarray(v) for k, v in b.items()}
 
 
+def _partial_key(cfg: AbuCifarConfig, activation: str) -> dict[str, Any]:
+    """What a saved partial run must match to be continued (everything but where it runs)."""
+    values = dataclasses.asdict(cfg)
+    for name in ("name", "data_dir", "activations"):
+        values.pop(name)
+    return {"activation": activation, **values}
+
+
+def save_partial(path: Path, cfg: AbuCifarConfig, activation: str, state: dict[str, Any]
+                 ) -> None:
+    """Pickle one activation's training state (host arrays) atomically, so a killed run
+    continues from its last validation check instead of from step 0."""
+    payload = {"key": _partial_key(cfg, activation), **jax.device_get(state)}
+    atomic_write_bytes(path, pickle.dumps(payload))
+
+
+def load_partial(path: Path | None, cfg: AbuCifarConfig, activation: str
+                 ) -> dict[str, Any] | None:
+    """The saved state of this activation under this config, or None (none saved, or saved
+    under other settings: then it is ignored and overwritten)."""
+    if path is None or not path.is_file():
+        return None
+    payload = pickle.loads(path.read_bytes())
+    if payload.pop("key") != _partial_key(cfg, activation):
+        return None
+    for name in ("params", "opt_state", "best"):
+        payload[name] = jax.tree.map(jnp.asarray, payload[name])
+    return payload
+
+
 def train_activation(
     cfg: AbuCifarConfig, activation: str, arrays: dict[str, dict[str, np.ndarray]],
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, checkpoint: Path | None = None,
 ) -> dict[str, Any]:
-    """All seeds of one activation, vmapped over a leading run axis."""
+    """All seeds of one activation, vmapped over a leading run axis. With `checkpoint`, the
+    state is saved there after every validation check and a matching saved state is resumed
+    (bitwise the same run: data order, dropout keys and Adam state all continue)."""
     t0 = time.perf_counter()
-    model = smcn_model(activation, cfg.width, cfg.dropout_rate)
+    model = smcn_model(activation, cfg.width, cfg.dropout_rate, init=cfg.init)
     loss_fn, eval_fn = image_classification_loss(model), image_classification_eval(model)
     opt = make_optimizer(cfg.lr, cfg.weight_decay)
     r = len(cfg.seeds)
@@ -205,9 +244,18 @@ def train_activation(
     best = params
     best_val = jnp.full((r,), -1.0)
     best_step = np.zeros(r, np.int64)
-    curve = []
+    curve: list[dict[str, Any]] = []
     base = jax.random.key(12345)
-    done = 0
+    done, wall_before = 0, 0.0
+    saved = load_partial(checkpoint, cfg, activation)
+    if saved is not None:
+        done, curve, wall_before = saved["done"], saved["curve"], saved["wall_s"]
+        params, opt_state, best = saved["params"], saved["opt_state"], saved["best"]
+        best_val, best_step = jnp.asarray(saved["best_val"]), np.asarray(saved["best_step"])
+        orders = saved["orders"]
+        for g, state in zip(rngs, saved["rng_states"], strict=True):
+            g.bit_generator.state = state
+        log(f"  {activation}: resumed at step {done} of {cfg.steps}")
     while done < cfg.steps:
         k = min(cfg.eval_every, cfg.steps - done)
         keys = jax.vmap(lambda i: jax.vmap(lambda s: jax.random.fold_in(
@@ -220,11 +268,17 @@ def train_activation(
         best_val = jnp.where(improved, val, best_val)
         best_step = np.where(np.asarray(improved), done, best_step)
         curve.append({"step": done, "val_acc": np.asarray(val).tolist()})
+        if checkpoint is not None and done < cfg.steps:
+            save_partial(checkpoint, cfg, activation, {
+                "done": done, "curve": curve, "params": params, "opt_state": opt_state,
+                "best": best, "best_val": best_val, "best_step": best_step, "orders": orders,
+                "rng_states": [g.bit_generator.state for g in rngs],
+                "wall_s": wall_before + time.perf_counter() - t0})
     test = np.asarray(accuracy(best, test_b))
     rec: dict[str, Any] = {
         "activation": activation, "seeds": list(cfg.seeds), "test_acc": test.tolist(),
         "best_val_acc": np.asarray(best_val).tolist(), "best_step": best_step.tolist(),
-        "curve": curve, "wall_s": time.perf_counter() - t0,
+        "curve": curve, "wall_s": wall_before + time.perf_counter() - t0,
     }
     weights = blend_weights(best)
     if weights:
@@ -244,11 +298,33 @@ def run_cifar(cfg: AbuCifarConfig, out_dir: Path, command: str) -> list[dict[str
         f" test {len(arrays['test']['label'])}; width {cfg.width}, {cfg.steps} steps of "
         f"{cfg.batch_size}")
     for cell in todo:
-        rec = train_activation(cfg, cell["activation"], arrays, log)
+        ckpt = out_dir / "checkpoints" / f"{cell['activation']}.pkl"  # git-ignored
+        rec = train_activation(cfg, cell["activation"], arrays, log, checkpoint=ckpt)
         done.append(rec)
         append_cell(out_dir, rec)
+        ckpt.unlink(missing_ok=True)
         write_cifar_report(out_dir, done, cfg, command, time.perf_counter() - t0)
     return done
+
+
+REFERENCE = "relu"  # the paired differences in the table are against this activation
+
+
+def _paired(rec: dict[str, Any], ref: dict[str, Any] | None) -> tuple[str, str]:
+    """(Δ test accuracy vs the reference, mean ± std over the shared seeds; wins / n).
+
+    Seed s gives every activation the same initial kernels, data order and dropout keys, so the
+    per-seed difference is a paired comparison."""
+    if ref is None or rec is ref:
+        return "–", "–"
+    mine = dict(zip(rec["seeds"], rec["test_acc"], strict=True))
+    theirs = dict(zip(ref["seeds"], ref["test_acc"], strict=True))
+    shared = [s for s in mine if s in theirs]
+    if not shared:
+        return "–", "–"
+    d = np.asarray([mine[s] - theirs[s] for s in shared])
+    wins = int((d > 0).sum())
+    return f"{report.mean_std(d)}", f"{wins}/{len(d)}"
 
 
 def write_cifar_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, command: str,
@@ -261,37 +337,115 @@ def write_cifar_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, comm
                          "test_acc": round(acc, 4), "best_val_acc": round(val, 4),
                          "best_step": step})
     ranked = sorted(recs, key=lambda r: -float(np.mean(r["test_acc"])))
-    lines = ["| activation | test accuracy (%) mean ± std | n | best val (%) |",
-             "| --- | --- | --- | --- |"]
+    ref = next((r for r in recs if r["activation"] == REFERENCE), None)
+    lines = [f"| activation | test accuracy (%) mean ± std | n | Δ vs {REFERENCE} (paired, pp) "
+             f"| seeds above {REFERENCE} | best val (%) | runs whose best step is the last |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for rec in ranked:
+        delta, wins = _paired(rec, ref)
+        last = int(np.sum(np.asarray(rec["best_step"]) == cfg.steps))
         lines.append(f"| {rec['activation']} | {report.mean_std(rec['test_acc'])} | "
-                     f"{len(rec['test_acc'])} | {100 * np.mean(rec['best_val_acc']):.1f} |")
+                     f"{len(rec['test_acc'])} | {delta} | {wins} | "
+                     f"{100 * np.mean(rec['best_val_acc']):.1f} | {last}/{len(rec['best_step'])} |")
+    _plot_accuracy(out_dir / "accuracy.png", ranked, cfg)
+    _plot_curves(out_dir / "val_curves.png", recs)
     _plot_blend(out_dir / "blend_weights.png", [r for r in recs if "blend_weights" in r])
     report.write_results(out_dir, rows, "\n".join(lines) + "\n", cfg, command, wall_s,
                          activations_done=len(recs))
 
 
-def _plot_blend(path: Path, recs: list[dict[str, Any]]) -> None:
-    """One panel per ABU variant: effective blend weight of each base per layer (mean over
-    seeds, bars) — what each layer's activation converged to."""
-    if not recs:
-        return
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(recs), figsize=(4 * len(recs), 3.6), squeeze=False)
+    return plt
+
+
+def _plot_accuracy(path: Path, ranked: list[dict[str, Any]], cfg: Any) -> None:
+    """Test accuracy per activation, best first: mean ± std over seeds (bar) and every seed
+    (dots), ABU variants / α-scaled / fixed in three colours."""
+    if not ranked:
+        return
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 0.32 * len(ranked) + 1.2))
+    for i, rec in enumerate(ranked):
+        a = 100 * np.asarray(rec["test_acc"])
+        name = rec["activation"]
+        color = "C2" if name in ABU_VARIANTS else ("C1" if name.startswith("scaled_") else "C0")
+        y = len(ranked) - 1 - i
+        ax.scatter(a, np.full(len(a), y), s=8, color=color, alpha=0.35)
+        ax.errorbar(a.mean(), y, xerr=a.std(ddof=1) if len(a) > 1 else 0, fmt="o",
+                    color=color, capsize=3)
+    ax.set_yticks(range(len(ranked)), [r["activation"] for r in ranked][::-1])
+    ax.set_xlabel(f"test accuracy (%), mean ± std over {len(ranked[0]['test_acc'])} seeds "
+                  "(dots: seeds)")
+    ax.set_title(f"smcn width {cfg.width}, {cfg.steps} steps of {cfg.batch_size}: "
+                 "ABU (green), α-scaled (orange), fixed (blue)", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+
+
+def _plot_curves(path: Path, recs: list[dict[str, Any]]) -> None:
+    """Small multiples: validation accuracy vs step per activation, mean ± std over seeds,
+    on shared axes (the reference activation in grey in every panel)."""
+    if not recs:
+        return
+    plt = _plt()
+    n = len(recs)
+    cols = min(n, 6)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.9 * rows), sharex=True,
+                             sharey=True, squeeze=False)
+    ref = next((r for r in recs if r["activation"] == REFERENCE), None)
+
+    def curve(rec):
+        steps = [c["step"] for c in rec["curve"]]
+        v = 100 * np.asarray([c["val_acc"] for c in rec["curve"]])  # [T, seeds]
+        return steps, v.mean(1), v.std(1, ddof=1) if v.shape[1] > 1 else 0 * v.mean(1)
+
+    for ax, rec in zip(axes.flat, recs, strict=False):
+        if ref is not None and rec is not ref:
+            x, mu, sd = curve(ref)
+            ax.plot(x, mu, color="0.6", lw=1)
+        x, mu, sd = curve(rec)
+        ax.errorbar(x, mu, yerr=sd, color="C0", capsize=2, lw=1.2)
+        ax.set_title(rec["activation"], fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("val acc (%)", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=8)
+    fig.suptitle(f"validation accuracy, mean ± std over seeds (grey: {REFERENCE})", fontsize=9)
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+
+
+def _plot_blend(path: Path, recs: list[dict[str, Any]]) -> None:
+    """One panel per ABU variant: effective blend weight of each base per layer, mean ± std
+    over seeds — what each layer's activation moved to from its uniform 0.2."""
+    if not recs:
+        return
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(recs), figsize=(3.6 * len(recs), 3.4), squeeze=False,
+                             sharey=True)
     for ax, rec in zip(axes[0], recs, strict=True):
         layers = sorted(rec["blend_weights"], key=lambda s: (len(s), s))
-        w = np.stack([np.mean(rec["blend_weights"][name], axis=0) for name in layers])  # [L, 5]
+        per_seed = np.stack([np.asarray(rec["blend_weights"][name]).reshape(-1, len(ABU_BASES))
+                             for name in layers])  # [L, seeds, 5]
+        w, sd = per_seed.mean(1), per_seed.std(1, ddof=1) if per_seed.shape[1] > 1 else None
         x = np.arange(len(layers))
         for j, base in enumerate(ABU_BASES):
-            ax.bar(x + (j - 2) * 0.16, w[:, j], width=0.16, label=base)
+            ax.bar(x + (j - 2) * 0.16, w[:, j], width=0.16, label=base,
+                   yerr=None if sd is None else sd[:, j], capsize=1.5, error_kw={"lw": 0.7})
         ax.set_xticks(x, layers, rotation=45)
-        ax.axhline(0, color="k", lw=0.5)
+        ax.axhline(0.2, color="k", lw=0.5, ls=":")
         ax.set_title(rec["activation"])
-    axes[0][0].set_ylabel("effective blend weight (mean over seeds)")
+    axes[0][0].set_ylabel("effective blend weight (mean ± std over seeds; dotted: init)")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     atomic_savefig(fig, path)
@@ -366,38 +520,54 @@ def write_federated_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, 
 
 
 def _plot_federated(path: Path, recs: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    abu = [r for r in recs if "blend_weights" in r]
-    fig, axes = plt.subplots(1, 2 if abu else 1, figsize=(10 if abu else 5, 3.8), squeeze=False)
-    ax = axes[0][0]
-    for arm in dict.fromkeys(r["arm"] for r in recs):
-        curves = [[c.get("eval_accuracy", np.nan) for c in r["curve"]]
-                  for r in recs if r["arm"] == arm]
+    """Accuracy vs round per arm (mean ± std over seeds, one panel per arm on shared axes) and,
+    for ABU arms, the FedAvg-averaged blend weights per layer (mean ± std over seeds)."""
+    plt = _plt()
+    arms = list(dict.fromkeys(r["arm"] for r in recs))
+    abu_recs = [r for r in recs if "blend_weights" in r]
+    n = len(arms) + bool(abu_recs)
+    fig, axes = plt.subplots(1, n, figsize=(3.8 * n, 3.4), squeeze=False)
+    axes = axes[0]
+    for i, arm in enumerate(arms):
+        ax = axes[i]
+        rs = [r for r in recs if r["arm"] == arm]
+        curves = [[(c["round"], c["eval_accuracy"]) for c in r["curve"] if "eval_accuracy" in c]
+                  for r in rs]
         m = min(len(c) for c in curves)
-        a = np.asarray([c[:m] for c in curves])
-        x = np.arange(1, m + 1)
-        ax.plot(x, a.mean(0), marker="o", label=f"{arm} (n={len(curves)})")
-        ax.fill_between(x, a.min(0), a.max(0), alpha=0.2)
-    ax.set_xlabel("round")
-    ax.set_ylabel("global test accuracy")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    if abu:
-        ax = axes[0][1]
-        layers = sorted(abu[0]["blend_weights"], key=lambda s: (len(s), s))
-        w = np.stack([np.mean([np.asarray(r["blend_weights"][name]) for r in abu], axis=0)
-                      for name in layers])
-        w = w.reshape(len(layers), -1)
+        x = [c[0] for c in curves[0][:m]]
+        a = 100 * np.asarray([[v for _, v in c[:m]] for c in curves])
+        sd = a.std(0, ddof=1) if len(a) > 1 else np.zeros(m)
+        for other in arms:  # the other arms in grey, for comparison at a glance
+            if other != arm:
+                o = [r for r in recs if r["arm"] == other]
+                oc = 100 * np.asarray([[c["eval_accuracy"] for c in r["curve"]
+                                        if "eval_accuracy" in c][:m] for r in o])
+                ax.plot(x, oc.mean(0), color="0.6", lw=1, label=f"{other} (mean)")
+        ax.errorbar(x, a.mean(0), yerr=sd, marker="o", ms=3, capsize=3, color=f"C{i}",
+                    label=f"{arm}: mean ± std, n={len(a)}")
+        ax.set_title(arm)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("global test accuracy (%)")
+    for ax in axes[1:len(arms)]:
+        ax.sharey(axes[0])
+    if abu_recs:
+        ax = axes[-1]
+        layers = sorted(abu_recs[0]["blend_weights"], key=lambda s: (len(s), s))
+        per_seed = np.stack([np.stack([np.asarray(r["blend_weights"][name]).reshape(-1)
+                                       for r in abu_recs]) for name in layers])  # [L, seeds, 5]
+        w = per_seed.mean(1)
+        sd = per_seed.std(1, ddof=1) if per_seed.shape[1] > 1 else np.zeros_like(w)
         x = np.arange(len(layers))
         for j, base in enumerate(ABU_BASES):
-            ax.bar(x + (j - 2) * 0.16, w[:, j], width=0.16, label=base)
+            ax.bar(x + (j - 2) * 0.16, w[:, j], width=0.16, label=base, yerr=sd[:, j],
+                   capsize=1.5, error_kw={"lw": 0.7})
+        ax.axhline(0.2, color="k", lw=0.5, ls=":")
         ax.set_xticks(x, [name.replace("/", "\n") for name in layers], fontsize=6)
-        ax.set_title("FedAvg-averaged ABU_N blend weights per FFN layer")
-        ax.legend(fontsize=7)
+        ax.set_title("ABU_N blend weights per FFN layer\n(mean ± std over seeds; dotted: init)",
+                     fontsize=8)
+        ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     fig.tight_layout()
     atomic_savefig(fig, path)
 
@@ -421,6 +591,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output dir (default experiments/results/NAME)")
     parser.add_argument("--data-dir", default=None, help="dataset root (else $FEDJAX_LM_DATA_DIR)")
     parser.add_argument("--smoke", action="store_true", help="the config's few-step smoke run")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite table, CSV and plots from the finished cells; no training")
     parser.add_argument("--work-dir", default=None,
                         help="federated configs: where the per-run checkpoint dirs go "
                              "(default: the config's work_dir)")
@@ -430,6 +602,8 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
     kind = load_yaml(args.config).get("kind", "cifar")
     cls = AbuCifarConfig if kind == "cifar" else AbuFederatedConfig
     cfg: Any = load_config(cls, args.config, smoke=args.smoke)
+    if kind == "cifar" and cfg.init not in INITS:
+        raise ConfigError(f"init must be one of {', '.join(INITS)}, got {cfg.init!r}")
     if args.data_dir:
         cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
     if args.work_dir:
@@ -438,6 +612,14 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
         cfg = dataclasses.replace(cfg, work_dir=args.work_dir)
     out = Path(args.out or f"experiments/results/{cfg.name}")
     command = " ".join(["python -m fedjax_lm.personalize.abu", *(argv or sys.argv[1:])])
+    if args.report_only:
+        axes = {"activation": "activations"} if kind == "cifar" else {"arm": "arms",
+                                                                        "seed": "seeds"}
+        done, _ = resume_grid(out, cfg, axes)
+        command, wall_s = report.finished_run(out, done)
+        write = write_cifar_report if kind == "cifar" else write_federated_report
+        write(out, done, cfg, command, wall_s)
+        return 0
     (run_cifar if kind == "cifar" else run_federated)(cfg, out, command)
     return 0
 

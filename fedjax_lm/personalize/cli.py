@@ -33,6 +33,8 @@ def _argv(args: argparse.Namespace, name: str) -> list[str]:
         out += ["--data-dir", args.data_dir]
     if args.smoke:
         out.append("--smoke")
+    if getattr(args, "report_only", False):
+        out.append("--report-only")
     if getattr(args, "work_dir", None):
         out += ["--work-dir", args.work_dir]
     return out

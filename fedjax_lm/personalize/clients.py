@@ -81,7 +81,8 @@ def make_epoch_fn(loss_fn: PersonalLoss, optimizer: optax.GradientTransformation
 def make_eval_fn(
     eval_fn: PersonalEval, *, params_axis: int | None = 0, data_axis: int | None = 0
 ) -> Callable:
-    """`evaluate(params, data, frozen) -> {"loss", "accuracy"[, "gate"]}`, each [C].
+    """`evaluate(params, data, frozen) -> {"loss", "accuracy"[, "gate", "gate_var"]}`, each [C]
+    (`gate_var`: the variance of the gate over the client's examples).
 
     `params_axis=0`: per-client params [C, ...]; `None`: one model for every client (e.g. the
     FedAvg model). `data_axis=0`: each client's own set [C, N, B, ...]; `None`: one shared set
@@ -103,6 +104,8 @@ def make_eval_fn(
         out = {"loss": sums["loss_sum"] / count, "accuracy": sums["correct"] / count}
         if "gate_sum" in sums:
             out["gate"] = sums["gate_sum"] / count
+        if "gate_sq_sum" in sums:  # E[g²] − E[g]², clipped at 0 against rounding
+            out["gate_var"] = jnp.maximum(sums["gate_sq_sum"] / count - out["gate"] ** 2, 0.0)
         return out
 
     return jax.jit(evaluate)
@@ -115,6 +118,10 @@ class FitConfig:
     lr: float = 1e-3
     max_epochs: int = 20
     patience: int = 3
+    # Whether the starting params (epoch 0) may be kept. True for fine-tuning and the mixture
+    # (their start is a trained model); False for a model from scratch, whose random init must
+    # never be reported as the "local model".
+    keep_initial: bool = True
 
 
 @dataclass(frozen=True)
@@ -161,8 +168,9 @@ def fit_clients(
 
     `train_data(epoch)` returns that epoch's [C, S, B, ...] arrays (reshuffled per epoch);
     `val_data` is [C, N, B, ...]. Each client keeps the params of its lowest validation loss
-    (epoch 0 = before training counts, so training can never make a client worse on validation)
-    and stops after `patience` epochs without improvement; the loop ends when all have stopped.
+    (epoch 0 = before training counts unless `cfg.keep_initial` is False, so training can never
+    make a client worse on validation) and stops after `patience` epochs without improvement;
+    the loop ends when all have stopped.
     """
     cfg, evaluate = fitter.cfg, fitter.evaluate
     num_clients = jax.tree.leaves(params)[0].shape[0]
@@ -170,6 +178,8 @@ def fit_clients(
     opt_state = jax.vmap(fitter.optimizer.init)(params)
     best = params
     best_loss = evaluate(params, val_data, frozen)["loss"]
+    if not cfg.keep_initial:
+        best_loss = jnp.full_like(best_loss, jnp.inf)
     best_epoch = jnp.zeros((num_clients,), jnp.int32)
     bad = jnp.zeros((num_clients,), jnp.int32)
     epochs_run = 0

@@ -81,7 +81,8 @@ def run_fedavg(
     samples `cohort_size` clients of `pool` (`sample_clients`), packs their
     `local_epochs` of data and runs one engine round (example-weighted mean, plain FedAvg
     server). Every `eval_every` rounds `val_loss(global_params)` is checked; the best params are
-    kept and training stops after `patience` checks without improvement.
+    kept (never the initial params) and training stops after `patience` checks without
+    improvement.
     """
     pool = np.asarray(pool, dtype=np.int64)
     key = jax.random.key(seed)
@@ -90,9 +91,13 @@ def run_fedavg(
     steps = int(steps_per_client(sizes, cfg.batch_size, num_epochs=cfg.local_epochs).max())
     cohort = min(cfg.cohort_size, len(pool))
     best = jax.tree.map(lambda x: x.copy(), state.params)
+    # The initial model is never a candidate (best_loss starts at inf): under strong skew one
+    # round can raise the mean validation loss of the unsampled clients, and keeping the
+    # random init would make "FedAvg" and "fine-tuned" meaningless. Its loss is logged only.
     best_loss, best_round, bad, history = np.inf, 0, 0, []
     if val_loss is not None:
-        best_loss = val_loss(state.params)
+        history.append({"round": 0, "train_loss": None,
+                        "val_loss": val_loss(state.params)})
     rounds_run = 0
     for r in range(cfg.rounds):
         ids = pool[fl.sample_clients(fl.sampling_key(key, r), len(pool), cohort)]

@@ -86,12 +86,17 @@ def mixture_loss(expert: Classifier, gate: Classifier) -> PersonalLoss:
 
 
 def mixture_eval(expert: Classifier, gate: Classifier) -> PersonalEval:
-    """`eval(personal, batch, global_params) -> sums` in inference mode (plus the gate sum)."""
+    """`eval(personal, batch, global_params) -> sums` in inference mode (plus the gate's sum
+    and sum of squares)."""
 
     def eval_fn(personal, batch, global_params):
         logp, g = mixture_log_probs(expert, gate, personal, global_params, batch, train=False)
         aux = masked_classification_stats(logp, batch, log_probs=True)[1]
-        aux["gate_sum"] = jnp.sum(batch["mask"].astype(jnp.float32) * g)
+        mask = batch["mask"].astype(jnp.float32)
+        aux["gate_sum"] = jnp.sum(mask * g)
+        # With gate_sum, the within-client variance of g over the examples: a gate that ignores
+        # its input (one constant per client) has variance 0.
+        aux["gate_sq_sum"] = jnp.sum(mask * g * g)
         return aux
 
     return eval_fn

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lm import data as fdata
-from fedjax_lm.grid import append_cell, execution_field, resume_grid
+from fedjax_lm.grid import ConfigError, append_cell, execution_field, resume_grid
 from fedjax_lm.personalize import report
 from fedjax_lm.personalize.clients import (
     FitConfig,
@@ -73,6 +73,9 @@ class MoeConfig:
     partition: str = "majority"  # majority (skew = p) | dirichlet (skew = alpha)
     skews: tuple[float, ...] = (0.2, 0.3, 0.6, 0.7, 0.8, 1.0)
     k: int = 2  # majority classes per client
+    # dealt: disjoint classes dealt from a seeded permutation; ordered: the paper's overlapping
+    # ordered pairs (i // K, i % K), including the single-class pairs (a, a); needs k = 2.
+    majority_pairs: str = "dealt"
     seeds: tuple[int, ...] = (0, 1, 2)
     eval_clients: int = 20
     global_test_per_class: int = 200  # the balanced global test slice
@@ -186,7 +189,11 @@ def client_splits(cfg: MoeConfig, labels: np.ndarray, skew: float, seed: int):
     """Per-client train/val/test indices into the pool with exactly the configured sizes."""
     total = cfg.train_size + cfg.val_size + cfg.test_size
     if cfg.partition == "majority":
-        part = fdata.majority(labels, cfg.num_clients, seed, p=skew, k=cfg.k, client_size=total)
+        majors = None
+        if cfg.majority_pairs == "ordered":
+            majors = fdata.ordered_pairs(cfg.num_clients, int(labels.max()) + 1)
+        part = fdata.majority(labels, cfg.num_clients, seed, p=skew, k=cfg.k, client_size=total,
+                              majors=majors)
     elif cfg.partition == "dirichlet":
         need = total * cfg.num_clients
         if need > len(labels):
@@ -290,6 +297,8 @@ def run_cell(
     fits["finetuned"] = fit_clients(meth.finetune, broadcast_clients(fed.params, c), train_data,
                                     val, keys[1, 1], client_ids=eval_ids)
     personal = {"expert": fits["finetuned"].params, "gate": jax.vmap(spec.init_gate)(keys[2])}
+    # The untrained gate's values, so that a gate that never moved is not read as a learned blend.
+    gate_init = meth.mix_local(personal, local_test, fed.params)
     fits["mixture"] = fit_clients(meth.mixture, personal, train_data, val, keys[1, 2],
                                   frozen=fed.params, client_ids=eval_ids)
 
@@ -314,6 +323,10 @@ def run_cell(
         if "gate" in lt:
             rec["gate_local"] = np.asarray(lt["gate"]).tolist()
             rec["gate_global"] = np.asarray(gt["gate"]).tolist()
+            rec["gate_var_local"] = np.asarray(lt["gate_var"]).tolist()
+            rec["gate_var_global"] = np.asarray(gt["gate_var"]).tolist()
+            rec["gate_init_local"] = np.asarray(gate_init["gate"]).tolist()
+            rec["gate_init_var_local"] = np.asarray(gate_init["gate_var"]).tolist()
         if method in fits:
             rec["best_epoch"] = fits[method].best_epoch.tolist()
             rec["epochs_run"] = fits[method].epochs_run
@@ -369,14 +382,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output dir (default experiments/results/NAME)")
     parser.add_argument("--data-dir", default=None, help="dataset root (else $FEDJAX_LM_DATA_DIR)")
     parser.add_argument("--smoke", action="store_true", help="the config's few-step smoke run")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite table, CSV and plot from the finished cells; no training")
+
+
+def check_config(cfg: MoeConfig) -> None:
+    """Reject settings that would otherwise fail (or silently mean something else) mid-run."""
+    if cfg.majority_pairs not in ("dealt", "ordered"):
+        raise ConfigError(f"majority_pairs must be dealt or ordered, got {cfg.majority_pairs!r}")
+    if cfg.majority_pairs == "ordered" and (cfg.partition != "majority" or cfg.k != 2):
+        raise ConfigError("majority_pairs: ordered needs partition: majority and k: 2 (the "
+                          f"paper's pairs), got partition {cfg.partition!r}, k {cfg.k}")
+    if not 0.0 <= cfg.opt_out_fraction < 1.0:
+        raise ConfigError(f"opt_out_fraction must be in [0, 1), got {cfg.opt_out_fraction}")
 
 
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     cfg = load_config(MoeConfig, args.config, smoke=args.smoke)
+    check_config(cfg)
     if args.data_dir:
         cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
     out = Path(args.out or f"experiments/results/{cfg.name}")
     command = " ".join(["python -m fedjax_lm.personalize.moe", *(argv or sys.argv[1:])])
+    if args.report_only:
+        done, _ = resume_grid(out, cfg, {"seed": "seeds", "skew": "skews"})
+        command, wall_s = report.finished_run(out, done)
+        report.write_moe(out, done, cfg, command, wall_s)
+        return 0
     run(cfg, out, command)
     return 0
 

@@ -40,6 +40,18 @@ def write_meta(out_dir: Path, cfg: Any, command: str, wall_s: float, **extra: An
     atomic_write_text(out_dir / META, json.dumps(meta, indent=2) + "\n")
 
 
+def finished_run(out_dir: Path, cells: list[dict[str, Any]]) -> tuple[str, float]:
+    """(command, wall seconds) recorded by the run that made `cells`, for rewriting its report
+    without training (`--report-only`)."""
+    from fedjax_lm.grid import ConfigError
+
+    if not cells:
+        raise ConfigError(f"no finished cells in {out_dir}: run the command without "
+                          "--report-only first")
+    meta = json.loads((Path(out_dir) / META).read_text())
+    return meta["command"], float(meta["wall_s"])
+
+
 def write_results(out_dir: Path, rows: list[dict[str, Any]], table: str, cfg: Any, command: str,
                   wall_s: float, **extra: Any) -> None:
     """What every experiment leaves beside its plots: results.csv (one row per run), table.md
@@ -52,8 +64,19 @@ def write_results(out_dir: Path, rows: list[dict[str, Any]], table: str, cfg: An
 # ----------------------------------------------------------------------------- paper 2
 
 
+def _opt(values: Any, pick: np.ndarray) -> float | str:
+    """Mean over the picked clients, or '' when none is picked (CSV-friendly)."""
+    v = np.asarray(values, dtype=np.float64)
+    return round(float(v[pick].mean()), 4) if pick.any() else ""
+
+
 def moe_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (skew, seed, method): means over the evaluation clients."""
+    """One row per (skew, seed, method): means over the evaluation clients.
+
+    Gate columns (mixture only): `gate_local` the mean gate value g on the local test set,
+    `gate_init` the same for the untrained gate, `gate_within_std` the mean over clients of the
+    std of g over a client's examples (0 = the gate ignores its input), `gate_between_std` the
+    std over clients of their mean g."""
     rows = []
     for cell in sorted(cells, key=lambda c: (c["skew"], c["seed"])):
         opt = np.asarray(cell["opted_out_eval"], bool)
@@ -63,15 +86,51 @@ def moe_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                    "local_acc": round(float(la.mean()), 4),
                    "global_acc": round(float(ga.mean()), 4),
                    "eval_clients": len(la), "opted_out_eval_clients": int(opt.sum()),
-                   "local_acc_opted_out": round(float(la[opt].mean()), 4) if opt.any() else "",
-                   "gate_local": round(float(np.mean(rec["gate_local"])), 4)
-                   if "gate_local" in rec else "",
-                   "gate_global": round(float(np.mean(rec["gate_global"])), 4)
-                   if "gate_global" in rec else "",
-                   "fedavg_best_round": cell["fedavg_best_round"],
-                   "cell_wall_s": round(cell["wall_s"], 1)}
+                   "local_acc_opted_out": _opt(la, opt),
+                   "local_acc_participating": _opt(la, ~opt),
+                   "global_acc_opted_out": _opt(ga, opt),
+                   "global_acc_participating": _opt(ga, ~opt)}
+            gate = {k: "" for k in ("gate_local", "gate_global", "gate_init", "gate_within_std",
+                                    "gate_between_std")}
+            if "gate_local" in rec:
+                g = np.asarray(rec["gate_local"])
+                gate.update(gate_local=round(float(g.mean()), 4),
+                            gate_global=round(float(np.mean(rec["gate_global"])), 4),
+                            gate_between_std=round(float(g.std()), 4))
+                if "gate_var_local" in rec:
+                    within = np.sqrt(np.asarray(rec["gate_var_local"]))
+                    gate.update(gate_within_std=round(float(within.mean()), 4),
+                                gate_init=round(float(np.mean(rec["gate_init_local"])), 4))
+            row.update(gate)
+            be = rec.get("best_epoch")
+            row["best_epoch_mean"] = round(float(np.mean(be)), 2) if be is not None else ""
+            row["best_epoch_0_frac"] = round(float(np.mean(np.asarray(be) == 0)), 3) \
+                if be is not None else ""
+            row["epochs_run"] = rec.get("epochs_run", "")
+            row["fedavg_best_round"] = cell["fedavg_best_round"]
+            row["fedavg_rounds"] = cell.get("fedavg_rounds", "")
+            row["cell_wall_s"] = round(cell["wall_s"], 1)
             rows.append(row)
     return rows
+
+
+def _grid(rows: list[dict[str, Any]], key: str, methods: list[str], skews: list[float],
+          skew_name: str, fmt=mean_std) -> list[str]:
+    lines = ["| method | " + " | ".join(f"{skew_name}={s:g}" for s in skews) + " |",
+             "| --- |" + " --- |" * len(skews)]
+    for m in methods:
+        cells = []
+        for s in skews:
+            v = [r[key] for r in rows if r["method"] == m and r["skew"] == s and r[key] != ""]
+            cells.append(f"{fmt(v)} (n={len(v)})" if v else "–")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _plain(values: Sequence[float]) -> str:
+    v = np.asarray(values, dtype=np.float64)
+    std = v.std(ddof=1) if len(v) > 1 else 0.0
+    return f"{v.mean():.3f} ± {std:.3f}"
 
 
 def moe_table(rows: list[dict[str, Any]], skew_name: str) -> str:
@@ -79,32 +138,70 @@ def moe_table(rows: list[dict[str, Any]], skew_name: str) -> str:
     skews = sorted({r["skew"] for r in rows})
     lines = []
     for metric, title in (("local_acc", "local test"), ("global_acc", "global test")):
-        lines.append(f"**{title} accuracy (%)**, mean ± std over seeds (n = seeds)\n")
-        lines.append("| method | " + " | ".join(f"{skew_name}={s:g}" for s in skews) + " |")
-        lines.append("| --- |" + " --- |" * len(skews))
-        for m in methods:
-            cells = []
-            for s in skews:
-                v = [r[metric] for r in rows if r["method"] == m and r["skew"] == s]
-                cells.append(f"{mean_std(v)} (n={len(v)})" if v else "–")
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"**{title} accuracy (%)**, mean ± std over seeds (n = seeds; each seed is "
+                     "the mean over the evaluation clients)\n")
+        lines += _grid(rows, metric, methods, skews, skew_name)
         lines.append("")
+    if any(r["opted_out_eval_clients"] for r in rows):
+        for who in ("opted_out", "participating"):
+            lines.append(f"**local test accuracy (%) of the {who.replace('_', '-')} evaluation "
+                         "clients**, mean ± std over seeds\n")
+            lines += _grid(rows, f"local_acc_{who}", methods, skews, skew_name)
+            lines.append("")
     gates = [r for r in rows if r["method"] == "mixture" and r["gate_local"] != ""]
     if gates:
-        lines.append("**mean gate value g (weight of the local expert)**, mixture\n")
+        lines.append("**mixture gate g (weight of the local expert) on the local test set**, "
+                     "mean ± std over seeds. *trained*: after training; *untrained*: the same "
+                     "clients' freshly initialised gate; *within-client std*: std of g over a "
+                     "client's examples (0 = g ignores its input), averaged over clients; "
+                     "*between-client std*: std of the clients' mean g\n")
         lines.append("| | " + " | ".join(f"{skew_name}={s:g}" for s in skews) + " |")
         lines.append("| --- |" + " --- |" * len(skews))
-        for key, title in (("gate_local", "on local test"), ("gate_global", "on global test")):
+        for key, title in (("gate_local", "g trained"), ("gate_init", "g untrained"),
+                           ("gate_within_std", "within-client std of g"),
+                           ("gate_between_std", "between-client std of g"),
+                           ("best_epoch_0_frac", "clients whose best mixture epoch is 0")):
             vals = []
             for s in skews:
-                v = [r[key] for r in gates if r["skew"] == s]
-                vals.append(f"{np.mean(v):.2f}" if v else "–")
+                v = [r[key] for r in gates if r["skew"] == s and r[key] != ""]
+                vals.append(_plain(v) if v else "–")
             lines.append(f"| {title} | " + " | ".join(vals) + " |")
         lines.append("")
+    lines.append("**training length**: mean best epoch / epochs run (personalised methods) and "
+                 "FedAvg best round / rounds run, mean over seeds\n")
+    lines.append("| | " + " | ".join(f"{skew_name}={s:g}" for s in skews) + " |")
+    lines.append("| --- |" + " --- |" * len(skews))
+    for m in methods:
+        vals = []
+        for s in skews:
+            rs = [r for r in rows if r["method"] == m and r["skew"] == s]
+            if m == "fedavg":
+                vals.append(f"{np.mean([r['fedavg_best_round'] for r in rs]):.0f} / "
+                            f"{np.mean([r['fedavg_rounds'] or np.nan for r in rs]):.0f}"
+                            if rs else "–")
+            elif rs and rs[0]["best_epoch_mean"] != "":
+                vals.append(f"{np.mean([r['best_epoch_mean'] for r in rs]):.1f} / "
+                            f"{np.mean([r['epochs_run'] for r in rs]):.0f}")
+            else:
+                vals.append("–")
+        lines.append(f"| {m} | " + " | ".join(vals) + " |")
+    lines.append("")
     return "\n".join(lines)
 
 
+def _mean_sd(rows: list[dict[str, Any]], key: str, method: str, skews: list[float]):
+    mu, sd = [], []
+    for s in skews:
+        v = np.asarray([r[key] for r in rows if r["method"] == method and r["skew"] == s
+                        and r[key] != ""], dtype=np.float64)
+        mu.append(v.mean() if len(v) else np.nan)
+        sd.append(v.std(ddof=1) if len(v) > 1 else 0.0)
+    return np.asarray(mu), np.asarray(sd)
+
+
 def moe_plot(path: Path, rows: list[dict[str, Any]], skew_name: str, title: str) -> None:
+    """Small multiples: one panel per method (local and global test accuracy, mean ± std over
+    seeds), plus one for the mixture's gate (trained vs untrained, within-client std)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,24 +209,36 @@ def moe_plot(path: Path, rows: list[dict[str, Any]], skew_name: str, title: str)
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     skews = sorted({r["skew"] for r in rows})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, metric, sub in zip(axes, ("local_acc", "global_acc"),
-                               ("local test (client's own skew)", "global test (balanced)"),
-                               strict=True):
-        for m in methods:
-            mu, sd = [], []
-            for s in skews:
-                v = np.asarray([r[metric] for r in rows if r["method"] == m and r["skew"] == s])
-                mu.append(v.mean() if len(v) else np.nan)
-                sd.append(v.std(ddof=1) if len(v) > 1 else 0.0)
-            ax.errorbar(skews, mu, yerr=sd, marker="o", capsize=3, label=m)
-        ax.set_xlabel(skew_name)
-        ax.set_title(sub)
+    has_gate = any(r["gate_local"] != "" for r in rows)
+    n = len(methods) + has_gate
+    fig, axes = plt.subplots(1, n, figsize=(3.0 * n, 3.2), sharex=True, squeeze=False)
+    axes = axes[0]
+    for ax, m in zip(axes, methods, strict=False):
+        for key, label, color in (("local_acc", "local test", "C0"),
+                                  ("global_acc", "global test", "C1")):
+            mu, sd = _mean_sd(rows, key, m, skews)
+            ax.errorbar(skews, mu, yerr=sd, marker="o", capsize=3, color=color, label=label)
+        ax.set_title(m)
+        ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-        if skew_name == "alpha":
+        ax.set_xlabel(skew_name)
+    axes[0].set_ylabel("accuracy (± std over seeds)")
+    axes[0].legend(fontsize=8)
+    if has_gate:
+        ax = axes[-1]
+        for key, label, color in (("gate_local", "g trained", "C2"),
+                                  ("gate_init", "g untrained", "C7"),
+                                  ("gate_within_std", "within-client std of g", "C3")):
+            mu, sd = _mean_sd(rows, key, "mixture", skews)
+            ax.errorbar(skews, mu, yerr=sd, marker="o", capsize=3, color=color, label=label)
+        ax.set_title("mixture gate")
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel(skew_name)
+        ax.legend(fontsize=7)
+    if skew_name == "alpha":
+        for ax in axes:
             ax.set_xscale("log")
-    axes[0].set_ylabel("accuracy (mean over eval clients; ± std over seeds)")
-    axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=120)

@@ -15,13 +15,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fedjax_lm import federated as fl
-from fedjax_lm.data import pack_eval
 from fedjax_lm.federated.trainable import split
 from fedjax_lm.io import write_json, write_yaml
 from fedjax_lm.runner import privacy
 from fedjax_lm.runner.checkpoint import Checkpointer, saved_state
 from fedjax_lm.runner.config import RunConfig
 from fedjax_lm.runner.digest import data_fingerprint, params_digest
+from fedjax_lm.runner.evaluation import CLIENT_ACCURACY_FILE, population_eval, predict_split
 from fedjax_lm.runner.experiment import Experiment
 from fedjax_lm.runner.guards import (
     TrainingError,
@@ -35,26 +35,17 @@ from fedjax_lm.runner.rundir import check_base, check_data
 
 
 def evaluate(predict, params, exp: Experiment, batch_size: int) -> dict[str, float]:
-    """Global test accuracy / loss, and the accuracy on each client's test shard."""
-    batches = pack_eval(exp.test, batch_size)
-    correct, nll = [], []
-    for i in range(batches["mask"].shape[0]):
-        c, n = predict(params, {k: v[i] for k, v in batches.items()})
-        correct.append(np.asarray(c))
-        nll.append(np.asarray(n))
-    real = batches["mask"].reshape(-1) > 0
-    correct = np.concatenate(correct)[real]
-    nll = np.concatenate(nll)[real]
-    per_client = np.array([correct[ix].mean() for ix in exp.test_shards])
-    return {
-        "eval_loss": float(nll.mean()),
-        "eval_accuracy": float(correct.mean()),
-        "client_accuracy_min": float(per_client.min()),
-        "client_accuracy_mean": float(per_client.mean()),
-        "client_accuracy_max": float(per_client.max()),
-    }
-
-
+    """Global test accuracy / loss, and the accuracy on each client's test shard (when the
+    test set is large enough to give every client one)."""
+    correct, nll = predict_split(predict, params, exp.test, batch_size)
+    out = {"eval_loss": float(nll.mean()), "eval_accuracy": float(correct.mean())}
+    shards = exp.test_shards
+    if len(shards):
+        per_client = np.array([correct[ix].mean() for ix in shards])  # as recorded before
+        out.update(client_accuracy_min=float(per_client.min()),
+                   client_accuracy_mean=float(per_client.mean()),
+                   client_accuracy_max=float(per_client.max()))
+    return out
 
 
 class RunBook:
@@ -90,7 +81,8 @@ class RunBook:
         self._closed = False
 
     def record(self, r: int, cohort: privacy.RoundCohort, state: fl.ServerState,
-               metrics: fl.RoundMetrics, client_states: Any, t0: float) -> dict[str, Any]:
+               metrics: fl.RoundMetrics, client_states: Any, t0: float, *,
+               host_wait_s: float | None = None) -> dict[str, Any]:
         """Round `r` (0-based) has run: stop on a non-finite update (before anything is
         logged or saved, so the latest checkpoint is a good one), else log, evaluate, warn and
         checkpoint it."""
@@ -117,8 +109,18 @@ class RunBook:
             "download_bytes_per_client": exp.peft.client_bytes(ids),
             **privacy.round_record(cfg, state, r + 1, cohort),
         }
+        if host_wait_s is not None:  # what this round waited for its data (not hidden by
+            record["host_wait_s"] = host_wait_s  # prefetch)
         if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
             record.update(evaluate(self.predict, state.params, exp, cfg.eval_batch_size))
+            if cfg.eval_clients is not None:
+                fields, per_client = population_eval(
+                    self.predict, state.params, exp.train,
+                    {"train": exp.partition, "heldout": exp.heldout}, cfg.eval_clients,
+                    cfg.seed, r + 1, cfg.eval_batch_size)
+                record.update(fields)
+                if self.primary:
+                    write_json(self.run_dir / CLIENT_ACCURACY_FILE, {"round": r + 1, **per_client})
         record["wall_s"] = time.perf_counter() - t0
         self.log.write(record)
         losses = [x["train_loss"] for x in self.log.records if x["train_loss"] is not None]
@@ -152,7 +154,7 @@ class RunBook:
         final.update(setup_s=setup_s, params_sha256=params_digest(self.state.params),
                      client_state_sha256=store and params_digest(store.states),
                      num_clients=exp.num_clients, data_source=exp.source,
-                     train_examples=int(sum(len(ix) for ix in exp.partition)),
+                     train_examples=int(exp.partition.sizes.sum()),
                      test_examples=int(len(exp.test["label"])),
                      steps_per_round=exp.steps_per_round, warnings=self.warnings,
                      **communication(self.log.records, exp.peft),

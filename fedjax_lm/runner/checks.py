@@ -78,8 +78,15 @@ def check(cfg: RunConfig) -> None:
 
     need(cfg.clients >= 1, f"clients must be >= 1, got {cfg.clients}")
     need(cfg.cohort_size is None or 1 <= cfg.cohort_size <= cfg.clients,
-         f"cohort_size must be in [1, clients={cfg.clients}], got {cfg.cohort_size}")
+         f"cohort_size must be in [1, clients={cfg.clients}], got {cfg.cohort_size}: a cohort "
+         "cannot be larger than the population; lower --cohort-size or raise --clients")
     need(cfg.rounds >= 1, f"rounds must be >= 1, got {cfg.rounds}")
+    need(cfg.holdout_clients >= 0, f"holdout_clients must be >= 0, got {cfg.holdout_clients}")
+    need(cfg.eval_clients is None or cfg.eval_clients >= 1,
+         f"eval_clients must be >= 1 (or unset), got {cfg.eval_clients}")
+    need(cfg.holdout_clients == 0 or cfg.eval_clients is not None,
+         "holdout_clients are evaluated by --eval-clients K (a sample of K held-out and K "
+         "training clients each eval round): add --eval-clients")
     need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
     need(cfg.max_length >= 2, f"max_length must be >= 2, got {cfg.max_length}")
     need((cfg.local_epochs is None) != (cfg.local_steps is None),

@@ -54,6 +54,11 @@ class RunConfig:
     # -- federation
     clients: int = 4
     cohort_size: int | None = None  # clients per round; None = all
+    # population evaluation: H more clients partitioned with the population but never trained
+    # on, and a seeded sample of K training (and K held-out) clients evaluated on their own
+    # data each eval round (accuracy percentiles p10/p50/p90/worst in metrics.jsonl)
+    holdout_clients: int = 0
+    eval_clients: int | None = None
     partition: str = "iid"
     alpha: float = 1.0  # dirichlet concentration
     p: float = 0.8  # majority fraction
@@ -118,6 +123,8 @@ class RunConfig:
     seed: int = 0
     eval_every: int = 1
     eval_batch_size: int = execution_field(64)
+    # pack round r + 1's cohort on a background thread while round r runs (same numbers)
+    prefetch: bool = execution_field(True)
     checkpoint_every: int = execution_field(1)
     nonfinite: str = "fail"  # fail: stop with a clear message; skip: drop the client
     target_accuracy: float | None = None  # for "rounds to reach" in summaries

@@ -23,6 +23,7 @@ from fedjax_lm.io import (
     write_csv,
 )
 from fedjax_lm.runner.config import EXECUTION_FIELDS, ConfigError, RunConfig, from_dict
+from fedjax_lm.runner.evaluation import CLIENT_ACCURACY_FILE, GROUPS
 
 _ALWAYS = ("model", "task", "clients")
 # Not columns of the results: where runs live and how they execute, and the seed (a column of
@@ -144,11 +145,56 @@ def write_report(root: Path, *, title: str = "", sweep_wall_s: float | None = No
                _mean_std([g["best_accuracy"] for g in group]),
                reach_s,
                f"{np.mean([g['train_wall_s'] for g in group]):.0f}"]) + " |")
-    lines += ["", "Plots: `accuracy_vs_round.png`, `final_accuracy_vs_clients.png`.", ""]
+    lines += ["", "Plots: `accuracy_vs_round.png`, `final_accuracy_vs_clients.png`."]
+    population = [r for r in runs if (Path(r["run_dir"]) / CLIENT_ACCURACY_FILE).is_file()]
+    if population:
+        lines += _population_lines(population)
+    lines += [""]
     summary = root / "summary.md"
     atomic_write_text(summary, "\n".join(lines))
     _plots(root, runs, fields)
+    if population:
+        _client_accuracy_plot(root / "client_accuracy.png", population)
     return summary
+
+
+def _population_lines(runs: list[dict]) -> list[str]:
+    """The last eval round's per-client accuracy percentiles of runs with `eval_clients`."""
+    keys = [f"{g}_client_accuracy_{q}" for g in GROUPS for q in ("p10", "p50", "p90", "worst")]
+    header = ["run"] + [k.replace("_client_accuracy_", " ") for k in keys]
+    lines = ["", "Per-client accuracy of the sampled clients at the last eval round "
+             "(train: on their own training data; heldout: clients never trained on); "
+             "distribution in `client_accuracy.png`.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in runs:
+        last = next((m for m in reversed(r["metrics"]) if keys[0] in m), {})
+        cells = [f"{last[k]:.3f}" if k in last else "–" for k in keys]
+        lines.append("| " + " | ".join([Path(r["run_dir"]).name] + cells) + " |")
+    return lines
+
+
+def _client_accuracy_plot(path: Path, runs: list[dict]) -> None:
+    """Per run, the empirical distribution (CDF) of the sampled clients' accuracies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = runs[:8]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.4), squeeze=False)
+    for ax, r in zip(axes[0], shown, strict=True):
+        saved = read_json(Path(r["run_dir"]) / CLIENT_ACCURACY_FILE,
+                          "delete it: the next eval round of the run writes it again")
+        for group in GROUPS:
+            acc = np.sort(np.asarray(saved.get(group, []), dtype=float))
+            if len(acc):
+                ax.step(acc, np.arange(1, len(acc) + 1) / len(acc), where="post",
+                        label=f"{group} ({len(acc)} clients)")
+        ax.set(title=f"{Path(r['run_dir']).name} · round {saved.get('round')}",
+               xlabel="client accuracy", ylabel="fraction of clients ≤ x", xlim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)
 
 
 def _plots(root: Path, runs: list[dict], fields: list[str]) -> None:

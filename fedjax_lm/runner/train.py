@@ -19,9 +19,16 @@ from tqdm.auto import tqdm
 from fedjax_lm.federated.trainable import trainable_part
 from fedjax_lm.models import classification_stats
 from fedjax_lm.runner import privacy
-from fedjax_lm.runner.bookkeeping import RunBook, check_base_of
+from fedjax_lm.runner.bookkeeping import (
+    RunBook,
+    TrainingError,
+    check_base_of,
+    data_fingerprint,
+    divergence_warning,
+    nonfinite_server_parts,
+    params_digest,
+)
 from fedjax_lm.runner.config import RunConfig, from_dict
-from fedjax_lm.runner.digest import data_fingerprint, params_digest
 from fedjax_lm.runner.experiment import (
     Experiment,
     build_engine,
@@ -29,7 +36,7 @@ from fedjax_lm.runner.experiment import (
     client_optimizer,
     round_data,
 )
-from fedjax_lm.runner.guards import TrainingError, divergence_warning, nonfinite_server_parts
+from fedjax_lm.runner.prefetch import RoundFeeder
 from fedjax_lm.runner.rundir import check_resumable, locked
 from fedjax_lm.scale.distributed import is_primary
 
@@ -120,20 +127,29 @@ def _train(cfg: RunConfig, run_dir: Path, primary: bool, progress: bool,
         for line in privacy.plan(cfg).lines(cfg):
             tqdm.write(line)
 
-    bar = tqdm(range(start, cfg.rounds), initial=start, total=cfg.rounds, desc=run_dir.name,
-               disable=not progress, unit="round", leave=False)
+    bar = tqdm(total=cfg.rounds, initial=start, desc=run_dir.name, disable=not progress,
+               unit="round", leave=False)
+
+    def make_round(r: int) -> tuple[privacy.RoundCohort, dict]:
+        """Round r's cohort and its packed data, on the device: a pure function of (cfg, r)."""
+        cohort = privacy.draw_cohort(cfg, base_key, r)
+        data = cohort.zero_padding(round_data(cfg, exp, r, cohort.ids))
+        # one device: transfer it here too (the mesh / pmap executors place their own shards)
+        return cohort, jax.device_put(data) if cfg.backend == "vmap" else data
+
+    feeder = RoundFeeder(make_round, ahead=cfg.prefetch)
     try:
-        for r in bar:
-            t0 = time.perf_counter()
-            cohort = privacy.draw_cohort(cfg, base_key, r)
-            data = cohort.zero_padding(round_data(cfg, exp, r, cohort.ids))
+        for r, (cohort, data), host_wait_s in feeder.rounds(start, cfg.rounds):
+            t0 = time.perf_counter() - host_wait_s
             cs = store and store.gather(cohort.ids)
             state, metrics, cs = engine.run_round(state, data, client_ids=cohort.ids,
                                                   client_states=cs)
-            record = book.record(r, cohort, state, metrics, cs, t0)
+            record = book.record(r, cohort, state, metrics, cs, t0, host_wait_s=host_wait_s)
+            bar.update()
             bar.set_postfix(loss=f"{record['train_loss'] or math.nan:.3f}",
                             acc=f"{record.get('eval_accuracy', float('nan')):.3f}")
     finally:
+        feeder.close()
         bar.close()
         book.close()
     return book.final(setup_s)

@@ -14,6 +14,7 @@ from fedjax_lm.data import (
     majority,
     make_partitioner,
     natural,
+    ordered_pairs,
     quantity_skew,
     split_clients,
 )
@@ -107,6 +108,28 @@ def test_majority_hits_p_exactly(blog_fixture, p: float) -> None:
         assert (np.sort(h, axis=1)[:, -k:].sum(1) == m).all()  # exactly p of every client
     if p == 1.0:  # majority classes are dealt in turn: 5 clients x 2 = every class once
         assert (h.sum(0) == n // k).all()
+
+
+def test_majority_with_the_papers_ordered_pairs() -> None:
+    """Paper 2's overlapping pairs: client i's majority classes are (i // K, i % K); a pair
+    (a, a) is a single-class client holding all round(p * n) majority examples in class a."""
+    k, n, p = 4, 20, 0.8
+    pairs = ordered_pairs(16, k)
+    assert pairs[:6] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
+    assert len(set(pairs)) == 16 and ordered_pairs(17, k)[16] == (0, 0)  # cycles after K²
+    y = np.repeat(np.arange(k), 200)
+    part = majority(y, 16, seed=0, p=p, client_size=n, majors=pairs)
+    _assert_disjoint(part, len(y))
+    h = _hist(y, part, k)
+    for c, (a, b) in enumerate(pairs):
+        if a == b:
+            assert h[c, a] == 16 and sorted(np.delete(h[c], a).tolist()) == [1, 1, 2]
+        else:  # 8 + 8 majority, the other 4 spread evenly over the 2 other classes
+            assert h[c, a] == 8 and h[c, b] == 8 and np.delete(h[c], [a, b]).tolist() == [2, 2]
+    with pytest.raises(DataError, match="majors names 3 clients, expected 16"):
+        majority(y, 16, seed=0, p=p, client_size=n, majors=pairs[:3])
+    with pytest.raises(DataError, match=r"majors must be class ids in \[0, 3\]"):
+        majority(y, 16, seed=0, p=p, client_size=n, majors=[(0, 4)] * 16)
 
 
 def test_majority_k1_on_imdb(imdb_fixture) -> None:

@@ -39,38 +39,83 @@ def test_cache_hit_on_second_call(blog_fixture, tokenizer, tmp_path: Path) -> No
     first = tokenize_split(blog_fixture.train, tokenizer, 32, **kw)
     second = tokenize_split(blog_fixture.train, tokenizer, 32, **kw)
     assert not first.cache_hit and second.cache_hit
-    assert first.cache_path == second.cache_path and second.cache_path.is_file()
+    assert first.cache_path == second.cache_path and (second.cache_path / "store.json").is_file()
     for key, value in first.features.items():
         assert np.array_equal(value, second.features[key])
     assert not list(tmp_path.rglob("*.tmp"))  # atomic write left nothing behind
-    # any change of max length or data is a different entry
+    # any change of max length or data is a different store
     other_len = tokenize_split(blog_fixture.train, tokenizer, 48, **kw)
     subset = tokenize_split(blog_fixture.train.select(range(50)), tokenizer, 32, **kw)
     assert not other_len.cache_hit and not subset.cache_hit
     assert len({first.cache_path, other_len.cache_path, subset.cache_path}) == 3
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garble", "wrong_shape"])
-def test_damaged_cache_entry_is_named_removed_and_rebuilt(
+def test_store_round_trip_equals_in_memory_arrays(imdb_fixture, tokenizer, tmp_path: Path):
+    """The memory-mapped store holds exactly what tokenising in memory gives, dtype included."""
+    kw = dict(task="imdb", split_name="train", cache_dir=tmp_path)
+    memory = tokenize_split(imdb_fixture.train, tokenizer, 40, use_cache=False, **kw)
+    built = tokenize_split(imdb_fixture.train, tokenizer, 40, **kw)
+    reread = tokenize_split(imdb_fixture.train, tokenizer, 40, **kw)
+    assert reread.cache_hit and isinstance(reread.features["input_ids"], np.memmap)
+    for out in (built, reread):
+        assert set(out.features) == set(memory.features)
+        for key, value in memory.features.items():
+            assert out.features[key].dtype == value.dtype
+            assert np.array_equal(out.features[key], value)
+
+
+def test_store_of_another_tokenizer_or_task_is_rebuilt_in_one_line(
+    blog_fixture, tokenizer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import copy
+
+    other = copy.deepcopy(tokenizer)
+    other.padding_side = "left"  # another fingerprint
+    store = tmp_path / "my_store"
+    kw = dict(split_name="train", store_dir=store)
+    tokenize_split(blog_fixture.train, tokenizer, 32, task="blog10", **kw)
+    with caplog.at_level("WARNING", logger="fedjax_lm.data.tokenization"):
+        again = tokenize_split(blog_fixture.train, other, 32, task="blog10", **kw)
+        moved = tokenize_split(blog_fixture.train, other, 32, task="blog50", **kw)
+    first, second = (r.getMessage() for r in caplog.records)
+    assert first.startswith(f"population store {store}: it was built for another tokenizer")
+    assert "rebuilding it" in first and "\n" not in first
+    assert "task 'blog10' (now 'blog50')" in second
+    assert not again.cache_hit and not moved.cache_hit
+    fresh = tokenize_split(blog_fixture.train, other, 32, task="blog50", split_name="train",
+                           use_cache=False)
+    for key, value in fresh.features.items():
+        assert np.array_equal(moved.features[key], value)
+    assert tokenize_split(blog_fixture.train, other, 32, task="blog50", **kw).cache_hit
+    assert not list(tmp_path.glob(".*"))  # no temp or old folder left behind
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble_meta", "wrong_shape", "missing"])
+def test_damaged_store_is_named_and_rebuilt(
     blog_fixture, tokenizer, tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
 ) -> None:
     kw = dict(task="blog10", split_name="train", cache_dir=tmp_path)
     first = tokenize_split(blog_fixture.train, tokenizer, 32, **kw)
+    expected = {k: np.array(v) for k, v in first.features.items()}  # off the map damaged below
     entry = first.cache_path
-    data = entry.read_bytes()
+    del first  # a mapped file cut short under its map faults (SIGBUS) when read
+    ids = entry / "input_ids.npy"
+    data = ids.read_bytes()
     if damage == "truncate":  # a copy cut short, a full disk
-        entry.write_bytes(data[: len(data) // 2])
-    elif damage == "garble":  # bits flipped inside an array: the zip's CRC-32 catches it
-        entry.write_bytes(data[:2000] + bytes(b ^ 0xFF for b in data[2000:2100]) + data[2100:])
-    else:  # a valid file of the wrong shape
-        np.savez(entry, input_ids=np.zeros((3, 32), np.int32))
-    with caplog.at_level("WARNING", logger="fedjax_lm.data.cache"):
+        ids.write_bytes(data[: len(data) // 2])
+    elif damage == "garble_meta":
+        (entry / "store.json").write_text("{not json")
+    elif damage == "wrong_shape":  # a valid file of the wrong shape
+        np.save(ids, np.zeros((3, 32), np.int32))
+    else:
+        ids.unlink()
+    with caplog.at_level("WARNING", logger="fedjax_lm.data.tokenization"):
         again = tokenize_split(blog_fixture.train, tokenizer, 32, **kw)
     (record,) = caplog.records
     assert str(entry) in record.getMessage() and "damaged" in record.getMessage()
     assert "\n" not in record.getMessage()
     assert not again.cache_hit and again.cache_path == entry
-    for key, value in first.features.items():
+    for key, value in expected.items():
         assert np.array_equal(value, again.features[key])
     assert tokenize_split(blog_fixture.train, tokenizer, 32, **kw).cache_hit  # rebuilt entry
 

@@ -190,3 +190,23 @@ def test_vmap_over_stacked_clients():
 def test_unknown_cnn_name():
     with pytest.raises(ValueError, match="unknown CNN 'resnet'; valid: lenet, smcn"):
         make_cnn_model("resnet", 10, "relu")
+
+
+def test_smcn_paper_init_matches_the_authors_tf_initialisers():
+    """Truncated normal (cut at ±2σ) with σ = sqrt(2 / (kh·kw·in)) for convs and
+    sqrt(2 / (in·out)) for dense kernels; biases 0 for conv1, 0.1 elsewhere."""
+    params = make_cnn_model("smcn", 10, "relu", width=16, init="paper").init(jax.random.key(0))
+    trunc_std = 0.8796  # std of N(0, 1) truncated to [-2, 2]
+    for name in ("conv1", "conv2", "conv4", "fc1", "fc2"):
+        k = np.asarray(params[name]["kernel"])
+        fan = np.prod(k.shape[:-1]) if name.startswith("conv") else np.prod(k.shape)
+        sigma = np.sqrt(2.0 / fan)
+        assert np.abs(k).max() <= 2 * sigma * (1 + 1e-6)
+        np.testing.assert_allclose(k.std(), trunc_std * sigma, rtol=0.1)
+    assert np.all(np.asarray(params["conv1"]["bias"]) == 0.0)
+    for name in ("conv2", "conv3", "conv4", "fc1", "fc2", "fc3"):
+        np.testing.assert_array_equal(np.asarray(params[name]["bias"]), np.float32(0.1))
+    flax = make_cnn_model("smcn", 10, "relu", width=16).init(jax.random.key(0))
+    assert np.all(np.asarray(flax["conv2"]["bias"]) == 0.0)  # the default init is unchanged
+    with pytest.raises(ValueError, match="unknown init 'he'; valid: flax, paper"):
+        make_cnn_model("smcn", 10, "relu", init="he")

@@ -59,11 +59,12 @@ def test_an_experiment_report_writes_results_table_and_the_meta_resume_checks(tm
 
     cfg = abu.AbuCifarConfig(activations=("relu", "elu"), seeds=(0, 1))
     rec = {"activation": "relu", "seeds": [0, 1], "test_acc": [0.5, 0.6],
-           "best_val_acc": [0.5, 0.55], "best_step": [10, 20]}
+           "best_val_acc": [0.5, 0.55], "best_step": [10, 20],
+           "curve": [{"step": 10, "val_acc": [0.5, 0.4]}, {"step": 20, "val_acc": [0.4, 0.55]}]}
     append_cell(tmp_path, rec)
     abu.write_cifar_report(tmp_path, [rec], cfg, "cmd", 1.0)
     assert len((tmp_path / "results.csv").read_text().splitlines()) == 3  # header + 2 seeds
-    assert "| relu | 55.0 ± 7.1 | 2 | 52.5 |" in (tmp_path / "table.md").read_text()
+    assert "| relu | 55.0 ± 7.1 | 2 | – | – | 52.5 | 0/2 |" in (tmp_path / "table.md").read_text()
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["activations_done"] == 1 and meta["command"] == "cmd"
     assert not (tmp_path / "blend_weights.png").exists()  # no ABU run yet
@@ -71,3 +72,9 @@ def test_an_experiment_report_writes_results_table_and_the_meta_resume_checks(tm
     assert done == [rec] and todo == [{"activation": "elu"}]
     with pytest.raises(ResumeError, match=r"lr: 0\.001 -> 0\.01"):
         resume_grid(tmp_path, dataclasses.replace(cfg, lr=1e-2), {"activation": "activations"})
+    # A second activation: its per-seed differences to relu (paired by seed) and wins.
+    elu = dict(rec, activation="elu", test_acc=[0.6, 0.55], best_step=[10, 60_000])
+    abu.write_cifar_report(tmp_path, [rec, elu], cfg, "cmd", 1.0)
+    assert "| elu | 57.5 ± 3.5 | 2 | 2.5 ± 10.6 | 1/2 | 52.5 | 1/2 |" in (
+        tmp_path / "table.md").read_text()
+    assert (tmp_path / "accuracy.png").is_file() and (tmp_path / "val_curves.png").is_file()

@@ -18,7 +18,8 @@ from fedjax_lm.personalize.cli import add_parsers
 from fedjax_lm.personalize.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ["moe_cifar10", "moe_text", "abu_cifar10", "abu_federated"]
+CONFIGS = ["moe_cifar10", "moe_cifar10_optout", "moe_text", "abu_cifar10", "abu_cifar10_long",
+           "abu_federated"]
 DATA = Path(os.environ.get("FEDJAX_LM_DATA_DIR", ROOT.parent / "shared" / "data"))
 
 
@@ -29,7 +30,7 @@ def test_configs_load_and_start_with_their_command(name):
     assert first.startswith("#")
     assert f"experiments/{name}.yaml" in path.read_text().split("\nname:")[0]
     cls = moe.MoeConfig if name.startswith("moe") else (
-        abu.AbuCifarConfig if name == "abu_cifar10" else abu.AbuFederatedConfig)
+        abu.AbuCifarConfig if name.startswith("abu_cifar10") else abu.AbuFederatedConfig)
     for smoke in (False, True):
         cfg = load_config(cls, path, smoke=smoke)
         assert cfg.name.startswith(name)
@@ -155,3 +156,78 @@ def test_smoke_run_of_each_experiment_config(name, tmp_path):
         argv += ["--work-dir", str(tmp_path / "runs")]
     assert module.main(argv) == 0
     assert (tmp_path / "results.csv").is_file() and (tmp_path / "table.md").is_file()
+
+
+@pytest.mark.slow
+def test_abu_run_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_path, monkeypatch):
+    """A run stopped right after its first validation checkpoint, then rerun, ends bitwise
+    where the uninterrupted run ends (data order, dropout keys and Adam state continue)."""
+    rs = np.random.RandomState(0)
+    split = lambda n: {"image": rs.randn(n, 32, 32, 3).astype(np.float32),
+                       "label": rs.randint(0, 10, n).astype(np.int32)}
+    arrays = {"train": split(40), "val": split(10), "test": split(10)}
+    cfg = abu.AbuCifarConfig(activations=("abu_n",), seeds=(0, 1), width=2, steps=4,
+                             batch_size=8, eval_every=2, eval_batch_size=10)
+    quiet = lambda m: None
+    ref = abu.train_activation(cfg, "abu_n", arrays, quiet)
+    ckpt = tmp_path / "checkpoints" / "abu_n.pkl"
+    save = abu.save_partial
+
+    def save_then_die(*args):
+        save(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(abu, "save_partial", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        abu.train_activation(cfg, "abu_n", arrays, quiet, checkpoint=ckpt)
+    monkeypatch.setattr(abu, "save_partial", save)
+    assert abu.load_partial(ckpt, cfg, "abu_n")["done"] == 2
+    assert abu.load_partial(ckpt, cfg, "relu") is None  # another activation's state is not used
+    logs = []
+    out = abu.train_activation(cfg, "abu_n", arrays, logs.append, checkpoint=ckpt)
+    assert any("resumed at step 2 of 4" in m for m in logs)
+    assert out["test_acc"] == ref["test_acc"] and out["curve"] == ref["curve"]
+    assert out["blend_weights"] == ref["blend_weights"]
+
+
+def test_abu_init_must_be_known(tmp_path, capsys):
+    from fedjax_lm.cli import main
+
+    bad = tmp_path / "abu.yaml"
+    bad.write_text("name: x\nkind: cifar\ninit: he\n")
+    assert main(["abu", "--config", str(bad)]) == 2
+    assert "init must be one of flax, paper, got 'he'" in capsys.readouterr().err
+
+
+def test_moe_ordered_pairs_need_k2_and_a_majority_partition(tmp_path, capsys):
+    from fedjax_lm.cli import main
+
+    bad = tmp_path / "moe.yaml"
+    bad.write_text("name: x\nmajority_pairs: ordered\nk: 3\n")
+    assert main(["moe", "--config", str(bad)]) == 2
+    assert "majority_pairs: ordered needs partition: majority and k: 2" in capsys.readouterr().err
+    bad.write_text("name: x\nmajority_pairs: shuffled\n")
+    assert main(["moe", "--config", str(bad)]) == 2
+    assert "majority_pairs must be dealt or ordered, got 'shuffled'" in capsys.readouterr().err
+
+
+def test_moe_ordered_pairs_splits_on_cifar_sized_labels():
+    """100 clients × 500 examples with the paper's ordered pairs fit a 5,800-per-class pool at
+    every p of the grid, and client 11 = pair (1, 1) is a single-class client."""
+    labels = np.repeat(np.arange(10), 5800)
+    cfg = moe.MoeConfig(majority_pairs="ordered")
+    for p in cfg.skews:
+        s = moe.client_splits(cfg, labels, p, seed=0)
+        assert [len(x) for x in s.train] == [100] * 100
+    counts = np.bincount(labels[np.concatenate([s.train[11], s.val[11], s.test[11]])],
+                         minlength=10)
+    assert counts[1] == 500  # p = 1.0: every example of client (1, 1) is class 1
+
+
+def test_report_only_needs_finished_cells(tmp_path, capsys):
+    from fedjax_lm.cli import main
+
+    cfg = str(ROOT / "experiments" / "moe_cifar10.yaml")
+    assert main(["moe", "--config", cfg, "--out", str(tmp_path), "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert "no finished cells in" in err and "without --report-only first" in err

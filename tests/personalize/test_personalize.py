@@ -14,6 +14,7 @@ from fedjax_lm.personalize import (
     FitConfig,
     broadcast_clients,
     fit_clients,
+    make_eval_fn,
     mix_log_probs,
     mixture_eval,
     mixture_log_probs,
@@ -143,6 +144,40 @@ def test_early_stopping_keeps_each_clients_best_params():
     np.testing.assert_array_equal(picked["a"], [[1, 1], [0, 0]])
 
 
+def test_a_model_from_scratch_never_keeps_its_random_init():
+    """Same flipped-label client as above: with keep_initial False the best *trained* epoch
+    is kept even though the init had the lowest validation loss."""
+    clf = linear(K)
+    init = broadcast_clients(clf.init(jax.random.key(0)), 1)
+    val = client_data(1, 2, 8, seed=5)
+    flipped = dict(val, label=(val["label"] + 1) % K)
+    fitter = make_fitter(single_loss(clf), single_eval(clf),
+                         FitConfig(lr=0.1, max_epochs=6, patience=2, keep_initial=False))
+    res = fit_clients(fitter, init, lambda e: flipped, val, jax.random.key(0))
+    assert res.best_epoch[0] >= 1
+    assert not leaves_equal(res.params, init)
+
+
+def test_gate_variance_matches_numpy_per_client():
+    """`gate_var` is the variance of g over each client's real examples (padding excluded)."""
+    clf, gate = linear(K), linear(1)
+    c = 2
+    glob = clf.init(jax.random.key(0))
+    personal = {"expert": broadcast_clients(glob, c),
+                "gate": jax.vmap(gate.init)(jax.random.split(jax.random.key(1), c))}
+    data = client_data(c, 2, 5, seed=3)
+    data["mask"] = data["mask"].at[1, 1, 3:].set(0.0)  # client 1: two padded examples
+    ev = make_eval_fn(mixture_eval(clf, gate))(personal, data, glob)
+    for i in range(c):
+        x = np.asarray(data["x"][i]).reshape(-1, DIM)
+        keep = np.asarray(data["mask"][i]).reshape(-1) > 0
+        p = {k: v[i] for k, v in personal["gate"].items()}
+        g = 1 / (1 + np.exp(-(x @ np.asarray(p["w"]) + np.asarray(p["b"]))[:, 0]))[keep]
+        np.testing.assert_allclose(float(ev["gate"][i]), g.mean(), rtol=1e-5)
+        np.testing.assert_allclose(float(ev["gate_var"][i]), g.var(), rtol=1e-3, atol=1e-7)
+    assert float(ev["gate_var"].min()) > 0  # this gate does depend on its input
+
+
 # ----------------------------------------------------------------------------- FedAvg
 
 
@@ -217,6 +252,22 @@ def test_fedavg_early_stopping_returns_the_best_validation_model():
     first = run_fedavg(engine, glob, feats, part, np.arange(6),
                        FedAvgConfig(**{**cfg.__dict__, "rounds": 1}), seed=0).params
     assert leaves_equal(res.params, first)
+
+
+def test_fedavg_early_stopping_never_keeps_the_initial_model():
+    """Round 0 (the random init) has the lowest validation loss here, yet the best trained
+    round is returned: early stopping picks among trained models only, and logs round 0."""
+    clf = linear(K)
+    feats, part, cfg = _fedavg_setup()
+    engine = make_fedavg_engine(engine_loss(clf), cfg)
+    glob = clf.init(jax.random.key(0))
+    losses = iter([0.1, 2.0, 1.5, 3.0])  # initial best, then round 2 is the best trained one
+    res = run_fedavg(engine, glob, feats, part, np.arange(6), cfg, seed=0,
+                     val_loss=lambda p: next(losses))
+    assert res.best_round == 2 and res.rounds_run == 3
+    assert [h["round"] for h in res.history] == [0, 1, 2, 3]
+    assert res.history[0]["val_loss"] == 0.1
+    assert not leaves_equal(res.params, glob)
 
 
 def test_opt_out_fraction_is_validated():

@@ -145,7 +145,7 @@ def test_execution_fields_are_marked_once_and_drive_resume_and_reports():
 
     execution, resumable = rc.EXECUTION_FIELDS, rc.RESUMABLE_FIELDS
     assert execution == {"out", "data_dir", "backend", "clients_per_chunk", "chunk_executor",
-                         "eval_batch_size", "checkpoint_every"}
+                         "eval_batch_size", "checkpoint_every", "prefetch"}
     assert resumable == execution | {"rounds"}
     runs = [{"config": rc.RunConfig(backend=b, lr=lr, seed=s).to_dict()}
             for b, lr, s in (("vmap", 0.1, 0), ("loop", 0.2, 1))]
