@@ -13,6 +13,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any
@@ -114,3 +115,11 @@ class Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.s = time.perf_counter() - self.t
+
+
+def relaunch_under_torchrun(script: str, workers: int, rest: list[str]) -> int:
+    """Run `script` as `workers` processes of one pfl simulation (torchrun sets the env pfl's
+    `torch.distributed` context reads; gloo on a CPU)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={workers}", script, *rest]
+    return subprocess.run(cmd, check=False).returncode

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 
@@ -45,19 +44,12 @@ class PflBert(torch.nn.Module):
         return {"loss": Weighted(float(loss) * len(labels), len(labels))}
 
 
-def _relaunch_under_torchrun(workers: int, rest: list[str]) -> int:
-    """Run this script as `workers` processes of one pfl simulation (torchrun sets the env)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={workers}", __file__, *rest]
-    return subprocess.run(cmd, check=False).returncode
-
-
 def main() -> None:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--workers", type=int, default=1)
     extra, rest = p.parse_known_args()
     if extra.workers > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
-        sys.exit(_relaunch_under_torchrun(extra.workers, rest))
+        sys.exit(_common.relaunch_under_torchrun(__file__, extra.workers, rest))
     args = _common.parse_args(rest)
     _common.setup_torch(args)
     from pfl.aggregate.simulate import SimulatedBackend
