@@ -123,3 +123,23 @@ def relaunch_under_torchrun(script: str, workers: int, rest: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={workers}", script, *rest]
     return subprocess.run(cmd, check=False).returncode
+
+
+def init_ray(cpus: int, tries: int = 4) -> dict[str, Any]:
+    """Start Ray here, retrying: Ray 2.55 gives its raylet a hard-coded 30 s to register, which
+    a loaded machine can miss ("The current node timed out during startup"). Returns the
+    `ray_init_args` for Flower's `start_simulation` (with `keep_initialised=True`)."""
+    import ray
+
+    args = {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False,
+            "ignore_reinit_error": True}
+    for attempt in range(tries):
+        try:
+            ray.init(**args)
+            return args
+        except Exception as e:  # noqa: BLE001 — Ray raises a bare Exception here
+            if "timed out during startup" not in str(e) or attempt == tries - 1:
+                raise
+            sys.stderr.write(f"ray start timed out (attempt {attempt + 1}); retrying\n")
+            ray.shutdown()
+    return args

@@ -18,6 +18,7 @@ import os
 from collections import OrderedDict
 
 import _cifar
+import _common
 import numpy as np
 import torch
 
@@ -107,7 +108,7 @@ def main() -> None:
         client_fn=make_client_fn(args), num_clients=n,
         config=fl.server.ServerConfig(num_rounds=args.rounds), strategy=strategy,
         client_resources={"num_cpus": cpus / extra.actors},
-        ray_init_args={"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False},
+        ray_init_args=_common.init_ray(cpus), keep_initialised=True,
     )
     if len(tracker.round_times) != args.rounds:
         raise RuntimeError(f"expected {args.rounds} rounds, got {len(tracker.round_times)}")

@@ -110,7 +110,7 @@ def main() -> None:
         config=fl.server.ServerConfig(num_rounds=args.rounds + 1),
         strategy=strategy,
         client_resources={"num_cpus": cpus / extra.actors},
-        ray_init_args={"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False},
+        ray_init_args=_common.init_ray(cpus), keep_initialised=True,
     )
     # starts = [s1, e1, s2, e2, ...]: a round runs from its configure_fit to its aggregation.
     times = [e - s for s, e in zip(starts[0::2], starts[1::2], strict=False)]
