@@ -74,10 +74,18 @@ def test_time_to_accuracy_and_the_common_level():
     assert (s["round_s"], s["first_round_s"], s["train_s"]) == (1.0, 9.0, 11.0)
     assert (s["target_round"], s["target_train_s"], s["accuracy"]) == (3, 11.0, 0.4)
     assert pc.summarize_run(runs[1], 0.5)["target_train_s"] is None
-    assert pc.common_accuracy(runs + [{"framework": "flower", "status": "failed"}]) is None
+    assert pc.common_accuracy(runs + [{"framework": "flower", "status": "failed"}]) == 0.35
+    assert pc.common_accuracy(runs[:1]) is None
     assert pc.parse_setting("actors=2,threads=1") == {"actors": "2", "threads": "1"}
     with pytest.raises(ValueError, match="bad setting 'actors'"):
         pc.parse_setting("actors")
+    result = pc._result(pc.PflCifar10(), 3, runs + [{"framework": "flower", "setting": "a=2",
+                                                     "status": "failed", "error": "boom"}],
+                        [], "t", 0.0, (1.0, 1.0, 1.0), "cpu")
+    md = pc.render(result)
+    assert "| pfl | workers=1 | 3 | 2.000 | 2.00 | 3.00 | 7.0 | 0.3500 | 1.7000 | 7.0 | — |" in md
+    assert "| ours | vmap | 3 | 1.000 | 1.00 | 9.00 | 11.0 | 0.4000 | 1.6000 | 11.0 | — |" in md
+    assert "| flower | a=2 | failed: boom |" in md and result["common_accuracy"] == 0.35
 
 
 @pytest.mark.slow
