@@ -132,7 +132,7 @@ def make_eval(model: Any, w: PflCifar10, fed: Cifar10Federation) -> Any:
 
 
 def run_ours(fed: Cifar10Federation, w: PflCifar10, rounds: int, *, backend: str = "vmap",
-             chunk: int | None = None, executor: str = "host", conv_impl: str = "xla",
+             chunk: int | None = None, executor: str = "host", conv_impl: str = "patches",
              log: Any = print) -> dict[str, Any]:
     """Train `rounds` rounds with our engine; per-round times (the round program and the host's
     batch packing, not evaluation) and each evaluation's accuracy with the training wall time
@@ -227,7 +227,7 @@ def run_ours_setting(fed: Cifar10Federation, w: PflCifar10, rounds: int, setting
 
     spec, _, rest = setting.partition(",")
     b = parse_backend(spec)
-    conv = parse_setting(rest).get("conv", "xla")
+    conv = parse_setting(rest).get("conv", "patches")
     try:
         res = run_ours(fed, w, rounds, backend=b.backend, chunk=b.chunk, executor=b.executor,
                        conv_impl=conv)

@@ -113,9 +113,11 @@ class PflSimpleCnn(nnx.Module):
     """pfl-research's benchmark CNN (`simple_cnn` of its framework comparison, NeurIPS 2024):
     conv3x3·32 → ReLU → conv3x3·64 → ReLU → 2x2 max pool → dropout 0.25 → fc128 → ReLU →
     dropout 0.5 → fc(C); Glorot-uniform weights. 32→30→28→pool→14, so fc1 sees 14·14·64.
-    `conv_impl` picks the convolutions' lowering (`models/conv.py`), not the function."""
+    `conv_impl` picks the convolutions' lowering (`models/conv.py`), not the function:
+    patches × matrix by default, 7-14x faster than XLA:CPU's convolution per client, vmapped
+    or not (`benchmarks/results/pfl-cifar10/conv_clients.md`)."""
 
-    def __init__(self, num_classes: int, *, conv_impl: str = "xla", rngs: nnx.Rngs):
+    def __init__(self, num_classes: int, *, conv_impl: str = "patches", rngs: nnx.Rngs):
         self.conv1 = ConvValid(3, 32, 3, impl=conv_impl, rngs=rngs)
         self.conv2 = ConvValid(32, 64, 3, impl=conv_impl, rngs=rngs)
         glorot = nnx.initializers.glorot_uniform()
@@ -164,7 +166,7 @@ class CnnModel:
 
 def make_cnn_model(
     name: str, num_classes: int, activation: str = "relu", *, dropout_rate: float = 0.5,
-    width: int = 64, conv_impl: str = "xla",
+    width: int = 64, conv_impl: str = "patches",
 ) -> CnnModel:
     """Build the pure model for `name` in {"lenet", "smcn", "pfl_cnn"}; `dropout_rate` and
     `width` apply to smcn, `conv_impl` to pfl_cnn (which has ReLUs only)."""

@@ -54,7 +54,7 @@ def test_unknown_impl_is_refused():
 
 @pytest.mark.slow
 def test_pfl_cnn_lowerings_agree_vmapped_over_clients_with_gradients():
-    xla, pat = make_cnn_model("pfl_cnn", 10), make_cnn_model("pfl_cnn", 10, conv_impl="patches")
+    xla, pat = make_cnn_model("pfl_cnn", 10, conv_impl="xla"), make_cnn_model("pfl_cnn", 10)
     keys = jax.random.split(jax.random.key(0), 3)
     params = jax.vmap(xla.init)(keys)  # three clients, each its own weights
     assert jax.tree.structure(params) == jax.tree.structure(jax.vmap(pat.init)(keys))
