@@ -117,12 +117,18 @@ class Timer:
         self.s = time.perf_counter() - self.t
 
 
-def relaunch_under_torchrun(script: str, workers: int, rest: list[str]) -> int:
-    """Run `script` as `workers` processes of one pfl simulation (torchrun sets the env pfl's
-    `torch.distributed` context reads; gloo on a CPU)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={workers}", script, *rest]
-    return subprocess.run(cmd, check=False).returncode
+def pfl_workers_or_relaunch(script: str) -> list[str]:
+    """`--workers W` (W > 1) outside torchrun: run `script` as W processes of one pfl
+    simulation under torchrun (it sets the env pfl's `torch.distributed` context reads; gloo on
+    a CPU) and exit with its status. Otherwise the other flags, for the script's parser."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--workers", type=int, default=1)
+    extra, rest = p.parse_known_args()
+    if extra.workers > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={extra.workers}", script, *rest]
+        sys.exit(subprocess.run(cmd, check=False).returncode)
+    return rest
 
 
 def init_ray(cpus: int, tries: int = 4) -> dict[str, Any]:

@@ -10,9 +10,7 @@ iterations (outside the timed part). `--workers W` runs W processes under torchr
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 import _cifar
 import _common
@@ -41,11 +39,7 @@ class PflCnn(torch.nn.Module):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--workers", type=int, default=1)
-    extra, rest = p.parse_known_args()
-    if extra.workers > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
-        sys.exit(_common.relaunch_under_torchrun(__file__, extra.workers, rest))
+    rest = _common.pfl_workers_or_relaunch(__file__)
     args = _cifar.parse_args(rest)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     torch.manual_seed(args.seed)

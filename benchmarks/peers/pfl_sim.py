@@ -11,9 +11,6 @@ updates are all-reduced. Only rank 0 prints the result line.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
 
 import _common
@@ -45,11 +42,7 @@ class PflBert(torch.nn.Module):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--workers", type=int, default=1)
-    extra, rest = p.parse_known_args()
-    if extra.workers > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
-        sys.exit(_common.relaunch_under_torchrun(__file__, extra.workers, rest))
+    rest = _common.pfl_workers_or_relaunch(__file__)
     args = _common.parse_args(rest)
     _common.setup_torch(args)
     from pfl.aggregate.simulate import SimulatedBackend

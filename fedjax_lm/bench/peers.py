@@ -79,15 +79,21 @@ def run_peer(
                          "`python3 -m venv .venv-peers && .venv-peers/bin/pip install "
                          "torch==2.13.0 'flwr[simulation]==1.42.*' 'ray==2.55.*' pfl==0.6.0 "
                          "transformers==5.24.0 numpy psutil`"}
-    cmd = [str(python), str(PEERS_DIR / PEER_SCRIPTS[peer]), "--config-json", json.dumps(config),
-           "--clients", str(clients), "--rounds", str(rounds), "--local-steps", str(local_steps),
-           "--batch-size", str(batch_size), "--max-length", str(max_length),
-           "--optimizer", optimizer]
-    cmd += [f"--{k}={v}" for k, v in (setting or {}).items()]
+    args = ["--config-json", json.dumps(config), "--clients", str(clients), "--rounds",
+            str(rounds), "--local-steps", str(local_steps), "--batch-size", str(batch_size),
+            "--max-length", str(max_length), "--optimizer", optimizer]
+    args += [f"--{k}={v}" for k, v in (setting or {}).items()]
+    return run_peer_script(PEER_SCRIPTS[peer], args, base, timeout_s, python)
+
+
+def run_peer_script(script: str, args: list[str], base: dict[str, Any], timeout_s: float,
+                    python: Path) -> dict[str, Any]:
+    """Run `benchmarks/peers/<script>` in the peers venv; its last JSON line merged over
+    `base` with `status: ok`, or `base` with `status: failed`, the reason and stderr's tail."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                              cwd=PEERS_DIR, env=env)
+        proc = subprocess.run([str(python), str(PEERS_DIR / script), *args], capture_output=True,
+                              text=True, timeout=timeout_s, cwd=PEERS_DIR, env=env)
     except subprocess.TimeoutExpired as e:
         return {**base, "status": "failed", "error": f"timed out after {timeout_s:.0f} s",
                 "stderr_tail": _tail(e.stderr)}
@@ -96,7 +102,7 @@ def run_peer(
         return {**base, "status": "failed", "error": f"exit status {proc.returncode}",
                 "stderr_tail": _tail(proc.stderr)}
     try:
-        return {**json.loads(lines[-1]), "setting": setting_label(setting), "status": "ok"}
+        return {**json.loads(lines[-1]), **base, "status": "ok"}
     except json.JSONDecodeError as e:
         return {**base, "status": "failed", "error": f"bad JSON from peer: {e}",
                 "stderr_tail": _tail(proc.stderr)}

@@ -190,34 +190,18 @@ def parse_setting(text: str) -> dict[str, str]:
 def run_peer_cifar(framework: str, data: Path, w: PflCifar10, rounds: int, setting: str,
                    timeout_s: float) -> dict[str, Any]:
     """One peer run in the peers venv: its JSON result, or a `status: failed` record."""
-    import json
-    import os
-    import subprocess
-
-    from fedjax_lm.bench.peers import PEERS_DIR, _tail, peers_python
+    from fedjax_lm.bench.peers import peers_python, run_peer_script
 
     python = peers_python()
     base = {"framework": framework, "setting": setting}
     if not python.exists():
         return {**base, "status": "failed", "error": f"peers venv python not found at {python}: "
                 "`make peers` builds it"}
-    cmd = [str(python), str(PEERS_DIR / PEER_SCRIPTS[framework]), "--data", str(data),
-           "--rounds", str(rounds), "--eval-every", str(w.eval_every), "--cohort", str(w.cohort),
-           "--batch-size", str(w.batch_size), "--local-epochs", str(w.local_epochs),
-           "--local-lr", str(w.local_lr), "--seed", str(w.seed)]
-    cmd += [f"--{k}={v}" for k, v in parse_setting(setting).items()]
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                              cwd=PEERS_DIR, env=env)
-    except subprocess.TimeoutExpired as e:
-        return {**base, "status": "failed", "error": f"timed out after {timeout_s:.0f} s",
-                "stderr_tail": _tail(e.stderr)}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {**base, "status": "failed", "error": f"exit status {proc.returncode}",
-                "stderr_tail": _tail(proc.stderr)}
-    return {**json.loads(lines[-1]), **base, "status": "ok"}
+    args = ["--data", str(data), "--rounds", str(rounds), "--eval-every", str(w.eval_every),
+            "--cohort", str(w.cohort), "--batch-size", str(w.batch_size), "--local-epochs",
+            str(w.local_epochs), "--local-lr", str(w.local_lr), "--seed", str(w.seed)]
+    args += [f"--{k}={v}" for k, v in parse_setting(setting).items()]
+    return run_peer_script(PEER_SCRIPTS[framework], args, base, timeout_s, python)
 
 
 def run_ours_setting(fed: Cifar10Federation, w: PflCifar10, rounds: int, setting: str
