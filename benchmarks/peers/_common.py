@@ -13,6 +13,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any
@@ -28,7 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: every core; Flower: per actor, "
+                        "default cores / actors)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -36,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def setup_torch(args: argparse.Namespace) -> None:
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     torch.manual_seed(args.seed)
 
 
@@ -112,3 +115,37 @@ class Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.s = time.perf_counter() - self.t
+
+
+def pfl_workers_or_relaunch(script: str) -> list[str]:
+    """`--workers W` (W > 1) outside torchrun: run `script` as W processes of one pfl
+    simulation under torchrun (it sets the env pfl's `torch.distributed` context reads; gloo on
+    a CPU) and exit with its status. Otherwise the other flags, for the script's parser."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--workers", type=int, default=1)
+    extra, rest = p.parse_known_args()
+    if extra.workers > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={extra.workers}", script, *rest]
+        sys.exit(subprocess.run(cmd, check=False).returncode)
+    return rest
+
+
+def init_ray(cpus: int, tries: int = 4) -> dict[str, Any]:
+    """Start Ray here, retrying: Ray 2.55 gives its raylet a hard-coded 30 s to register, which
+    a loaded machine can miss ("The current node timed out during startup"). Returns the
+    `ray_init_args` for Flower's `start_simulation` (with `keep_initialised=True`)."""
+    import ray
+
+    args = {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False,
+            "ignore_reinit_error": True}
+    for attempt in range(tries):
+        try:
+            ray.init(**args)
+            return args
+        except Exception as e:  # noqa: BLE001 — Ray raises a bare Exception here
+            if "timed out during startup" not in str(e) or attempt == tries - 1:
+                raise
+            sys.stderr.write(f"ray start timed out (attempt {attempt + 1}); retrying\n")
+            ray.shutdown()
+    return args

@@ -3,8 +3,9 @@
 The strategy is FedAvg with every client sampled each round and evaluation off; a subclass
 stamps the start of every round, so round times are what the server sees: dispatching the
 weights to ray actors, local training, and aggregation. `--actors` ray actors share the CPUs
-(each with cpus/actors torch threads); the model is cached per actor process, as a careful
-Flower user would, so it is not rebuilt for every fit call.
+(each asks Ray for cores/actors CPUs and runs `--threads` torch threads, default
+cores/actors); the model is cached per actor process, as a careful Flower user would, so it
+is not rebuilt for every fit call.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ def main() -> None:
     p.add_argument("--actors", type=int, default=1)
     extra, rest = p.parse_known_args()
     args = _common.parse_args(rest)
-    cpus = args.threads
-    args.threads = max(cpus // extra.actors, 1)
+    cpus = os.cpu_count() or 1
+    args.threads = args.threads or max(cpus // extra.actors, 1)
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
     import flwr as fl
@@ -109,7 +110,7 @@ def main() -> None:
         config=fl.server.ServerConfig(num_rounds=args.rounds + 1),
         strategy=strategy,
         client_resources={"num_cpus": cpus / extra.actors},
-        ray_init_args={"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False},
+        ray_init_args=_common.init_ray(cpus), keep_initialised=True,
     )
     # starts = [s1, e1, s2, e2, ...]: a round runs from its configure_fit to its aggregation.
     times = [e - s for s, e in zip(starts[0::2], starts[1::2], strict=False)]

@@ -3,6 +3,10 @@
 `FederatedAveraging` over a `FederatedDataset` of C users, every user in every cohort
 (`train_cohort_size = C`), S local steps (one epoch of S·B examples at batch B), central SGD
 with learning rate 1 (the FedAvg mean). A callback stamps each central iteration.
+
+`--workers W` (W > 1) runs W pfl worker processes under `torchrun` (pfl's own multi-process
+simulation over `torch.distributed`, gloo on a CPU): each trains its share of the cohort and the
+updates are all-reduced. Only rank 0 prints the result line.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ class PflBert(torch.nn.Module):
 
 
 def main() -> None:
-    args = _common.parse_args()
+    rest = _common.pfl_workers_or_relaunch(__file__)
+    args = _common.parse_args(rest)
     _common.setup_torch(args)
     from pfl.aggregate.simulate import SimulatedBackend
     from pfl.algorithm import FederatedAveraging, NNAlgorithmParams
@@ -92,9 +97,16 @@ def main() -> None:
     times = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     import pfl
 
-    _common.emit(_common.summarize(
-        "pfl", times, args, pfl_version=pfl.__version__,
-        local_steps_per_round=PflBert.train_steps / (args.rounds + 1) / args.clients))
+    steps, workers, rank = PflBert.train_steps, 1, 0
+    if torch.distributed.is_initialized():  # the local steps of every worker
+        count = torch.tensor([steps], dtype=torch.float64)
+        torch.distributed.all_reduce(count)
+        steps, workers = float(count[0]), torch.distributed.get_world_size()
+        rank = torch.distributed.get_rank()
+    if rank == 0:
+        _common.emit(_common.summarize(
+            "pfl", times, args, pfl_version=pfl.__version__, workers=workers,
+            local_steps_per_round=steps / (args.rounds + 1) / args.clients))
 
 
 if __name__ == "__main__":

@@ -28,15 +28,28 @@ def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _find(rows, model: str, clients: int, label: str) -> dict[str, Any] | None:
-    for r in _ok(rows):
-        if (r["model"], r["clients"], r["label"]) == (model, clients, label):
-            return r
-    return None
+    """The cell's row; for a peer swept over settings, its fastest setting."""
+    cands = [r for r in _ok(rows) if (r["model"], r["clients"], r["label"]) == (model, clients,
+                                                                                label)]
+    return min(cands, key=lambda r: r["round_s"]) if cands else None
+
+
+def _peer_tag(row: dict[str, Any]) -> str:
+    """`peer:flower [actors=2,threads=1]`; a backend's label as it is."""
+    setting = row.get("peer_setting")
+    return row["label"] + (f" [{setting}]" if setting else "")
 
 
 def _best_vector(rows, model: str, clients: int) -> dict[str, Any] | None:
     cands = [r for r in _ok(rows) if r["model"] == model and r["clients"] == clients
              and r["label"] != "loop" and not r["label"].startswith("peer:")]
+    return min(cands, key=lambda r: r["round_s"]) if cands else None
+
+
+def _best_ours(rows, model: str, clients: int) -> dict[str, Any] | None:
+    """Our fastest backend in the cell, the loop backend included."""
+    cands = [r for r in _ok(rows) if r["model"] == model and r["clients"] == clients
+             and not r["label"].startswith("peer:")]
     return min(cands, key=lambda r: r["round_s"]) if cands else None
 
 
@@ -82,8 +95,9 @@ def evaluate_targets(rows: list[dict[str, Any]], accelerator: bool = False
                                                                  f"peer:{peer}")
         value = theirs["round_s"] / ours["round_s"] if ours and theirs else None
         add(f">= {goal}x faster per round than {peer} ({model}, C={clients})", value, goal,
-            f"ours {ours['label']} {ours['round_s']:.3f}s vs {theirs['round_s']:.3f}s"
-            if ours and theirs else "peer or our cell missing")
+            f"ours {ours['label']} {ours['round_s']:.3f}s vs {theirs['round_s']:.3f}s "
+            f"({_peer_tag(theirs)}, its best setting)" if ours and theirs
+            else "peer or our cell missing")
     mini = [r for r in ok if r["model"] == "mini" and not r["label"].startswith("peer:")]
     best = max(mini, key=lambda r: r.get("roofline_fraction") or 0) if mini else None
     add(">= 70% of the matmul roofline (mini)", best["roofline_fraction"] if best else None, 0.7,
@@ -193,29 +207,61 @@ def render_markdown(result: dict[str, Any], plot: str) -> str:
                   "| backend | C | round s | compile s | examples/s | tokens/s | GFLOP/s | "
                   "roofline | peak MiB | compiles | × loop | ours/peer round | up MiB/client |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(rows, key=lambda r: (r["label"], r["clients"])):
+        for r in sorted(rows, key=lambda r: (r["label"], r["clients"], r.get("peer_setting")
+                                             or "")):
             if r.get("status") != "ok":
-                lines.append(f"| {r['label']} | {r['clients']} | failed: {r.get('error')} |"
+                lines.append(f"| {_peer_tag(r)} | {r['clients']} | failed: {r.get('error')} |"
                              + " |" * 10)
                 continue
             ratio = ", ".join(f"{p} {v:.2f}" for p, v in (r.get("peer_round_ratio") or {}
                                                            ).items())
             lines.append(
-                f"| {r['label']} | {r['clients']} | {r['round_s']:.3f} | {r['compile_s']:.2f} | "
+                f"| {_peer_tag(r)}{' (best)' if r.get('peer_best') else ''} | {r['clients']} | "
+                f"{r['round_s']:.3f} | {r['compile_s']:.2f} | "
                 f"{r['examples_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
                 f"{r['flops_per_s'] / 1e9:.1f} | {_fmt(r.get('roofline_fraction'), '.0%')} | "
                 f"{_mem_mib(r)} | {_fmt(r.get('compiles'), 'd')} |"
                 f" {_fmt(r.get('speedup_vs_loop'), '.2f')} | {ratio} | "
                 f"{_fmt((r.get('upload_bytes_per_client') or 0) / 2**20 or None, '.3g')} |")
+    lines += _peer_sweep_section(result["rows"])
     lines += _trace_section(result["rows"])
     failed = [r for r in result["rows"] if r.get("status") != "ok"]
     if failed:
         lines += ["", "## Failures", ""]
         for r in failed:
-            lines += [f"- {r['model']} {r['label']} C={r['clients']}: {r.get('error')}"]
+            lines += [f"- {r['model']} {_peer_tag(r)} C={r['clients']}: {r.get('error')}"]
             if r.get("stderr_tail"):
                 lines += ["", "```", r["stderr_tail"], "```", ""]
     return "\n".join(lines) + "\n"
+
+
+def _peer_sweep_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Each peer's settings sweep per cell, and our best round against the peer's best."""
+    swept = [r for r in _ok(rows) if r.get("peer_setting")]
+    if not swept:
+        return []
+    lines = ["", "## The peers at their best (settings sweep)", "",
+             "Each peer ran every setting of its sweep (Flower: Ray actors × torch threads per "
+             "actor; pfl-research and the PyTorch loop: torch threads); the comparison uses its "
+             "fastest. × best = the setting's round time over the peer's best; ours/best = our "
+             "fastest backend's round (the loop backend included) over the peer's best (below "
+             "1: we are faster).", "",
+             "| model | C | peer | setting | round s | × best | ours (best backend) | "
+             "ours/best |", "|---|---|---|---|---|---|---|---|"]
+    cells = dict.fromkeys((r["model"], r["clients"], r["label"]) for r in swept)
+    for model, clients, label in cells:
+        group = sorted((r for r in swept if (r["model"], r["clients"], r["label"])
+                        == (model, clients, label)), key=lambda r: r["round_s"])
+        best, ours = group[0], _best_ours(rows, model, clients)
+        for r in group:
+            mark = "**" if r is best else ""
+            ours_txt = (f"{ours['label']} {ours['round_s']:.3f} s" if ours and r is best
+                        else "")
+            ratio = f"{ours['round_s'] / best['round_s']:.3f}" if ours and r is best else ""
+            lines.append(f"| {model} | {clients} | {label[5:]} | {mark}{r['peer_setting']}{mark}"
+                         f" | {r['round_s']:.3f} | {r['round_s'] / best['round_s']:.2f} | "
+                         f"{ours_txt} | {ratio} |")
+    return lines
 
 
 def _trace_section(rows: list[dict[str, Any]]) -> list[str]:
@@ -249,7 +295,8 @@ def _plot(rows: list[dict[str, Any]]) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = _ok(rows)
+    # A swept peer is drawn at its best setting only.
+    ok = [r for r in _ok(rows) if not r.get("peer_setting") or r.get("peer_best")]
     models = list(dict.fromkeys(r["model"] for r in ok)) or ["(none)"]
     fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
     for j, model in enumerate(models):

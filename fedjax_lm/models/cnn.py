@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_lm.models.activations import make_activation
+from fedjax_lm.models.conv import ConvValid
 from fedjax_lm.models.layers import dropout
 from fedjax_lm.models.stats import masked_classification_stats
 
@@ -142,7 +143,35 @@ class SMCN(nnx.Module):
         return self.fc3(x)
 
 
-CNN_MODELS: dict[str, type[nnx.Module]] = {"lenet": LeNetCifar, "smcn": SMCN}
+class PflSimpleCnn(nnx.Module):
+    """pfl-research's benchmark CNN (`simple_cnn` of its framework comparison, NeurIPS 2024):
+    conv3x3·32 → ReLU → conv3x3·64 → ReLU → 2x2 max pool → dropout 0.25 → fc128 → ReLU →
+    dropout 0.5 → fc(C); Glorot-uniform weights. 32→30→28→pool→14, so fc1 sees 14·14·64.
+    `conv_impl` picks the convolutions' lowering (`models/conv.py`), not the function:
+    patches × matrix by default, 7-14x faster than XLA:CPU's convolution per client, vmapped
+    or not (`benchmarks/results/pfl-cifar10/conv_clients.md`)."""
+
+    def __init__(self, num_classes: int, *, conv_impl: str = "patches", rngs: nnx.Rngs):
+        self.conv1 = ConvValid(3, 32, 3, impl=conv_impl, rngs=rngs)
+        self.conv2 = ConvValid(32, 64, 3, impl=conv_impl, rngs=rngs)
+        glorot = nnx.initializers.glorot_uniform()
+        self.fc1 = nnx.Linear(14 * 14 * 64, 128, kernel_init=glorot, rngs=rngs)
+        self.fc2 = nnx.Linear(128, num_classes, kernel_init=glorot, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None
+    ) -> jax.Array:
+        if train and rng is None:
+            raise ValueError("dropout in training needs an rng")
+        k1, k2 = jax.random.split(rng) if train else (None, None)
+        x = jax.nn.relu(self.conv2(jax.nn.relu(self.conv1(x))))
+        x = dropout(_max_pool(x, 2, 2, "VALID"), 0.25, k1)
+        x = dropout(jax.nn.relu(self.fc1(x.reshape(x.shape[0], -1))), 0.5, k2)
+        return self.fc2(x)
+
+
+CNN_MODELS: dict[str, type[nnx.Module]] = {"lenet": LeNetCifar, "smcn": SMCN,
+                                           "pfl_cnn": PflSimpleCnn}
 
 
 @dataclass(frozen=True)
@@ -171,15 +200,17 @@ class CnnModel:
 
 def make_cnn_model(
     name: str, num_classes: int, activation: str = "relu", *, dropout_rate: float = 0.5,
-    width: int = 64, init: str = "flax",
+    width: int = 64, init: str = "flax", conv_impl: str = "patches",
 ) -> CnnModel:
-    """Build the pure model for `name` in {"lenet", "smcn"}; `dropout_rate`, `width` and
-    `init` apply to smcn."""
+    """Build the pure model for `name` in {"lenet", "smcn", "pfl_cnn"}; `dropout_rate`, `width`
+    and `init` apply to smcn, `conv_impl` to pfl_cnn (which has ReLUs only)."""
     if name not in CNN_MODELS:
         raise ValueError(f"unknown CNN {name!r}; valid: {', '.join(CNN_MODELS)}")
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
-    if name == "smcn":
+    if name == "pfl_cnn":
+        module_fn = lambda rngs: PflSimpleCnn(num_classes, conv_impl=conv_impl, rngs=rngs)
+    elif name == "smcn":
         module_fn = lambda rngs: SMCN(num_classes, activation, dropout_rate=dropout_rate,
                                       width=width, init=init, rngs=rngs)
     else:

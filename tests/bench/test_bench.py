@@ -221,3 +221,41 @@ def test_a_lora_cell_counts_frozen_flops_and_the_bytes_a_client_sends(tmp_path: 
     assert "| vmap+lora2 | 1 |" in (tmp_path / "report.md").read_text()
     with pytest.raises(ValueError, match="the peers fine-tune every parameter"):
         run.main(["--peft", "lora", "--peers", "torch-loop", "--out", str(tmp_path)])
+
+
+def test_peers_are_swept_and_compared_at_their_best_setting():
+    from fedjax_lm.bench.peers import peer_settings, setting_label
+    from fedjax_lm.bench.report import evaluate_targets, render_markdown
+    from fedjax_lm.bench.run import _add_ratios
+
+    assert peer_settings("flower", 2) == (
+        {"actors": 1, "threads": 1}, {"actors": 1, "threads": 2},
+        {"actors": 2, "threads": 1}, {"actors": 2, "threads": 2})
+    assert peer_settings("pfl", 1) == ({"workers": 1, "threads": 1},)
+    assert peer_settings("pfl", 2)[-1] == {"workers": 2, "threads": 1}
+    assert peer_settings("torch-loop", 4) == ({"threads": 1}, {"threads": 4})
+    assert setting_label({"actors": 2, "threads": 1}) == "actors=2,threads=1"
+    rows = [
+        _row("tiny", 32, "vmap", 0.25),
+        _row("tiny", 32, "peer:flower", 4.0, peer_setting="actors=1,threads=2"),
+        _row("tiny", 32, "peer:flower", 1.0, peer_setting="actors=2,threads=1", peer_best=True),
+    ]
+    _add_ratios(rows)
+    assert rows[0]["peer_round_ratio"] == {"flower": 0.25}  # against the best setting
+    got = {t["target"]: t for t in evaluate_targets(rows)}
+    flower = got[">= 5.0x faster per round than flower (tiny, C=32)"]
+    assert flower["value"] == pytest.approx(4.0) and flower["status"] == "missed"
+    assert "actors=2,threads=1" in flower["detail"]
+    md = render_markdown({"machine": {"hostname": "h", "cpu": "c", "cpu_count": 2, "jax": "x",
+                                      "jax_backend": "cpu", "device_kind": "cpu",
+                                      "devices": ["d"]},
+                          "loadavg_start": (0, 0, 0), "loadavg_end": (0, 0, 0), "started": "t",
+                          "wall_s": 1.0, "roofline_flops_per_s": {}, "rounds": 1,
+                          "rows": [{**r, "batch_size": 8, "max_length": 32, "local_steps": 4,
+                                    "optimizer": "sgd", "dtype": "float32", "compile_s": 0.0,
+                                    "examples_per_s": 1.0, "tokens_per_s": 1.0} for r in rows]},
+                         "bench.png")
+    assert "## The peers at their best" in md
+    assert "| tiny | 32 | flower | **actors=2,threads=1** | 1.000 | 1.00 | vmap 0.250 s | 0.250 |" \
+        in md
+    assert "| tiny | 32 | flower | actors=1,threads=2 | 4.000 | 4.00 |  |  |" in md

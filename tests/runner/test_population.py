@@ -14,6 +14,7 @@ import pytest
 from fedjax_lm.data import ClientIndex, iid
 from fedjax_lm.io import read_jsonl
 from fedjax_lm.runner import RunConfig, train
+from fedjax_lm.runner.digest import params_digest, partition_digest
 from fedjax_lm.runner.evaluation import (
     CLIENT_ACCURACY_FILE,
     eval_sample,
@@ -22,7 +23,6 @@ from fedjax_lm.runner.evaluation import (
 )
 from fedjax_lm.runner.prefetch import RoundFeeder
 from fedjax_lm.runner.report import write_report
-from fedjax_lm.runner.digest import params_digest, partition_digest
 
 pytestmark = pytest.mark.usefixtures("shared_compiles")
 
