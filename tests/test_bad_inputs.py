@@ -281,6 +281,8 @@ CASES = [
          r"server_optimizer=fedavg, server_lr=1, aggregator=mean and no attack"),
     Case("peft_with_scaffold", [*TINY, "--peft", "bitfit", "--algorithm", "scaffold"],
          r"peft bitfit runs with algorithm fedavg or fedprox, not scaffold"),
+    Case("pooling_unknown", [*TINY, "--pooling", "max"],
+         r"^pooling must be one of cls, mean, got 'max'$"),
     Case("freeze_layers_beyond_model", [*TINY, "--freeze-layers", "3"],
          r"freeze_layers 3 exceeds the model's 2 stored layers; use at most 2"),
     # -- the file system
