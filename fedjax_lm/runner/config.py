@@ -94,7 +94,8 @@ class RunConfig:
     lora_dropout: float | None = None  # dropout on the adapters' input (default 0)
     lora_targets: tuple[str, ...] | None = None  # default query,value
     lora_aggregation: str | None = None  # fedit (default) | ffa | exact
-    lora_ranks: tuple[str, ...] | None = None  # per-client ranks; client i: [i mod len]
+    lora_ranks: tuple[str, ...] | None = None  # per-client ranks: 2,4,8 (client i: [i mod len]),
+    # tiers 2:0.5,4:0.3,8:0.2 or uniform:2,8 (exact tier sizes, placed by the seed)
     freeze_layers: int = 0  # embeddings and the bottom N (stored) layers frozen
     # -- sampling and differential privacy (user-level DP-FedAvg, on when dp_clip is set)
     # fixed: cohort_size clients without replacement; poisson: each client joins with
