@@ -11,9 +11,11 @@ its own process (its peak RSS is its own): a one-chunk round to compile, a timed
 at hand), then `--rounds` timed C-client rounds. Each child writes `DIR/row_<variant>.json`;
 the parent writes `DIR/peft_cpu.json` and `DIR/peft_cpu.md` (`--report` rebuilds them from the
 rows already there): client-steps per second, compiled per-client bytes
-(XLA's memory analysis of the chunk program at two widths: carried state, gradients and
-activations), each client's carried state (trainable params + Adam + delta), the bytes a client
-sends per round, peak RSS, and the LoRA / full ratios.
+(XLA's memory analysis of the chunk program at two widths: the memory one more client adds to
+an unchunked round, i.e. carried state, gradients and activations; and its activation part),
+each client's carried state (trainable params + Adam + delta), the bytes a client sends per
+round, peak RSS, and the LoRA / full ratios. `--remat` recomputes each encoder layer in the
+backward pass (both variants); `--parallel` runs the two children at the same time.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def measure(args: argparse.Namespace) -> dict:
 
     lora = args.variant == "lora"
     extra = dict(lora_rank=args.rank, lora_targets=tuple(args.targets.split(","))) if lora else {}
-    loaded = models.from_pretrained(args.model, 2, load_tokenizer=False, **extra)
+    loaded = models.from_pretrained(args.model, 2, load_tokenizer=False, remat=args.remat,
+                                    **extra)
     params = loaded.params
     pred = trainable_predicate("lora" if lora else "none")
     mask = None if pred is None else fl.mask_from_predicate(params, pred)
@@ -71,11 +74,22 @@ def measure(args: argparse.Namespace) -> dict:
     est = mem.estimate_memory(loss_fn, shapes, optax.adam(1e-4), batch, trainable=mask,
                               widths=(1, 2))
     trainable, total = count(mask, params)
+    remat = {}
+    if args.estimate_remat and not args.remat:  # the same program with per-layer remat
+        remat_loss = models.classification_loss(models.Model(loaded.config.replace(remat=True)))
+        est_r = mem.estimate_memory(remat_loss, shapes, optax.adam(1e-4), batch, trainable=mask,
+                                    widths=(1, 2))
+        remat = {"remat_compiled_per_client_bytes": est_r.per_client_bytes,
+                 "remat_compiled_fixed_bytes": est_r.fixed_bytes}
     row = {"variant": args.variant, "clients": args.clients, "chunk": args.chunk,
            "executor": args.executor, "first_round_s": first, "one_chunk_s": one_chunk,
            "one_chunk_client_steps_per_s": args.chunk * args.steps / one_chunk,
+           "remat": args.remat,
            "compiled_per_client_bytes": est.per_client_bytes,
-           "client_state_bytes": est.client_state_bytes,
+           "activation_bytes_per_client": est.activation_bytes_per_client,
+           "compiled_fixed_bytes": est.fixed_bytes,
+           "data_bytes_per_client": est.data_bytes_per_client,
+           "client_state_bytes": est.client_state_bytes, **remat,
            "upload_bytes_per_client": trainable, "param_bytes": total,
            "one_chunk_peak_rss_bytes": peak_rss(), "loadavg": os.getloadavg()}
     # Written before the C-client round: what is left if that round cannot finish in time.
@@ -110,6 +124,11 @@ def main() -> None:
     p.add_argument("--targets", default="query,value")
     p.add_argument("--executor", choices=("host", "scan"), default="host")
     p.add_argument("--rounds", type=int, default=1, help="timed C-client rounds")
+    p.add_argument("--remat", action="store_true", help="recompute each layer in the backward")
+    p.add_argument("--estimate-remat", action="store_true",
+                   help="also XLA's per-client bytes of the same program with remat")
+    p.add_argument("--parallel", action="store_true",
+                   help="run the variants' children at the same time (they see the same load)")
     p.add_argument("--variants", default="full,lora", help="children to run, in this order")
     p.add_argument("--report", action="store_true", help="only rebuild the tables from rows")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/peft-cpu"))
@@ -121,12 +140,20 @@ def main() -> None:
         print(json.dumps(row))
         return
     if not args.report:
-        for variant in args.variants.split(","):
-            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant],
-                           check=True)
+        argv = [a for a in sys.argv[1:] if a != "--parallel"]
+        children = [[sys.executable, __file__, *argv, "--variant", v]
+                    for v in args.variants.split(",")]
+        if args.parallel:
+            procs = [subprocess.Popen(c) for c in children]
+            if any(p.wait() for p in procs):
+                sys.exit("a variant's child failed")
+        else:
+            for c in children:
+                subprocess.run(c, check=True)
     rows = {v: json.loads((args.out / f"row_{v}.json").read_text()) for v in ("full", "lora")}
     full, lora = rows["full"], rows["lora"]
     names = ("client_steps_per_s", "one_chunk_client_steps_per_s", "compiled_per_client_bytes",
+             "activation_bytes_per_client", "remat_compiled_per_client_bytes",
              "client_state_bytes", "upload_bytes_per_client", "peak_rss_bytes",
              "one_chunk_peak_rss_bytes")
     # A key missing from a row (its C-client round did not finish) has no ratio.
@@ -134,7 +161,8 @@ def main() -> None:
     keys = [k for k in dict.fromkeys([*full, *lora]) if k not in ("variant", "loadavg", "executor")]
     lines = [f"# LoRA (R={args.rank}, {args.targets}) vs full fine-tuning, {args.model}, Adam, "
              f"{args.steps} steps x batch {args.batch} x length {args.length}, C={args.clients}, "
-             f"chunks of {args.chunk}", "", "| | full | lora |", "|---|---|---|"]
+             f"chunks of {args.chunk}, remat={full.get('remat', False)}", "",
+             "| | full | lora |", "|---|---|---|"]
     cell = lambda row, k: f"{row[k]:.4g}" if k in row else "-"  # noqa: E731
     lines += [f"| {k} | {cell(full, k)} | {cell(lora, k)} |" for k in keys]
     lines += ["", "| ratio | value |", "|---|---|"]

@@ -21,6 +21,10 @@ from fedjax_lm.models.hidden_act import hidden_act_names
 
 MODEL_TYPES = ("bert", "distilbert", "albert")
 ATTENTION_IMPLS = ("xla", "dot_product")
+# What the head reads: "cls" = the first token (BERT / ALBERT through their pretrained tanh
+# pooler); "mean" = the attention-masked token mean of the last hidden state, no pooler
+# (sentence-transformers' convention, e.g. all-MiniLM-L6-v2, whose pooler was never trained).
+POOLINGS = ("cls", "mean")
 # LoRA target projections: one naming for the three architectures (see `lora`).
 LORA_TARGET_NAMES = ("query", "key", "value", "attention_output", "intermediate", "output")
 # The field annotations (strings, under `from __future__ import annotations`) → accepted types.
@@ -40,6 +44,7 @@ class EncoderConfig:
     attention probabilities, so with it `attention_probs_dropout_prob` is not applied).
     `remat` recomputes each layer in the backward pass (memory for compute). `dtype` is the
     compute dtype, `param_dtype` the storage dtype of the parameters.
+    `pooling` (`POOLINGS`): what the classification head reads; "mean" drops the pooler.
     `lora_rank` > 0 adds LoRA adapters (scale `lora_alpha / lora_rank`, dropout `lora_dropout`
     on their input) to the `lora_targets` projections (names in `LORA_TARGET_NAMES`); 0: none.
     """
@@ -66,6 +71,7 @@ class EncoderConfig:
     pad_token_id: int | None = 0  # HF's BertConfig / DistilBertConfig / AlbertConfig default
     attend_to_padding: bool = False
     attention_impl: str = "xla"
+    pooling: str = "cls"
     remat: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -90,6 +96,8 @@ class EncoderConfig:
             raise ModelLoadError(
                 f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
             )
+        if self.pooling not in POOLINGS:
+            raise ModelLoadError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                  "intermediate_size", "max_position_embeddings", "num_hidden_groups",
                  "inner_group_num")
@@ -152,6 +160,11 @@ class EncoderConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def has_pooler(self) -> bool:
+        """BERT / ALBERT's tanh(dense([CLS])) pooler, used (and stored) only by cls pooling."""
+        return self.model_type != "distilbert" and self.pooling == "cls"
 
     @property
     def num_stored_layers(self) -> int:

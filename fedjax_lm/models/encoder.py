@@ -1,6 +1,7 @@
 """The full encoder for sequence classification and its output pytree.
 
-BERT / ALBERT pool with tanh(dense([CLS])); DistilBERT feeds [CLS] straight to its head. ALBERT's
+BERT / ALBERT pool with tanh(dense([CLS])); DistilBERT feeds [CLS] straight to its head; with
+`pooling="mean"` every architecture feeds the attention-masked token mean instead. ALBERT's
 cross-layer sharing is a schedule of stored-layer indices: one stored layer group applied
 `num_hidden_layers` times, each application with its own dropout key.
 """
@@ -34,17 +35,26 @@ def _apply_layer(
 _remat_layer = nnx.remat(_apply_layer)
 
 
+def mean_pool(x: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+    """[B, L, H] → [B, H]: the mean over the tokens the mask keeps (all without a mask), summed
+    in float32; sentence-transformers' formula, sum(x·m) / max(sum(m), 1e-9)."""
+    if attention_mask is None:
+        return jnp.mean(x.astype(jnp.float32), axis=1).astype(x.dtype)
+    m = attention_mask.astype(jnp.float32)[..., None]
+    total = jnp.sum(x.astype(jnp.float32) * m, axis=1)
+    return (total / jnp.maximum(jnp.sum(m, axis=1), 1e-9)).astype(x.dtype)
+
+
 class EncoderForSequenceClassification(nnx.Module):
-    """Embeddings → layers → pooler (BERT/ALBERT) → classification head."""
+    """Embeddings → layers → [CLS] or token mean → pooler (BERT/ALBERT, cls) → head."""
 
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
         self.embeddings = Embeddings(cfg, rngs=rngs)
         self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_stored_layers)])
         self.pooler = (
-            None
-            if cfg.model_type == "distilbert"
-            else dense(cfg, cfg.hidden_size, cfg.hidden_size, rngs=rngs)
+            dense(cfg, cfg.hidden_size, cfg.hidden_size, rngs=rngs) if cfg.has_pooler else None
         )
+        self.mean_pool = cfg.pooling == "mean"
         self.head = ClassificationHead(cfg, rngs=rngs)
         self.schedule = tuple(cfg.layer_schedule())
         self.remat = cfg.remat
@@ -65,7 +75,7 @@ class EncoderForSequenceClassification(nnx.Module):
         apply = _remat_layer if self.remat else _apply_layer
         for i, idx in enumerate(self.schedule):
             x = apply(self.layers[idx], x, keep, keys[i + 1])
-        pooled = x[:, 0]
+        pooled = mean_pool(x, attention_mask) if self.mean_pool else x[:, 0]
         if self.pooler is not None:
             pooled = jnp.tanh(self.pooler(pooled))
         logits = self.head(pooled, keys[-1]).astype(jnp.float32)

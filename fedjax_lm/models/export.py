@@ -66,8 +66,20 @@ def hf_tensors(cfg: EncoderConfig, params: Any) -> dict[str, np.ndarray]:
     return out
 
 
+def unexportable(pooling: str) -> str | None:
+    """Why a model pooling this way has no transformers class to export to, or None."""
+    if pooling != "cls":
+        return (f"pooling={pooling} has no transformers class (*ForSequenceClassification reads "
+                "[CLS], through the pooler), so a merged export would classify differently; "
+                "train with --pooling cls to export")
+    return None
+
+
 def export_merged(cfg: EncoderConfig, params: Any, out: Path, tokenizer: Any = None) -> Path:
-    """Write `params` (adapters merged: W + (alpha/R)·A B) as a Hugging Face folder."""
+    """Write `params` (adapters merged: W + (alpha/R)·A B) as a Hugging Face folder; a config
+    no transformers class computes (`unexportable`) is refused with ValueError."""
+    if reason := unexportable(cfg.pooling):
+        raise ValueError(reason)
     if cfg.lora_rank:
         params = merge_lora(params, cfg.lora_alpha / cfg.lora_rank)
     out.mkdir(parents=True, exist_ok=True)

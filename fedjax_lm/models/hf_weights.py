@@ -92,11 +92,9 @@ def hf_sources(cfg: EncoderConfig) -> dict[Path, Source]:
             table |= _linear(("layers", i, sub), names[sub])
         for sub in ("attention_norm", "output_norm"):
             table |= _norm(("layers", i, sub), names[sub])
-    if cfg.model_type == "bert":
-        table |= _linear(("pooler",), "pooler.dense")
-    elif cfg.model_type == "albert":
-        table |= _linear(("pooler",), "pooler")
-    else:
+    if cfg.has_pooler:
+        table |= _linear(("pooler",), "pooler.dense" if cfg.model_type == "bert" else "pooler")
+    if cfg.model_type == "distilbert":
         table |= _linear(("head", "pre_classifier"), "pre_classifier", in_head=True)
     table |= _linear(("head", "classifier"), "classifier", in_head=True)
     return table

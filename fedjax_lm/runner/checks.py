@@ -174,7 +174,7 @@ def _check_inputs(cfg: RunConfig) -> None:
     need(names is None or cfg.num_labels is None or cfg.num_labels == len(names),
          f"num_labels={cfg.num_labels} but label_names has {len(names or ())} names")
     # -- the model
-    from fedjax_lm.models.config import MODEL_TYPES, PRESETS
+    from fedjax_lm.models.config import MODEL_TYPES, POOLINGS, PRESETS
     from fedjax_lm.models.hidden_act import hidden_act_names
     from fedjax_lm.models.pretrained import PRESET_PREFIX
 
@@ -188,6 +188,8 @@ def _check_inputs(cfg: RunConfig) -> None:
                           f"{PRESET_PREFIX}{cfg.model}")
     need(cfg.model_type in MODEL_TYPES,
          f"model_type must be one of {', '.join(MODEL_TYPES)}, got {cfg.model_type!r}")
+    need(cfg.pooling in POOLINGS,
+         f"pooling must be one of {', '.join(POOLINGS)}, got {cfg.pooling!r}")
     need(cfg.hidden_act is None or cfg.hidden_act in hidden_act_names(),
          f"unknown hidden_act {cfg.hidden_act!r}; valid: {', '.join(hidden_act_names())}")
     # -- the partition, by the data layer's own rules

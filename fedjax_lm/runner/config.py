@@ -51,6 +51,7 @@ class RunConfig:
     head_init: str = "shared"  # shared: server inits the head; per_client: paper 1's code
     attend_to_padding: bool = False  # paper 1's code passed no attention mask
     hidden_act: str | None = None  # override the FFN activation (e.g. abu_n)
+    pooling: str = "cls"  # what the head reads: cls ([CLS] + pooler) | mean (masked token mean)
     # -- federation
     clients: int = 4
     cohort_size: int | None = None  # clients per round; None = all
@@ -97,7 +98,8 @@ class RunConfig:
     lora_dropout: float | None = None  # dropout on the adapters' input (default 0)
     lora_targets: tuple[str, ...] | None = None  # default query,value
     lora_aggregation: str | None = None  # fedit (default) | ffa | exact
-    lora_ranks: tuple[str, ...] | None = None  # per-client ranks; client i: [i mod len]
+    lora_ranks: tuple[str, ...] | None = None  # per-client ranks: 2,4,8 (client i: [i mod len]),
+    # tiers 2:0.5,4:0.3,8:0.2 or uniform:2,8 (exact tier sizes, placed by the seed)
     freeze_layers: int = 0  # embeddings and the bottom N (stored) layers frozen
     # -- sampling and differential privacy (user-level DP-FedAvg, on when dp_clip is set)
     # fixed: cohort_size clients without replacement; poisson: each client joins with

@@ -56,7 +56,7 @@ def load_model(cfg: RunConfig, num_labels: int) -> tuple[models.Model, Any, Any]
     tokenizer's vocabulary (offline); anything else goes through `from_pretrained`.
     """
     overrides: dict[str, Any] = {"attend_to_padding": cfg.attend_to_padding,
-                                 **model_overrides(cfg)}
+                                 "pooling": cfg.pooling, **model_overrides(cfg)}
     if cfg.hidden_act:
         overrides["hidden_act"] = cfg.hidden_act
     if cfg.model.startswith(PRESET_PREFIX):

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from fedjax_lm.grid import ConfigError
-from fedjax_lm.models.export import export_merged
+from fedjax_lm.models.export import export_merged, unexportable
 from fedjax_lm.runner.checkpoint import Checkpointer
 from fedjax_lm.runner.experiment import Experiment, build_engine, load_model
 from fedjax_lm.runner.peft import build_peft
@@ -20,6 +20,9 @@ from fedjax_lm.runner.train import check_base_of
 
 def export_run(run_dir: Path, out: Path) -> tuple[int, Path]:
     """Write the newest checkpoint of `run_dir` to `out`: (its round, `out`)."""
+    cfg = check_run_files(run_dir)
+    if cfg is not None and (reason := unexportable(cfg.pooling)):
+        raise ConfigError(f"cannot export {run_dir}: {reason}")
     rounds, model, params, tokenizer = run_model(run_dir)
     export_merged(model.config, params, out, tokenizer)
     return rounds, out

@@ -9,10 +9,15 @@ LoRA aggregation (`lora_aggregation`):
            A·mean(B) = mean(A·B);
     exact  the mean of the products A_i B_i refactored to rank R by truncated SVD
            (`federated.lowrank`, which says why refactoring rather than a residual in the base).
-Heterogeneous ranks (`lora_ranks`): client i trains the first `lora_ranks[i mod len]`
-components of the padded rank-R adapters (one compiled program for every rank; the rest start,
-stay and are sent as zero, so `fedit` / `ffa` average zero-padded and `exact` averages the
-zero-padded products). Every client uses the program's scale alpha / R.
+Heterogeneous ranks (`lora_ranks`): client i trains the first r_i components of the padded
+rank-R adapters (one compiled program for every rank; the rest start, stay and are sent as
+zero, so `fedit` / `ffa` average zero-padded and `exact` averages the zero-padded products).
+Every client uses the program's scale alpha / R. r_i comes from one of three forms:
+    2,4,8              a list: client i gets entry i mod len (round robin);
+    2:0.5,4:0.3,8:0.2  resource tiers: rank:share, shares summing to 1; round(share·N) clients
+                       per tier (largest remainder), placed by a permutation seeded from the
+                       run's seed (stream 19), so a tier's size is exact, not a draw;
+    uniform:2,8        every whole rank in [2, 8] as an equal-share tier.
 """
 
 from __future__ import annotations
@@ -51,15 +56,75 @@ def lora_settings(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def client_ranks(cfg: Any) -> np.ndarray | None:
-    """The `lora_ranks` tiers as ints (client i gets tier i mod len), or None."""
+_RANKS_STREAM = 19  # numpy seed stream of the tier placement: (seed, 19)
+RANKS_HELP = "a list (2,4,8), tiers rank:share (2:0.5,4:0.3,8:0.2) or uniform:LO,HI"
+
+
+@dataclasses.dataclass(frozen=True)
+class RankSpec:
+    """`lora_ranks` parsed: the ranks and, for tiers, each one's share (None: round robin)."""
+
+    ranks: np.ndarray  # int32 [T]
+    shares: np.ndarray | None  # float [T] summing to 1, or None for a list
+
+    def population(self, num_clients: int, seed: int) -> np.ndarray:
+        """int32 [N]: each client's rank (tier sizes exact, placement seeded)."""
+        if self.shares is None:
+            return np.resize(self.ranks, num_clients).astype(np.int32)
+        want = self.shares * num_clients
+        counts = np.floor(want).astype(np.int64)
+        extra = np.argsort(-(want - counts), kind="stable")[: num_clients - counts.sum()]
+        counts[extra] += 1
+        ordered = np.repeat(self.ranks, counts)
+        return ordered[np.random.default_rng((seed, _RANKS_STREAM)).permutation(num_clients)]
+
+
+def _whole(text: str, spec: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"lora_ranks {spec}: {text!r} is not a whole number; give "
+                          f"{RANKS_HELP}") from None
+
+
+def rank_spec(cfg: Any) -> RankSpec | None:
+    """`lora_ranks` parsed (ConfigError in one line for a malformed one), or None."""
     if cfg.lora_ranks is None:
         return None
+    items, spec = list(cfg.lora_ranks), ",".join(cfg.lora_ranks)
+    if items[0].startswith("uniform:"):
+        bounds = [items[0][len("uniform:"):], *items[1:]]
+        if len(bounds) != 2:
+            raise ConfigError(f"lora_ranks {spec}: uniform takes two bounds (uniform:2,8)")
+        lo, hi = (_whole(b, spec) for b in bounds)
+        if lo > hi:
+            raise ConfigError(f"lora_ranks {spec}: the lower bound {lo} exceeds the upper {hi}")
+        ranks = np.arange(lo, hi + 1, dtype=np.int32)
+        return RankSpec(ranks, np.full(len(ranks), 1 / len(ranks)))
+    if not any(":" in i for i in items):
+        return RankSpec(np.array([_whole(i, spec) for i in items], np.int32), None)
+    pairs = [i.split(":") for i in items]
+    if any(len(p) != 2 for p in pairs):
+        raise ConfigError(f"lora_ranks {spec}: tiers are rank:share pairs; give {RANKS_HELP}")
     try:
-        return np.array([int(r) for r in cfg.lora_ranks], np.int32)
+        shares = np.array([float(p[1]) for p in pairs])
     except ValueError:
-        raise ConfigError(f"lora_ranks must be whole numbers (e.g. 2,4,8), got "
-                          f"{','.join(cfg.lora_ranks)}") from None
+        raise ConfigError(f"lora_ranks {spec}: a share is not a number; give {RANKS_HELP}"
+                          ) from None
+    ranks = np.array([_whole(p[0], spec) for p in pairs], np.int32)
+    if len(set(ranks.tolist())) != len(ranks):
+        raise ConfigError(f"lora_ranks {spec}: a rank appears in two tiers; merge their shares")
+    if not (np.all(np.isfinite(shares)) and np.all(shares > 0)
+            and abs(shares.sum() - 1) <= 1e-6):
+        raise ConfigError(f"lora_ranks {spec}: tier shares must be > 0 and sum to 1 (they sum "
+                          f"to {shares.sum():g})")
+    return RankSpec(ranks, shares / shares.sum())
+
+
+def client_ranks(cfg: Any) -> np.ndarray | None:
+    """The ranks `lora_ranks` can give (list entries, tiers or the uniform range), or None."""
+    spec = rank_spec(cfg)
+    return None if spec is None else spec.ranks
 
 
 def mode(cfg: Any) -> str:
@@ -162,8 +227,8 @@ def build_peft(cfg: Any, params: Any, num_clients: int) -> PeftPlan:
             per_rank += x.shape[1] * size
         else:
             fixed += x.size * size
-    ranks = client_ranks(cfg) if cfg.peft == "lora" else None
-    population = None if ranks is None else np.resize(ranks, num_clients)
+    spec = rank_spec(cfg) if cfg.peft == "lora" else None
+    population = None if spec is None else spec.population(num_clients, cfg.seed)
     trainable_bytes, total = count(mask, params)
     return PeftPlan(
         trainable=mask,

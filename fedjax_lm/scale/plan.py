@@ -142,9 +142,16 @@ def plan_report(args: argparse.Namespace) -> tuple[mem.MemoryEstimate, list[str]
             f"{est.max_clients(budget, width)} clients per device (data resident)"
         )
     if args.largest_clients:
+        # The search compiles up to ~10 wide programs (minutes each on a loaded CPU): what is
+        # known so far goes to stderr as it comes, so a plan stopped early still says it.
+        print("\n".join(lines), file=sys.stderr, flush=True)
+
         def compile_bytes(c: int) -> int:
-            return mem.compiled_chunk_bytes(loss_fn, params, optimizer, batch, c,
+            size = mem.compiled_chunk_bytes(loss_fn, params, optimizer, batch, c,
                                             sharding=target.sharding, trainable=trainable)
+            print(f"probe: C = {c} compiles to {f(size)} (linear {f(est.chunk_bytes(c))}, "
+                  f"budget {f(budget)})", file=sys.stderr, flush=True)
+            return size
 
         largest, probes = mem.largest_unchunked(compile_bytes, est, budget)
         lines.append(f"largest unchunked C (compiled): {largest} clients per device")

@@ -122,3 +122,21 @@ def test_export_merged_round_trips_through_our_loader(tmp_path):
     batch = make_batch()
     np.testing.assert_allclose(loaded.model.apply(loaded.params, batch, train=False).logits,
                                model.apply(params, batch, train=False).logits, atol=1e-5)
+
+
+def test_export_of_a_mean_pooled_run_is_refused_in_one_line(tmp_path, capsys):
+    """No transformers class pools by token mean: export says so before loading anything."""
+    import yaml
+
+    from fedjax_lm.cli import main
+
+    cfg = tiny(tmp_path, peft="lora", pooling="mean")
+    Path(cfg.out).mkdir(parents=True)
+    (Path(cfg.out) / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["export", cfg.out, "--merged", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"fedjax-lm export: error: cannot export {cfg.out}: pooling=mean has no "
+                   "transformers class (*ForSequenceClassification reads [CLS], through the "
+                   "pooler), so a merged export would classify differently; train with "
+                   "--pooling cls to export")
+    assert not (tmp_path / "hf").exists()
