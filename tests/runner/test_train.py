@@ -115,7 +115,8 @@ def test_killed_and_resumed_run_is_bitwise_identical(tmp_path):
     from fedjax_lm.cli import main
 
     rounds = 8
-    assert main(_cli_args(tmp_path / "ref", rounds)) == 0
+    # The reference never resumes: no checkpoints (an execution field; the model is the same)
+    assert main([*_cli_args(tmp_path / "ref", rounds), "--checkpoint-every", "0"]) == 0
     victim = subprocess.Popen([sys.executable, "-m", "fedjax_lm.cli",
                                *_cli_args(tmp_path / "killed", rounds)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -202,7 +203,8 @@ def test_scaffold_from_the_cli_resumes_bitwise_with_its_client_state(tmp_path):
     for name, rounds in (("straight", 4), ("resumed", 2), ("resumed", 4)):
         args = ["train", *flags,
                 *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "clients"],
-                "--rounds", str(rounds), "--out", str(tmp_path / name)]
+                "--rounds", str(rounds), "--out", str(tmp_path / name),
+                "--checkpoint-every", "0" if name == "straight" else "1"]  # straight: no resume
         assert main(args) == 0
     a = json.loads((tmp_path / "straight" / "final.json").read_text())
     b = json.loads((tmp_path / "resumed" / "final.json").read_text())
