@@ -85,7 +85,8 @@ def test_unknown_keys_name_the_file_and_the_valid_keys(tmp_path):
     path.write_text("name: x\nsweeps: {clients: [1]}\n")
     with pytest.raises(ConfigError) as err:
         load_preset(path)
-    assert str(err.value) == f"{path}: unknown key(s) ['sweeps']; valid: ['base', 'name', 'sweep']"
+    assert str(err.value) == (f"{path}: unknown key(s) ['sweeps']; "
+                              "valid: ['base', 'name', 'sweep', 'vectorize']")
     path.write_text("name: x\nfedavg: {roundz: 3}\n")
     with pytest.raises(ConfigError) as err:
         load_config(moe.MoeConfig, path)
