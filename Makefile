@@ -5,6 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Two pytest workers, one test file each at a time (`--dist loadfile` keeps a file's shared
+# compiles in one process): the suite is mostly XLA compiles, one core each. PYTEST_WORKERS=0
+# runs in one process.
+PYTEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
 .PHONY: install peers test test-slow run bench plan-gpu lint clean
 
@@ -19,11 +24,11 @@ install: $(STAMP)
 
 # pytest exits 5 when no test ran: that is a failure here, never a silent pass.
 test: $(STAMP)
-	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest $(XDIST) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -m slow $(XDIST) $(PYTEST_ARGS)
 
 # The data directory: $FEDJAX_LM_DATA_DIR, else ../shared/data when it exists, else none
 # (then the quick run uses the generated synthetic task and says so).

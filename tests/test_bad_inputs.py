@@ -506,33 +506,64 @@ def _repeats_a_worked_fix(case: Case, tmp: Path) -> tuple[bool, tuple[tuple[str,
     return plain and not (tmp / "run").exists(), key
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line_and_the_corrected_command_works(
-    case: Case, tmp_path: Path, cache_dir: Path, capfd: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest,
-) -> None:
-    if case.setup is _not_writable and os.geteuid() == 0:
-        pytest.skip("root writes anywhere")
-    monkeypatch.setenv("FEDJAX_LM_CACHE_DIR", str(cache_dir))
-    trained = {}
-    if case.trained:
-        trained = request.getfixturevalue("copy_trained_run")(tmp_path / "run")
-        shutil.copytree(tmp_path / "run", tmp_path / "orig")
-    for key, value in case.env.items():
-        monkeypatch.setenv(key, value.format(tmp=tmp_path))
-    _write(tmp_path, case.files)
-    if case.setup is not None:
-        case.setup(tmp_path)
-    argv = _argv(case.argv, tmp_path)
-    code, _, err = cli(argv, capfd)
-    assert code == case.code, err
-    if case.code == 0:
-        assert re.search(case.error, one_line(err, "warning: ")), err
-    else:
-        command = "" if case.id == "unknown_flag" else argv[0]
-        assert re.search(case.error, one_error_line(err, command)), err
-    # the user follows the message: fixes the file, the environment or the command
-    monkeypatch.setenv("FEDJAX_LM_CACHE_DIR", str(cache_dir))
+# Rows whose corrected command is a feature's own end-to-end run (a program no other default
+# test compiles: LoRA, DP, attacks, robust aggregators, another head or model). By default such
+# a row checks its error line; its corrected command runs with the slow tests
+# (`test_costly_corrected_commands_work`), since each costs a compile of ~10-40 s on this CPU
+# and the feature's training is covered by its own unit tests.
+COSTLY_FIXES = {
+    "csv_unknown_label_name", "csv_class_only_in_test", "data_dir_missing",
+    "dp_clip_negative", "dp_target_epsilon_unreachable", "dp_delta_too_large",
+    "dp_with_message_attack", "dp_with_exact_lora", "alie_in_chunks", "malicious_fraction_half",
+    "trim_fraction_half", "median_in_chunks", "krum_too_few_clients", "lora_target_unknown",
+    "lora_target_empty_name", "lora_flags_without_peft_lora", "lora_flag_without_peft_lora",
+    "lora_ranks_above_rank", "lora_exact_with_server_optimizer",
+    "lora_rank_uniform_bounds_reversed", "lora_rank_zero", "peft_with_scaffold",
+    "lora_rank_beyond_projection", "lora_rank_tiers_not_summing_to_one",
+    "dp_noise_without_clip", "dp_with_median", "csv_one_based",
+}
+# Rows whose failing command is itself a whole run (a warning, exit 0) that a unit test covers.
+SLOW_ROWS = {"vectorize_shapes_differ_beyond_padding"}  # tests/runner/test_vectorized.py
+assert {c.id for c in CASES} >= COSTLY_FIXES | SLOW_ROWS
+
+
+@pytest.fixture
+def row(tmp_path: Path, cache_dir: Path, capfd: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
+    """`row(case, fix=True)`: the failing command's one line, then (with `fix`) the corrected
+    command in the same --out."""
+
+    def check(case: Case, fix: bool = True) -> None:
+        if case.setup is _not_writable and os.geteuid() == 0:
+            pytest.skip("root writes anywhere")
+        monkeypatch.setenv("FEDJAX_LM_CACHE_DIR", str(cache_dir))
+        trained = {}
+        if case.trained:
+            trained = request.getfixturevalue("copy_trained_run")(tmp_path / "run")
+            shutil.copytree(tmp_path / "run", tmp_path / "orig")
+        for key, value in case.env.items():
+            monkeypatch.setenv(key, value.format(tmp=tmp_path))
+        _write(tmp_path, case.files)
+        if case.setup is not None:
+            case.setup(tmp_path)
+        argv = _argv(case.argv, tmp_path)
+        code, _, err = cli(argv, capfd)
+        assert code == case.code, err
+        if case.code == 0:
+            assert re.search(case.error, one_line(err, "warning: ")), err
+        else:
+            command = "" if case.id == "unknown_flag" else argv[0]
+            assert re.search(case.error, one_error_line(err, command)), err
+        if fix:
+            monkeypatch.setenv("FEDJAX_LM_CACHE_DIR", str(cache_dir))
+            _corrected_command_works(case, argv, tmp_path, trained, capfd)
+
+    return check
+
+
+def _corrected_command_works(case: Case, argv: list[str], tmp_path: Path, trained: dict,
+                             capfd: pytest.CaptureFixture[str]) -> None:
+    """The user follows the message: fixes the file, the environment or the command."""
     fresh, key = _repeats_a_worked_fix(case, tmp_path)
     if fresh and key in _FIXES_THAT_WORKED:
         return  # that exact command already worked from a fresh --out, as this one would
@@ -552,6 +583,21 @@ def test_bad_input_is_one_line_and_the_corrected_command_works(
         case.then(tmp_path, trained, out)
     if fresh:
         _FIXES_THAT_WORKED.add(key)
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.id in SLOW_ROWS else []) for c in CASES])
+def test_bad_input_is_one_line_and_the_corrected_command_works(case: Case, row) -> None:
+    row(case, fix=case.id not in COSTLY_FIXES)
+
+
+COSTLY = [c for c in CASES if c.id in COSTLY_FIXES]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", COSTLY, ids=[c.id for c in COSTLY])
+def test_costly_corrected_commands_work(case: Case, row) -> None:
+    row(case)
 
 
 @pytest.mark.parametrize("fault", ["damaged", "other_tokenizer"])

@@ -7,6 +7,7 @@ import json
 
 import jax
 import optax
+import pytest
 
 from fedjax_lm.bench import planned
 from fedjax_lm.bench.workload import Workload, encoder_config
@@ -29,6 +30,7 @@ def test_only_vectorized_cells_with_their_own_peak_are_compared():
     assert [r["label"] for r in planned.measured_cells(rows)] == ["vmap@2", "vmap"]
 
 
+@pytest.mark.slow
 def test_planned_column_is_the_cells_compiled_chunk_program(tmp_path, capsys):
     row = _row()
     w = Workload("tiny", 4, 2, 4, 16)

@@ -18,6 +18,7 @@ def test_dense_matmul_step_costs_the_counted_model_flops(model, length):
     assert counted <= xla["flops"] <= 1.02 * counted
 
 
+@pytest.mark.slow
 def test_profile_runs_every_variant_and_reports_them(tmp_path):
     assert profile.main(["--model", "tiny", "--batch-size", "2", "--max-length", "8",
                          "--local-steps", "2", "--vmap-clients", "2", "--reps", "1",

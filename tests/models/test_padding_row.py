@@ -72,6 +72,7 @@ def test_pad_row_gradient_is_zero_when_padding_is_attended(arch):
     assert (after[used] != before[used]).any(axis=1).all()
 
 
+@pytest.mark.slow
 def test_pad_id_inside_real_tokens_gets_no_gradient_either():
     loaded = _load("bert")  # masked: padding keys are invisible, but a real token may be id 0
     batch = _batch("bert")

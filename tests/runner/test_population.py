@@ -34,6 +34,7 @@ POPULATION = dict(task="synthetic", model="preset:tiny", max_train_examples=96,
                   eval_clients=5, rounds=3)
 
 
+@pytest.mark.slow
 def test_prefetched_population_run_is_bitwise_the_unprefetched_one(tmp_path, capsys):
     runs = {}
     for prefetch in (True, False):

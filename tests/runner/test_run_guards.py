@@ -83,7 +83,7 @@ def poison_server(monkeypatch, part: str, from_round: int) -> None:
 
 @pytest.mark.parametrize("part, policy, named", [
     ("params", "fail", "params and step norm"),
-    ("opt_state", "skip", "optimizer state"),
+    pytest.param("opt_state", "skip", "optimizer state", marks=pytest.mark.slow),
 ])
 def test_non_finite_server_state_stops_before_it_is_checkpointed(tmp_path, monkeypatch, part,
                                                                  policy, named):
@@ -191,6 +191,7 @@ def test_resume_refuses_other_data_naming_what_changed(tmp_path, copy_trained_ru
     assert train(cfg.replace(rounds=3), progress=False, exp=exp)["rounds"] == 3  # same data
 
 
+@pytest.mark.slow
 def test_a_killed_extension_does_not_leave_a_stale_final(tmp_path, monkeypatch, copy_trained_run):
     """Extending a finished run: once training continues, final.json no longer describes the
     directory, so a failure mid-extension must not leave the old one behind."""

@@ -56,6 +56,7 @@ def test_partial_participation_trains_the_cohort_only(tmp_path):
     assert final["rounds"] == 3
 
 
+@pytest.mark.slow
 def test_chunk_executors_train_the_same_model(tmp_path):
     from fedjax_lm.runner.experiment import build_engine, build_experiment
 
@@ -79,6 +80,7 @@ def test_finished_run_is_not_rerun_and_config_mismatch_is_refused(tmp_path):
         train(cfg.replace(lr=0.5), progress=False)
 
 
+@pytest.mark.slow
 def test_non_finite_update_fails_clearly_and_a_fully_skipped_round_is_an_error(tmp_path):
     """No round of data reached the model: neither policy reports a loss for it."""
     run = tmp_path / "run"
@@ -193,6 +195,7 @@ def test_per_client_heads_reproduce_paper_one_round_one(tmp_path):
         cfg.replace(server_optimizer="fedadam")
 
 
+@pytest.mark.slow
 def test_scaffold_from_the_cli_resumes_bitwise_with_its_client_state(tmp_path):
     """`--algorithm scaffold` with partial participation: its control variates live in the
     client-state store, are checkpointed, and a resumed run ends bitwise identical."""
