@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,20 +47,39 @@ def run_arms(arms: dict[str, list[str]], out: Path, concurrent: bool) -> dict[st
     shared with other work the two then see the same load, and CPU time, which load does not
     stretch, is the comparable measure."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    procs = {}
-    for name, cmd in arms.items():
+    walls: dict[str, float] = {}
+
+    def start(name: str, cmd: list[str]) -> threading.Thread:
+        """Runs one arm; its wall time is taken when its own process exits."""
         print(f"{name}: {' '.join(cmd)}", flush=True)
-        wrapped = [sys.executable, "-c", CPU_WRAPPER, str(out / f"{name}.cpu"), *cmd]
-        procs[name] = (time.perf_counter(), subprocess.Popen(
-            wrapped, stdout=(out / f"{name}.log").open("w"), stderr=subprocess.STDOUT, env=env))
+        wrapped = [sys.executable, "-c", CPU_WRAPPER, str(out / f"{_folder(name)}.cpu"), *cmd]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(wrapped, stdout=(out / f"{_folder(name)}.log").open("w"),
+                                stderr=subprocess.STDOUT, env=env)
+
+        def wait() -> None:
+            if proc.wait() != 0:
+                walls[name] = float("nan")
+            else:
+                walls[name] = time.perf_counter() - t0
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        return thread
+
+    threads = []
+    for name, cmd in arms.items():
+        threads.append(start(name, cmd))
         if not concurrent:
-            procs[name][1].wait()
+            threads[-1].join()
+    for thread in threads:
+        thread.join()
     result = {}
-    for name, (t0, proc) in procs.items():
-        if proc.wait() != 0:
-            raise SystemExit(f"{name} failed (exit {proc.returncode}); see {out}/{name}.log")
-        wall = time.perf_counter() - t0
-        result[name] = {"wall_s": wall, "cpu_s": float((out / f"{name}.cpu").read_text())}
+    for name in arms:
+        if walls[name] != walls[name]:
+            raise SystemExit(f"{name} failed; see {out}/{_folder(name)}.log")
+        cpu_s = float((out / f"{_folder(name)}.cpu").read_text())
+        result[name] = {"wall_s": walls[name], "cpu_s": cpu_s}
         print(f"{name}: {result[name]}", flush=True)
     return result
 
@@ -72,6 +92,10 @@ u = resource.getrusage(resource.RUSAGE_CHILDREN)
 open(sys.argv[1], "w").write(str(u.ru_utime + u.ru_stime))
 sys.exit(code)
 """
+
+
+def _folder(arm: str) -> str:
+    return arm.replace(" (padding ", "-p").rstrip(")")
 
 
 def compare(a: Path, b: Path) -> dict:
@@ -97,6 +121,9 @@ def main() -> int:
     p.add_argument("--clients", type=lambda t: [int(c) for c in t.split(",")],
                    default=[1, 2, 4, 8, 16, 32], help="client counts (default 1,2,4,8,16,32)")
     p.add_argument("--work", type=Path, help="sweep folders (default OUT/runs; not results)")
+    p.add_argument("--paddings", type=lambda t: [float(x) for x in t.split(",")], default=[1.5],
+                   help="one vectorized arm per --vectorize-padding limit (default 1.5; 32 "
+                        "puts every client count of the sweep into one program)")
     p.add_argument("--concurrent", action="store_true",
                    help="run both arms at once (a shared host: compare CPU time)")
     args = p.parse_args()
@@ -108,36 +135,40 @@ def main() -> int:
     shutil.rmtree(work, ignore_errors=True)
     base = [sys.executable, "-m", "fedjax_lm.cli", "sweep", "--config", str(spec),
             "--no-progress"]
-    # The vectorized arm runs first: the tokenisation cache it fills favours the baseline.
-    arms = {
-        "vectorized": base + ["--out-dir", str(work / "vectorized"), "--vectorize"],
-        "sequential": base + ["--out-dir", str(work / "sequential")],
-    }
+    # The vectorized arms run first: the tokenisation cache they fill favours the baseline.
+    vectorized = {f"vectorized (padding {x:g})": x for x in args.paddings}
+    arms = {name: base + ["--out-dir", str(work / _folder(name)), "--vectorize",
+                          "--vectorize-padding", str(x)] for name, x in vectorized.items()}
+    arms["sequential"] = base + ["--out-dir", str(work / "sequential")]
     load = os.getloadavg()
     times = run_arms(arms, args.out, args.concurrent)
-    check = compare(work / "sequential", work / "vectorized")
-    ratio = {k: times["sequential"][k] / times["vectorized"][k] for k in ("wall_s", "cpu_s")}
-    result = {"command": " ".join(sys.argv), "cells": check["cells"], "rounds": args.rounds,
-              "task": args.task, "concurrent": args.concurrent, "arms": times,
-              "speedup": ratio, "equivalence": check, "nproc": os.cpu_count(),
+    checks = {name: compare(work / "sequential", work / _folder(name)) for name in vectorized}
+    ratios = {name: {k: times["sequential"][k] / times[name][k] for k in ("wall_s", "cpu_s")}
+              for name in vectorized}
+    result = {"command": " ".join(sys.argv), "cells": len(args.clients) * args.seeds,
+              "rounds": args.rounds, "task": args.task, "concurrent": args.concurrent,
+              "arms": times, "speedup": ratios, "equivalence": checks, "nproc": os.cpu_count(),
               "load_avg_at_start": load, "load_avg_at_end": os.getloadavg()}
     (args.out / "vectorized_sweep.json").write_text(json.dumps(result, indent=2) + "\n")
-    d = check["max_abs_diff"]
+    table = ("| arm | wall s | CPU s (process tree) | sequential / arm, wall | CPU | bitwise-equal "
+             "params | max abs diff final accuracy / eval loss / train loss |\n"
+             "|---|---|---|---|---|---|---|\n"
+             f"| sequential | {times['sequential']['wall_s']:.1f} | "
+             f"{times['sequential']['cpu_s']:.1f} | 1 | 1 | | |\n")
+    for name in vectorized:
+        t, r, c = times[name], ratios[name], checks[name]
+        d = c["max_abs_diff"]
+        table += (f"| {name} | {t['wall_s']:.1f} | {t['cpu_s']:.1f} | **{r['wall_s']:.2f}x** | "
+                  f"{r['cpu_s']:.2f}x | {c['bitwise_equal_params']}/{c['cells']} | "
+                  f"{d['final_accuracy']:.2e} / {d['final_eval_loss']:.2e} / "
+                  f"{d['final_train_loss']:.2e} |\n")
     (args.out / "vectorized_sweep.md").write_text(
-        "| arm | wall s | CPU s (process tree) |\n|---|---|---|\n"
-        + "".join(f"| {k} | {times[k]['wall_s']:.1f} | {times[k]['cpu_s']:.1f} |\n"
-                  for k in ("sequential", "vectorized"))
-        + f"| **sequential / vectorized** | **{ratio['wall_s']:.2f}x** | "
-        f"**{ratio['cpu_s']:.2f}x** |\n\n"
-        f"Arms run {'concurrently' if args.concurrent else 'one after the other'}; load "
-        f"average {load[0]:.1f} at the start, {result['load_avg_at_end'][0]:.1f} at the end "
-        f"({os.cpu_count()} cores).\n\n"
-        f"{check['cells']} cells, {args.rounds} rounds, task {args.task}; "
-        f"bitwise-equal final params in {check['bitwise_equal_params']}/{check['cells']} "
-        f"cells; max |diff| final accuracy {d['final_accuracy']:.2e}, eval loss "
-        f"{d['final_eval_loss']:.2e}, train loss {d['final_train_loss']:.2e}\n")
-    print(f"speedup (sequential / vectorized): wall {ratio['wall_s']:.2f}x, "
-          f"CPU {ratio['cpu_s']:.2f}x")
+        table + f"\nArms run {'concurrently' if args.concurrent else 'one after the other'}; "
+        f"load average {load[0]:.1f} at the start, {result['load_avg_at_end'][0]:.1f} at the "
+        f"end ({os.cpu_count()} cores). {result['cells']} cells, {args.rounds} rounds, task "
+        f"{args.task}.\n")
+    for name, r in ratios.items():
+        print(f"speedup (sequential / {name}): wall {r['wall_s']:.2f}x, CPU {r['cpu_s']:.2f}x")
     print((args.out / "vectorized_sweep.md").read_text())
     return 0
 
