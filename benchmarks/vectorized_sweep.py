@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -47,37 +46,23 @@ def run_arms(arms: dict[str, list[str]], out: Path, concurrent: bool) -> dict[st
     shared with other work the two then see the same load, and CPU time, which load does not
     stretch, is the comparable measure."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    walls: dict[str, float] = {}
-
-    def start(name: str, cmd: list[str]) -> threading.Thread:
-        """Runs one arm; its wall time is taken when its own process exits."""
+    procs, walls = {}, {}
+    for name, cmd in arms.items():
         print(f"{name}: {' '.join(cmd)}", flush=True)
         wrapped = [sys.executable, "-c", CPU_WRAPPER, str(out / f"{_folder(name)}.cpu"), *cmd]
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(wrapped, stdout=(out / f"{_folder(name)}.log").open("w"),
-                                stderr=subprocess.STDOUT, env=env)
-
-        def wait() -> None:
-            if proc.wait() != 0:
-                walls[name] = float("nan")
-            else:
-                walls[name] = time.perf_counter() - t0
-
-        thread = threading.Thread(target=wait)
-        thread.start()
-        return thread
-
-    threads = []
-    for name, cmd in arms.items():
-        threads.append(start(name, cmd))
-        if not concurrent:
-            threads[-1].join()
-    for thread in threads:
-        thread.join()
+        procs[name] = (time.perf_counter(), subprocess.Popen(
+            wrapped, stdout=(out / f"{_folder(name)}.log").open("w"), stderr=subprocess.STDOUT,
+            env=env))
+        while len(walls) < len(procs) and (not concurrent or len(procs) == len(arms)):
+            for other, (t0, proc) in procs.items():  # each arm's wall ends when it exits
+                if other not in walls and proc.poll() is not None:
+                    walls[other] = time.perf_counter() - t0
+            time.sleep(0.05)
     result = {}
-    for name in arms:
-        if walls[name] != walls[name]:
-            raise SystemExit(f"{name} failed; see {out}/{_folder(name)}.log")
+    for name, (_, proc) in procs.items():
+        if proc.returncode != 0:
+            raise SystemExit(f"{name} failed (exit {proc.returncode}); see "
+                             f"{out}/{_folder(name)}.log")
         cpu_s = float((out / f"{_folder(name)}.cpu").read_text())
         result[name] = {"wall_s": walls[name], "cpu_s": cpu_s}
         print(f"{name}: {result[name]}", flush=True)
