@@ -20,13 +20,21 @@ PathLike = str | os.PathLike[str]
 
 @dataclass(frozen=True)
 class LoadContext:
-    """What every loader gets: the resolved data dir (None = hub), a file override, cache, seed."""
+    """What every loader gets: the resolved data dir (None = hub), a file override, cache, and
+    the seed of a task registered `seeded` (None for the others: their loads are shared across
+    seeds, see `tasks.load_task`)."""
 
     name: str
     root: Path | None
     path: Path | None
     cache_dir: PathLike | None
-    seed: int
+    loader_seed: int | None
+
+    @property
+    def seed(self) -> int:
+        if self.loader_seed is None:
+            raise TypeError(f"task {self.name!r} reads its seed: register it with seeded=True")
+        return self.loader_seed
 
 
 Loader = Callable[..., TaskData]
@@ -42,6 +50,7 @@ class TaskSpec:
     hub_id: str | None
     needs_data: bool = True
     groups: bool = False  # its examples carry natural client keys (partition "natural")
+    seeded: bool = False  # the loader reads `ctx.seed` (seeded splits, generated data)
 
 
 TASKS: dict[str, TaskSpec] = {}
@@ -49,12 +58,12 @@ TASKS: dict[str, TaskSpec] = {}
 
 def register_task(
     name: str, files: tuple[str, ...] = (), hub_id: str | None = None, needs_data: bool = True,
-    groups: bool = False,
+    groups: bool = False, seeded: bool = False,
 ) -> Callable[[Loader], Loader]:
     """Decorator adding a loader to the registry."""
 
     def wrap(loader: Loader) -> Loader:
-        TASKS[name] = TaskSpec(name, loader, files, hub_id, needs_data, groups)
+        TASKS[name] = TaskSpec(name, loader, files, hub_id, needs_data, groups, seeded)
         return loader
 
     return wrap

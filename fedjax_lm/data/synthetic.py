@@ -103,7 +103,7 @@ def make_synthetic(
     return TaskData("synthetic", train, test, num_classes, names, source="generated", info=info)
 
 
-@register_task("synthetic", needs_data=False)
+@register_task("synthetic", needs_data=False, seeded=True)
 def _load_synthetic(ctx: LoadContext, **params: float | int) -> TaskData:
     return make_synthetic(seed=ctx.seed, **params)  # type: ignore[arg-type]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from fedjax_lm.data.registry import (
     TASKS,
     LoadContext,
     PathLike,
+    TaskSpec,
     hub_dataset,
     list_tasks,
     register_task,
@@ -71,14 +73,9 @@ def load_task(
         root=root,
         path=None if path is None else Path(path).expanduser(),
         cache_dir=cache_dir,
-        seed=seed,
+        loader_seed=seed if spec.seeded else None,
     )
-    try:
-        task = spec.loader(ctx, **options)
-    except TypeError as e:
-        if "unexpected keyword" in str(e):
-            raise DataError(f"task {name!r}: {e}") from e
-        raise
+    task = _load_whole(spec, ctx, options)
     train = subsample(task.train, max_train, seed)
     test = subsample(task.test, max_test, seed + 1)
     if len(train) == 0 or len(test) == 0:
@@ -93,6 +90,48 @@ def load_task(
         source=task.source,
         info=task.info,
     )
+
+
+# The last few whole tasks loaded in this process, before subsampling. A vectorized sweep builds
+# every cell's experiment in one process, and a loader may clean tens of thousands of texts
+# (IMDB: ~1 s a call); cells that differ only in client count or learning rate then share one
+# load. Keyed by everything the loader sees (a `seeded` task's seed included) and by its files'
+# size and modification time, so an edited file is read again.
+_LOADED: OrderedDict[tuple, TaskData] = OrderedDict()
+_LOADED_MAX = 2
+
+
+def _load_whole(spec: TaskSpec, ctx: LoadContext, options: dict[str, Any]) -> TaskData:
+    files = ([ctx.path] if ctx.path is not None
+             else [] if ctx.root is None else [ctx.root / f for f in spec.files])
+    files += [Path(v).expanduser() for v in options.values() if isinstance(v, (str, Path))]
+    stats = tuple((str(f), st.st_size, st.st_mtime_ns) for f in files
+                  if (st := _stat(f)) is not None)
+    key = (ctx, stats, repr(sorted(options.items())))
+    if key in _LOADED:
+        _LOADED.move_to_end(key)
+        return _LOADED[key]
+    try:
+        task = spec.loader(ctx, **options)
+    except TypeError as e:
+        if "unexpected keyword" in str(e):
+            raise DataError(f"task {ctx.name!r}: {e}") from e
+        raise
+    for split in (task.train, task.test):  # shared between callers from now on
+        for array in (split.labels, split.images, split.groups):
+            if isinstance(array, np.ndarray):
+                array.flags.writeable = False
+    _LOADED[key] = task
+    while len(_LOADED) > _LOADED_MAX:
+        _LOADED.popitem(last=False)
+    return task
+
+
+def _stat(path: Path) -> Any:
+    try:
+        return path.stat()
+    except OSError:  # missing: the loader says so
+        return None
 
 
 def _local_file(ctx: LoadContext, relative: str) -> Path:
@@ -283,12 +322,12 @@ def _load_blog(ctx: LoadContext, rel: str, test_fraction: float, dedupe: bool) -
     return TaskData(ctx.name, split(tr), split(te), len(names), names, source=src, info=info)
 
 
-@register_task("blog10", files=("blog/blog_top10_authors.parquet",), groups=True)
+@register_task("blog10", files=("blog/blog_top10_authors.parquet",), groups=True, seeded=True)
 def _load_blog10(ctx: LoadContext, test_fraction: float = 0.2, dedupe: bool = False) -> TaskData:
     return _load_blog(ctx, "blog/blog_top10_authors.parquet", test_fraction, dedupe)
 
 
-@register_task("blog50", files=("blog/blog_top50_authors.parquet",), groups=True)
+@register_task("blog50", files=("blog/blog_top50_authors.parquet",), groups=True, seeded=True)
 def _load_blog50(ctx: LoadContext, test_fraction: float = 0.2, dedupe: bool = False) -> TaskData:
     return _load_blog(ctx, "blog/blog_top50_authors.parquet", test_fraction, dedupe)
 

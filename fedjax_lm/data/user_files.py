@@ -186,7 +186,7 @@ def label_summary(names: Sequence[str], labels: np.ndarray, where: str) -> str:
     return f"labels of {where}: {len(names)} classes: {', '.join(parts)}"
 
 
-@register_task("csv", needs_data=False)
+@register_task("csv", needs_data=False, seeded=True)
 def _load_csv(
     ctx: LoadContext,
     train_file: str | None = None,

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fedjax_lm.data import DataError, list_tasks, load_task
+from fedjax_lm.data.task_data import subsample
 
 
 def test_registry_lists_all_tasks() -> None:
@@ -137,7 +138,11 @@ def test_synthetic_deterministic_and_learnable() -> None:
     assert 0.1 < flipped / 300 < 0.3  # label noise 0.2
 
 
-def test_cifar10_subset_and_cache(shared_data: Path, tmp_path: Path) -> None:
+def test_cifar10_subset_and_cache(shared_data: Path, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedjax_lm.data import tasks
+
+    monkeypatch.setattr(tasks, "_LOADED_MAX", 0)  # the disk cache under test, not the process's
     task = load_task("cifar10", shared_data, cache_dir=tmp_path, per_class=3)
     assert task.modality == "image" and task.num_classes == 10
     assert task.train.images.shape == (30, 32, 32, 3) and task.train.images.dtype == np.uint8
@@ -224,3 +229,57 @@ def test_csv_task_without_test_file_holds_out_seeded_fraction(tmp_path: Path) ->
     assert (len(a.train), len(a.test)) == (40, 10)
     assert a.test.texts == b.test.texts
     assert not set(a.train.texts) & set(a.test.texts)
+
+
+def _counting_task(monkeypatch: pytest.MonkeyPatch, seeded: bool) -> list[int | None]:
+    """A registered task 'counted' that reads its --path file and records each loader call."""
+    from fedjax_lm.data import registry, tasks
+    from fedjax_lm.data.task_data import Split, TaskData
+
+    calls: list[int | None] = []
+
+    def loader(ctx):
+        calls.append(ctx.seed if seeded else None)
+        rows = Path(ctx.path).read_text().split()
+        split = Split(labels=np.arange(len(rows), dtype=np.int32) % 2, texts=rows)
+        return TaskData("counted", split, split, 2, ("a", "b"))
+
+    monkeypatch.setitem(registry.TASKS, "counted", registry.TaskSpec(
+        "counted", loader, (), None, needs_data=False, seeded=seeded))
+    monkeypatch.setattr(tasks, "_LOADED", type(tasks._LOADED)())
+    return calls
+
+
+def test_load_task_shares_one_load_across_seeds_and_rereads_an_edited_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _counting_task(monkeypatch, seeded=False)
+    file = tmp_path / "rows.txt"
+    file.write_text("a b c d e f")
+    subsets = {seed: load_task("counted", path=file, max_train=3, seed=seed).train.texts
+               for seed in range(4)}
+    assert len(calls) == 1  # one load; each seed still draws its own subset from it
+    assert len({tuple(t) for t in subsets.values()}) > 1
+    whole = load_task("counted", path=file, seed=0).train
+    assert subsets == {seed: subsample(whole, 3, seed).texts for seed in range(4)}
+    with pytest.raises(ValueError, match="read-only"):
+        load_task("counted", path=file, seed=0).train.labels[0] = 1
+    file.write_text("a b c d e f g h")  # another size: read again
+    assert len(load_task("counted", path=file, seed=0).train) == 8
+    assert len(calls) == 2
+
+
+def test_seeded_task_loads_once_per_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _counting_task(monkeypatch, seeded=True)
+    file = tmp_path / "rows.txt"
+    file.write_text("a b c")
+    for seed in (0, 1, 0):
+        load_task("counted", path=file, seed=seed)
+    assert calls == [0, 1]
+
+
+def test_unseeded_loader_reading_its_seed_is_a_programming_error() -> None:
+    from fedjax_lm.data.registry import LoadContext
+
+    with pytest.raises(TypeError, match="register it with seeded=True"):
+        _ = LoadContext("imdb", None, None, None, loader_seed=None).seed
