@@ -12,6 +12,9 @@ Planning, one printed line per program or lone cell:
    padding C = 1 to C = 32 would compute 32× more: those stay separate programs);
 3. a program is compiled before it runs; if XLA's peak exceeds the memory budget, the largest
    group that fits is named and the program split into groups of that size.
+Programs compile ahead, one after another on a host thread (`CompileAhead`), while the main
+thread trains the groups before them: on a CPU a compile keeps one core while the rounds run,
+and on an accelerator the host compiles while the device computes.
 A group whose cells stopped at different rounds first runs the lagging cells alone up to the
 furthest one, then continues together; every cell's numbers equal its run alone (to float
 tolerance: summation over a padded client axis may reorder).
@@ -19,9 +22,11 @@ tolerance: summation over a padded client axis may reorder).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +42,7 @@ from fedjax_lm.runner.bookkeeping import RunBook
 from fedjax_lm.runner.config import EXECUTION_FIELDS, RunConfig, VectorizeOptions
 from fedjax_lm.runner.experiment import (
     Experiment,
+    Hypers,
     build_algorithm,
     build_experiment,
     hypers,
@@ -190,20 +196,84 @@ def run_vectorized(cells: list[RunConfig], options: VectorizeOptions, *, run_alo
     groups, warnings = plan(cells, options)
     for line in warnings:
         warn(line)
-    for group in groups:
-        if group.line:
-            say(group.line)
-        if len(group.cells) == 1:
-            cfg = group.cells[0]
-            results[cfg.out] = (train(cfg, progress=progress, exp=group.exps[0]) if group.exps
-                                else run_alone(cfg))
-            continue
-        for cfg, final in zip(group.cells, run_group(group, options, progress), strict=True):
-            results[cfg.out] = final
+    with CompileAhead([g for g in groups if len(g.cells) > 1]) as ahead:
+        for group in groups:
+            if group.line:
+                say(group.line)
+            if len(group.cells) == 1:
+                cfg = group.cells[0]
+                results[cfg.out] = (train(cfg, progress=progress, exp=group.exps[0])
+                                    if group.exps else run_alone(cfg))
+                continue
+            finals = run_group(group, options, progress, ahead)
+            for cfg, final in zip(group.cells, finals, strict=True):
+                results[cfg.out] = final
     return [results[c.out] for c in cells]
 
 
-def run_group(group: Group, options: VectorizeOptions, progress: bool) -> list[dict]:
+@dataclasses.dataclass
+class Compiled:
+    """A group's program, compiled for its shapes (nothing has run), and XLA's peak bytes."""
+
+    program: FederationRound
+    hp: Hypers
+    steps: int
+    need: int
+
+
+def compile_group(group: Group) -> Compiled:
+    """Compiled for round 0's cohorts: every round's have the same shapes (padded to `steps`)."""
+    program = _program(group)
+    shapes = jax.eval_shape(lambda: stack(_initial_states(group)))
+    hp = stack([hypers(c) for c in group.cells])
+    steps = max(e.steps_per_round for e in group.exps)
+    blocks = program.place(_cohorts(group, 0)[1], steps)
+    return Compiled(program, hp, steps, compiled_bytes(program.compile(shapes, blocks, hp)))
+
+
+class CompileAhead:
+    """Compiles the groups' programs in order on one daemon thread, started at once; `take`
+    waits for a group's. A group whose cells changed before it ran (some resumed alone) is
+    compiled again by the caller. Leaving the context abandons the compiles not yet started."""
+
+    def __init__(self, groups: list[Group]):
+        self._futures: dict[tuple[str, ...], concurrent.futures.Future] = {
+            _cells_key(g): concurrent.futures.Future() for g in groups}
+        self._groups = groups
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="compile-ahead", daemon=True)
+
+    def _work(self) -> None:
+        for group in self._groups:
+            future = self._futures[_cells_key(group)]
+            if self._stop.is_set() or not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(compile_group(group))
+            except BaseException as e:  # raised where the main thread takes it
+                future.set_exception(e)
+
+    def take(self, group: Group) -> Compiled:
+        future = self._futures.pop(_cells_key(group), None)
+        return compile_group(group) if future is None else future.result()
+
+    def __enter__(self) -> CompileAhead:
+        if self._groups:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for future in self._futures.values():
+            future.cancel()
+
+
+def _cells_key(group: Group) -> tuple[str, ...]:
+    return tuple(c.out for c in group.cells)
+
+
+def run_group(group: Group, options: VectorizeOptions, progress: bool,
+              ahead: CompileAhead | None = None) -> list[dict]:
     """Bring the cells to the same round, fit the program in memory, then train together."""
     finals: dict[str, dict] = {}
     cells, exps = group.cells, group.exps
@@ -221,7 +291,9 @@ def run_group(group: Group, options: VectorizeOptions, progress: bool) -> list[d
         finals[cells[todo[0]].out] = train(cells[todo[0]], progress=progress, exp=exps[todo[0]])
     elif todo:
         sub = Group([cells[i] for i in todo], group.line, [exps[i] for i in todo])
-        for cfg, final in zip(sub.cells, _fit_and_train(sub, options, progress), strict=True):
+        compiled = ahead.take(sub) if ahead else compile_group(sub)
+        for cfg, final in zip(sub.cells, _fit_and_train(sub, compiled, options, progress),
+                              strict=True):
             finals[cfg.out] = final
     return [finals[c.out] for c in cells]
 
@@ -250,18 +322,13 @@ def _initial_states(group: Group) -> list[fl.ServerState]:
     return states
 
 
-def _fit_and_train(group: Group, options: VectorizeOptions, progress: bool) -> list[dict]:
-    """Compile the group's program (nothing runs) and split the group if it does not fit."""
-    program = _program(group)
-    start = checkpointed_round(Path(group.cells[0].out)) or 0
-    shapes = jax.eval_shape(lambda: stack(_initial_states(group)))
-    hp = stack([hypers(c) for c in group.cells])
-    steps = max(e.steps_per_round for e in group.exps)
-    blocks = program.place(_cohorts(group, start)[1], steps)
-    need = compiled_bytes(program.compile(shapes, blocks, hp))
+def _fit_and_train(group: Group, compiled: Compiled, options: VectorizeOptions,
+                   progress: bool) -> list[dict]:
+    """Train the group with its compiled program, or split the group if it does not fit."""
+    need, steps = compiled.need, compiled.steps
     budget = memory_budget(options)
     if need <= budget:
-        return _train_group(group, program, hp, steps, progress)
+        return _train_group(group, compiled.program, compiled.hp, steps, progress)
     per = need / len(group.cells)
     fit = int(budget // per)
     action = (f"splitting it into groups of {fit}" if fit >= 2

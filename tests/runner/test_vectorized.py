@@ -104,7 +104,13 @@ def test_vectorized_sweep_equals_each_cell_alone_and_resumes(tmp_path, capsys):
             for key in ("train_loss", "update_norm", "eval_loss", "eval_accuracy"):
                 assert abs(a[key] - b[key]) <= 1e-6, (cfg.out, key)
         mine, theirs = _params(run, cfg), _params(Path(cfg.out), cfg)
-        diff = max(float(np.max(np.abs(x - y))) for x, y in
-                   zip(jax.tree.leaves(mine), jax.tree.leaves(theirs), strict=True))
-        assert diff <= 1e-6, cfg.out
+        # Parameters: float32 rounding of a reordered sum, carried through 3 rounds of Adam,
+        # which divides by the gradient's own scale, so where a gradient is (nearly) zero its
+        # rounding noise becomes a step of up to lr (attention key biases: an exactly-zero
+        # gradient; rare tokens' embedding rows): measured up to 3e-5 = 1.5% of lr in single
+        # coordinates. A real difference (a wrong weight, a padded client counted) moves whole
+        # tensors by ~lr per step: bound the worst coordinate by 5% of lr and the mean by 0.1%.
+        for x, y in zip(jax.tree.leaves(mine), jax.tree.leaves(theirs), strict=True):
+            d = np.abs(np.asarray(x) - np.asarray(y))
+            assert d.max() <= 0.05 * 2e-3 and d.mean() <= 1e-3 * 2e-3, cfg.out
     assert from_dict(vec["config"]).rounds == 3
