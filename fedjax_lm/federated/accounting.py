@@ -16,10 +16,27 @@ multiplier z, on a sampled cohort:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting
-from scipy import stats
+if TYPE_CHECKING:
+    import dp_accounting
+
+
+@functools.cache
+def _dp() -> Any:
+    """dp-accounting (and through it scipy.signal): ~1 s to import, so only runs that account
+    for privacy pay it, not every CLI start."""
+    import dp_accounting
+
+    return dp_accounting
+
+
+def _binom() -> Any:
+    from scipy import stats
+
+    return stats.binom
 
 ACCOUNTANTS = ("rdp", "pld")
 SAMPLINGS = ("fixed", "poisson")
@@ -71,19 +88,19 @@ def round_event(setting: PrivacySetting) -> dp_accounting.DpEvent:
     """One round as a dp-accounting event (see the module docstring)."""
     z = setting.noise_multiplier
     if setting.expected_clients == setting.population:
-        return dp_accounting.GaussianDpEvent(z)
+        return _dp().GaussianDpEvent(z)
     if setting.without_replacement:
-        return dp_accounting.SampledWithoutReplacementDpEvent(
-            setting.population, int(setting.expected_clients), dp_accounting.GaussianDpEvent(z / 2))
-    return dp_accounting.PoissonSampledDpEvent(setting.rate, dp_accounting.GaussianDpEvent(z))
+        return _dp().SampledWithoutReplacementDpEvent(
+            setting.population, int(setting.expected_clients), _dp().GaussianDpEvent(z / 2))
+    return _dp().PoissonSampledDpEvent(setting.rate, _dp().GaussianDpEvent(z))
 
 
 def make_accountant(setting: PrivacySetting) -> dp_accounting.PrivacyAccountant:
     if setting.accountant == "pld":
-        return dp_accounting.pld.PLDAccountant()
-    relation = (dp_accounting.NeighboringRelation.REPLACE_ONE if setting.without_replacement
-                else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
-    return dp_accounting.rdp.RdpAccountant(neighboring_relation=relation)
+        return _dp().pld.PLDAccountant()
+    relation = (_dp().NeighboringRelation.REPLACE_ONE if setting.without_replacement
+                else _dp().NeighboringRelation.ADD_OR_REMOVE_ONE)
+    return _dp().rdp.RdpAccountant(neighboring_relation=relation)
 
 
 def epsilon(setting: PrivacySetting, rounds: int, delta: float) -> float:
@@ -107,11 +124,11 @@ def calibrate_noise(setting: PrivacySetting, rounds: int, target_epsilon: float,
     low = MIN_NOISE_MULTIPLIER
     if epsilon(setting.with_noise(low), rounds, delta) <= target_epsilon:
         return low
-    z = dp_accounting.calibrate_dp_mechanism(
+    z = _dp().calibrate_dp_mechanism(
         lambda: make_accountant(setting),
-        lambda z: dp_accounting.SelfComposedDpEvent(round_event(setting.with_noise(z)), rounds),
+        lambda z: _dp().SelfComposedDpEvent(round_event(setting.with_noise(z)), rounds),
         target_epsilon, delta,
-        bracket_interval=dp_accounting.ExplicitBracketInterval(low, max_noise),
+        bracket_interval=_dp().ExplicitBracketInterval(low, max_noise),
         tol=CALIBRATION_TOL)
     # Brent stops within tol of the boundary, on either side: step to the private side.
     while epsilon(setting.with_noise(z), rounds, delta) > target_epsilon:
@@ -137,7 +154,7 @@ def default_delta(population: int) -> float:
 
 def overflow_probability(population: int, rate: float, max_size: int) -> float:
     """P(a Poisson cohort exceeds `max_size`) per round, for N or N+1 clients (add/remove)."""
-    return float(stats.binom.sf(max_size, population + 1, rate))
+    return float(_binom().sf(max_size, population + 1, rate))
 
 
 def overflow_delta(population: int, rate: float, max_size: int, rounds: int,
@@ -156,7 +173,7 @@ def default_max_cohort(population: int, rate: float, rounds: int, budget: float)
     within `budget` (at most N)."""
     if budget <= 0:
         return population
-    size = int(stats.binom.isf(budget / rounds, population + 1, rate))
+    size = int(_binom().isf(budget / rounds, population + 1, rate))
     while size < population and rounds * overflow_probability(population, rate, size) > budget:
         size += 1
     return max(1, min(population, size))
