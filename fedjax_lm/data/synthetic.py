@@ -144,3 +144,13 @@ def synthetic_population(
     names = tuple(f"class_{c}" for c in range(num_classes))
     return TaskData("synthetic_population", train, test, num_classes, names,
                     source=f"generated (population, seed {seed})")
+
+
+POPULATION_EXAMPLES = 1_000_000
+
+
+@register_task("synthetic_population", needs_data=False, seeded=True)
+def _load_synthetic_population(ctx: LoadContext, **params: float | int) -> TaskData:
+    """A cross-device population from the command line: 1,000,000 generated training texts
+    (10,000 test) for up to a million one-example clients; `--max-train-examples` takes fewer."""
+    return synthetic_population(POPULATION_EXAMPLES, seed=ctx.seed, **params)  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ from fedjax_lm.data.task_data import subsample
 
 def test_registry_lists_all_tasks() -> None:
     expected = {"imdb", "ag_news", "yelp5", "blog10", "blog50", "sst2", "20news", "cifar10"}
-    assert expected | {"synthetic", "csv"} == set(list_tasks())
+    assert expected | {"synthetic", "synthetic_population", "csv"} == set(list_tasks())
 
 
 def test_imdb_fixture_official_split_and_cleaning(imdb_fixture) -> None:
@@ -283,3 +283,17 @@ def test_unseeded_loader_reading_its_seed_is_a_programming_error() -> None:
 
     with pytest.raises(TypeError, match="register it with seeded=True"):
         _ = LoadContext("imdb", None, None, None, loader_seed=None).seed
+
+
+def test_synthetic_population_task_is_the_population_generator(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedjax_lm.data import synthetic
+
+    monkeypatch.setattr(synthetic, "POPULATION_EXAMPLES", 5000)  # the real one: 1,000,000
+    task = load_task("synthetic_population", seed=3, num_test=50)
+    direct = synthetic.synthetic_population(5000, 50, seed=3)
+    assert (len(task.train), len(task.test)) == (5000, 50)
+    assert task.train.texts == direct.train.texts
+    assert np.array_equal(task.train.labels, direct.train.labels)
+    assert len(load_task("synthetic_population", seed=3, num_test=50, max_train=700).train) == 700
