@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -197,29 +197,72 @@ def _client_accuracy_plot(path: Path, runs: list[dict]) -> None:
     _save(fig, path)
 
 
+class Curve(NamedTuple):
+    """Test accuracy by round of one client count, mean and std over its seeds."""
+
+    rounds: list[int]
+    mean: np.ndarray
+    std: np.ndarray
+    seeds: int
+
+
+def round_panels(runs: list[dict], fields: list[str]) -> dict[str, dict[int, Curve]]:
+    """Small multiples for `accuracy_vs_round.png`: one panel per model, task and value of
+    every other varying field, holding one curve per client count (seeds averaged)."""
+    extra = [f for f in fields if f not in _ALWAYS]
+    panels: dict[str, dict[int, Curve]] = {}
+    for key, group in _group(runs, ["model", "task"] + extra).items():
+        title = " · ".join(map(str, key[:2])) + "".join(
+            f"\n{f}={v}" for f, v in zip(extra, key[2:], strict=True))
+        curves = {}
+        for (clients,), cell in _group(group, ["clients"]).items():
+            rows = [[(m["round"], m["eval_accuracy"]) for m in r["metrics"]
+                     if "eval_accuracy" in m] for r in cell]
+            n = min(len(c) for c in rows)
+            ys = np.asarray([[y for _, y in c[:n]] for c in rows], dtype=float)
+            curves[clients] = Curve([x for x, _ in rows[0][:n]], ys.mean(axis=0),
+                                    ys.std(axis=0), len(rows))
+        panels[title] = curves
+    return panels
+
+
 def _plots(root: Path, runs: list[dict], fields: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = _group(runs, ["model", "task"])
     extra = [f for f in fields if f not in _ALWAYS]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
-    for ax, ((model, task), group) in zip(axes[0], panels.items(), strict=True):
-        for key, cell in _group(group, ["clients"] + extra).items():
-            curves = [[(m["round"], m["eval_accuracy"]) for m in r["metrics"]
-                       if "eval_accuracy" in m] for r in cell]
-            n = min(len(c) for c in curves)
-            xs = [x for x, _ in curves[0][:n]]
-            ys = np.mean([[y for _, y in c[:n]] for c in curves], axis=0)
-            label = f"C={key[0]}" + "".join(f", {f}={v}" for f, v in zip(extra, key[1:],
-                                                                          strict=True))
-            ax.plot(xs, ys, marker="o", ms=3, label=label)
-        ax.set(title=f"{model} · {task}", xlabel="round", ylabel="test accuracy")
+    panels = round_panels(runs, fields)
+    every_c = sorted({c for curves in panels.values() for c in curves})
+    colour = {c: plt.cm.viridis(i / max(1, len(every_c) - 1)) for i, c in enumerate(every_c)}
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows + 0.6),
+                             squeeze=False, sharex=True, sharey=True)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, curves) in zip(axes.flat, panels.items(), strict=False):
+        for c, curve in curves.items():
+            ax.plot(curve.rounds, curve.mean, marker="o", ms=3, color=colour[c])
+            if curve.seeds > 1:
+                ax.fill_between(curve.rounds, curve.mean - curve.std, curve.mean + curve.std,
+                                color=colour[c], alpha=0.2, linewidth=0)
+        ax.set_title(title, fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    _save(fig, root / "accuracy_vs_round.png")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    for ax in axes[-1]:
+        ax.set_xlabel("round")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test accuracy")
+    seeds = sorted({curve.seeds for curves in panels.values() for curve in curves.values()})
+    handles = [plt.Line2D([], [], color=colour[c], marker="o", ms=3) for c in every_c]
+    fig.legend(handles, [f"C={c}" for c in every_c], loc="upper center", ncol=len(every_c),
+               fontsize=8, frameon=False, title=(
+                   f"mean over {'/'.join(map(str, seeds))} seed(s); band: ± std"
+                   if seeds != [1] else None), title_fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (2.9 * rows + 0.6)))
+    atomic_savefig(fig, root / "accuracy_vs_round.png")
 
     tasks = _group(runs, ["task"])
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
