@@ -114,3 +114,28 @@ def test_vectorized_sweep_equals_each_cell_alone_and_resumes(tmp_path, capsys):
             d = np.abs(np.asarray(x) - np.asarray(y))
             assert d.max() <= 0.05 * 2e-3 and d.mean() <= 1e-3 * 2e-3, cfg.out
     assert from_dict(vec["config"]).rounds == 3
+
+
+def test_compile_ahead_compiles_in_order_on_a_thread_and_raises_where_taken(monkeypatch):
+    import threading
+
+    compiled = []
+
+    def fake_compile(group):
+        compiled.append((group.cells[0].out, threading.current_thread().name))
+        if group.cells[0].out == "b":
+            raise ValueError("XLA said no")
+        return group.cells[0].out
+
+    monkeypatch.setattr(vectorized, "compile_group", fake_compile)
+    groups = [vectorized.Group([SimpleNamespace(out=name)], "") for name in "abc"]
+    with vectorized.CompileAhead(groups) as ahead:
+        assert ahead.take(groups[0]) == "a"
+        with pytest.raises(ValueError, match="XLA said no"):
+            ahead.take(groups[1])
+        assert ahead.take(groups[2]) == "c"
+        other = vectorized.Group([SimpleNamespace(out="d")], "")  # changed cells: compiled here
+        assert ahead.take(other) == "d"
+    assert [c[0] for c in compiled] == ["a", "b", "c", "d"]
+    assert {name for _, name in compiled[:3]} == {"compile-ahead"}
+    assert compiled[3][1] == threading.current_thread().name
