@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_lm.models.activations import make_activation
-from fedjax_lm.models.conv import ConvValid
+from fedjax_lm.models.conv import CONV_IMPLS, ConvValid, conv2d_same
 from fedjax_lm.models.layers import dropout
 from fedjax_lm.models.stats import masked_classification_stats
 
@@ -105,10 +105,14 @@ class SMCN(nnx.Module):
         dropout_rate: float = 0.5,
         width: int = 64,
         init: str = "flax",
+        conv_impl: str = "patches",
         rngs: nnx.Rngs,
     ):
         w = width
         self.dropout_rate = dropout_rate
+        if conv_impl not in CONV_IMPLS:
+            raise ValueError(f"unknown conv impl {conv_impl!r}; valid: {', '.join(CONV_IMPLS)}")
+        self.conv_impl = conv_impl  # the lowering only: nnx.Conv holds the parameters
         conv = lambda bias: _layer_inits(init, "conv", bias)
         dense = _layer_inits(init, "dense", 0.1)
         self.conv1 = nnx.Conv(3, w, (5, 5), padding="SAME", rngs=rngs, **conv(0.0))
@@ -133,10 +137,12 @@ class SMCN(nnx.Module):
             raise ValueError("dropout in training needs an rng")
         keys = jax.random.split(rng, 3) if train and rng is not None else (None, None, None)
         drop = lambda h, i: dropout(h, self.dropout_rate, keys[i])
-        x = drop(self.act1(self.conv1(x)), 0)
-        x = _max_pool(self.act2(self.conv2(x)), 3, 2, "SAME")
-        x = drop(self.act3(self.conv3(x)), 1)
-        x = _max_pool(self.act4(self.conv4(x)), 3, 2, "SAME")
+        conv = lambda layer, h: conv2d_same(h, layer.kernel[...], layer.bias[...],
+                                            self.conv_impl)
+        x = drop(self.act1(conv(self.conv1, x)), 0)
+        x = _max_pool(self.act2(conv(self.conv2, x)), 3, 2, "SAME")
+        x = drop(self.act3(conv(self.conv3, x)), 1)
+        x = _max_pool(self.act4(conv(self.conv4, x)), 3, 2, "SAME")
         x = x.reshape(x.shape[0], -1)
         x = drop(self.act5(self.fc1(x)), 2)
         x = self.act6(self.fc2(x))
@@ -203,7 +209,7 @@ def make_cnn_model(
     width: int = 64, init: str = "flax", conv_impl: str = "patches",
 ) -> CnnModel:
     """Build the pure model for `name` in {"lenet", "smcn", "pfl_cnn"}; `dropout_rate`, `width`
-    and `init` apply to smcn, `conv_impl` to pfl_cnn (which has ReLUs only)."""
+    and `init` apply to smcn, `conv_impl` to pfl_cnn (which has ReLUs only) and smcn."""
     if name not in CNN_MODELS:
         raise ValueError(f"unknown CNN {name!r}; valid: {', '.join(CNN_MODELS)}")
     if init not in INITS:
@@ -212,7 +218,7 @@ def make_cnn_model(
         module_fn = lambda rngs: PflSimpleCnn(num_classes, conv_impl=conv_impl, rngs=rngs)
     elif name == "smcn":
         module_fn = lambda rngs: SMCN(num_classes, activation, dropout_rate=dropout_rate,
-                                      width=width, init=init, rngs=rngs)
+                                      width=width, init=init, conv_impl=conv_impl, rngs=rngs)
     else:
         module_fn = lambda rngs: LeNetCifar(num_classes, activation, rngs=rngs)
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: module_fn(nnx.Rngs(0))))

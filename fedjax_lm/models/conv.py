@@ -42,6 +42,21 @@ def conv2d_valid(x: jax.Array, kernel: jax.Array, bias: jax.Array, impl: str = "
     return y + bias
 
 
+def conv2d_same(x: jax.Array, kernel: jax.Array, bias: jax.Array, impl: str = "xla"
+                ) -> jax.Array:
+    """Stride-1 'SAME' convolution (odd kernel sizes): zero padding, then `conv2d_valid`."""
+    kh, kw = kernel.shape[:2]
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"'SAME' here takes odd kernel sizes, got {kh}x{kw}")
+    if impl == "xla":
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias
+    ph, pw = kh // 2, kw // 2
+    x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    return conv2d_valid(x, kernel, bias, impl)
+
+
 class ConvValid(nnx.Module):
     """`nnx.Conv`-like stride-1 'VALID' conv (Glorot-uniform kernel, zero bias) whose lowering
     is chosen by `impl`."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedjax_lm.models.cnn import make_cnn_model
-from fedjax_lm.models.conv import conv2d_valid
+from fedjax_lm.models.conv import conv2d_same, conv2d_valid
 
 
 def _numpy_conv(x: np.ndarray, k: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -72,3 +72,45 @@ def test_pfl_cnn_lowerings_agree_vmapped_over_clients_with_gradients():
     for g, r in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref[1]), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
     assert params["fc1"]["kernel"].shape == (3, 14 * 14 * 64, 128)
+
+
+@pytest.mark.parametrize("size", [1, 3, 5])
+def test_same_padding_lowerings_agree_vmapped_with_gradients(size):
+    rng = np.random.default_rng(size)
+    x = jnp.asarray(rng.normal(size=(3, 2, 7, 6, 2)), jnp.float32)  # [runs, B, H, W, C]
+    k = jnp.asarray(rng.normal(size=(3, size, size, 2, 4)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+
+    def run(impl):
+        f = lambda x, k, b: (conv2d_same(x, k, b, impl) ** 2).sum()
+        return jax.vmap(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, k, b)
+
+    (ref, ref_g), (got, got_g) = run("xla"), run("patches")
+    assert conv2d_same(x[0], k[0], b[0], "patches").shape == (2, 7, 6, 4)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    for g, r in zip(got_g, ref_g, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="odd kernel sizes"):
+        conv2d_same(x[0], jnp.zeros((2, 2, 2, 4)), b[0], "patches")
+
+
+def test_smcn_lowerings_agree_vmapped_over_seeds_with_gradients():
+    """Paper 3's network, vmapped over seeds as the ABU study runs it, the paper's init."""
+    kw = dict(width=4, init="paper")
+    xla, pat = (make_cnn_model("smcn", 10, "abu_n", conv_impl=c, **kw) for c in ("xla", "patches"))
+    keys = jax.random.split(jax.random.key(0), 2)
+    params = jax.vmap(xla.init)(keys)
+    assert jax.tree.structure(params) == jax.tree.structure(jax.vmap(pat.init)(keys))
+    batch = {"image": jax.random.normal(jax.random.key(1), (2, 4, 32, 32, 3)),
+             "label": jnp.arange(8).reshape(2, 4) % 10}
+
+    def loss(model, p, b, k):
+        logits = model.apply(p, b, train=True, rng=k)
+        return jax.nn.log_softmax(logits)[jnp.arange(4), b["label"]].mean()
+
+    drop = jax.random.split(jax.random.key(2), 2)
+    ref = jax.vmap(jax.value_and_grad(lambda p, b, k: loss(xla, p, b, k)))(params, batch, drop)
+    got = jax.vmap(jax.value_and_grad(lambda p, b, k: loss(pat, p, b, k)))(params, batch, drop)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref[1]), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
