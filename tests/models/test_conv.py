@@ -52,25 +52,32 @@ def test_unknown_impl_is_refused():
         conv2d_valid(jnp.zeros((1, 3, 3, 1)), jnp.zeros((1, 1, 1, 1)), jnp.zeros(1), "fft")
 
 
-@pytest.mark.slow
-def test_pfl_cnn_lowerings_agree_vmapped_over_clients_with_gradients():
-    xla, pat = make_cnn_model("pfl_cnn", 10, conv_impl="xla"), make_cnn_model("pfl_cnn", 10)
-    keys = jax.random.split(jax.random.key(0), 3)
-    params = jax.vmap(xla.init)(keys)  # three clients, each its own weights
+def _cnn_lowerings_agree(name: str, runs: int, batch: int, **kw):
+    """The CNN's two conv lowerings, vmapped over `runs` own weights (clients or seeds):
+    the same loss and gradients. Returns the params (xla lowering)."""
+    xla, pat = (make_cnn_model(name, 10, conv_impl=c, **kw) for c in ("xla", "patches"))
+    keys = jax.random.split(jax.random.key(0), runs)
+    params = jax.vmap(xla.init)(keys)
     assert jax.tree.structure(params) == jax.tree.structure(jax.vmap(pat.init)(keys))
-    images = jax.random.normal(jax.random.key(1), (3, 4, 32, 32, 3))
-    batch = {"image": images, "label": jnp.arange(12).reshape(3, 4) % 10}
+    data = {"image": jax.random.normal(jax.random.key(1), (runs, batch, 32, 32, 3)),
+            "label": jnp.arange(runs * batch).reshape(runs, batch) % 10}
 
     def loss(model, p, b, k):
         logits = model.apply(p, b, train=True, rng=k)
-        return jax.nn.log_softmax(logits)[jnp.arange(4), b["label"]].mean()
+        return jax.nn.log_softmax(logits)[jnp.arange(batch), b["label"]].mean()
 
-    drop = jax.random.split(jax.random.key(2), 3)
-    ref = jax.vmap(jax.value_and_grad(lambda p, b, k: loss(xla, p, b, k)))(params, batch, drop)
-    got = jax.vmap(jax.value_and_grad(lambda p, b, k: loss(pat, p, b, k)))(params, batch, drop)
+    drop = jax.random.split(jax.random.key(2), runs)
+    ref = jax.vmap(jax.value_and_grad(lambda p, b, k: loss(xla, p, b, k)))(params, data, drop)
+    got = jax.vmap(jax.value_and_grad(lambda p, b, k: loss(pat, p, b, k)))(params, data, drop)
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
     for g, r in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref[1]), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+    return params
+
+
+@pytest.mark.slow
+def test_pfl_cnn_lowerings_agree_vmapped_over_clients_with_gradients():
+    params = _cnn_lowerings_agree("pfl_cnn", runs=3, batch=4)
     assert params["fc1"]["kernel"].shape == (3, 14 * 14 * 64, 128)
 
 
@@ -96,21 +103,4 @@ def test_same_padding_lowerings_agree_vmapped_with_gradients(size):
 
 def test_smcn_lowerings_agree_vmapped_over_seeds_with_gradients():
     """Paper 3's network, vmapped over seeds as the ABU study runs it, the paper's init."""
-    kw = dict(width=4, init="paper")
-    xla, pat = (make_cnn_model("smcn", 10, "abu_n", conv_impl=c, **kw) for c in ("xla", "patches"))
-    keys = jax.random.split(jax.random.key(0), 2)
-    params = jax.vmap(xla.init)(keys)
-    assert jax.tree.structure(params) == jax.tree.structure(jax.vmap(pat.init)(keys))
-    batch = {"image": jax.random.normal(jax.random.key(1), (2, 4, 32, 32, 3)),
-             "label": jnp.arange(8).reshape(2, 4) % 10}
-
-    def loss(model, p, b, k):
-        logits = model.apply(p, b, train=True, rng=k)
-        return jax.nn.log_softmax(logits)[jnp.arange(4), b["label"]].mean()
-
-    drop = jax.random.split(jax.random.key(2), 2)
-    ref = jax.vmap(jax.value_and_grad(lambda p, b, k: loss(xla, p, b, k)))(params, batch, drop)
-    got = jax.vmap(jax.value_and_grad(lambda p, b, k: loss(pat, p, b, k)))(params, batch, drop)
-    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
-    for g, r in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref[1]), strict=True):
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+    _cnn_lowerings_agree("smcn", runs=2, batch=4, activation="abu_n", width=4, init="paper")
