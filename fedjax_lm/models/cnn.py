@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_lm.models.activations import make_activation
-from fedjax_lm.models.conv import CONV_IMPLS, ConvValid, conv2d_same
+from fedjax_lm.models.conv import CONV_IMPLS, ConvValid, conv2d_same, conv2d_valid
 from fedjax_lm.models.layers import dropout
 from fedjax_lm.models.stats import masked_classification_stats
 
@@ -62,10 +62,15 @@ def _layer_inits(init: str, kind: str, bias: float) -> dict[str, Any]:
 class LeNetCifar(nnx.Module):
     """Paper 2's CIFAR CNN (the PyTorch-tutorial LeNet): 'VALID' convs, 2x2 max pools.
 
-    32→conv5→28→pool→14→conv5→10→pool→5, so fc1 sees 5·5·16 = 400 features.
+    32→conv5→28→pool→14→conv5→10→pool→5, so fc1 sees 5·5·16 = 400 features. `conv_impl`
+    picks the lowering only (`fedjax_lm.models.conv`); nnx.Conv holds the parameters.
     """
 
-    def __init__(self, num_classes: int, activation: str = "relu", *, rngs: nnx.Rngs):
+    def __init__(self, num_classes: int, activation: str = "relu", *,
+                 conv_impl: str = "patches", rngs: nnx.Rngs):
+        if conv_impl not in CONV_IMPLS:
+            raise ValueError(f"unknown conv impl {conv_impl!r}; valid: {', '.join(CONV_IMPLS)}")
+        self.conv_impl = conv_impl
         self.conv1 = nnx.Conv(3, 6, (5, 5), padding="VALID", rngs=rngs)
         self.act1 = make_activation(activation, rngs=rngs)
         self.conv2 = nnx.Conv(6, 16, (5, 5), padding="VALID", rngs=rngs)
@@ -80,8 +85,10 @@ class LeNetCifar(nnx.Module):
         self, x: jax.Array, *, train: bool = False, rng: jax.Array | None = None
     ) -> jax.Array:
         del train, rng  # no dropout in this network
-        x = _max_pool(self.act1(self.conv1(x)), 2, 2, "VALID")
-        x = _max_pool(self.act2(self.conv2(x)), 2, 2, "VALID")
+        conv = lambda layer, h: conv2d_valid(h, layer.kernel[...], layer.bias[...],
+                                             self.conv_impl)
+        x = _max_pool(self.act1(conv(self.conv1, x)), 2, 2, "VALID")
+        x = _max_pool(self.act2(conv(self.conv2, x)), 2, 2, "VALID")
         x = x.reshape(x.shape[0], -1)
         x = self.act3(self.fc1(x))
         x = self.act4(self.fc2(x))
@@ -209,7 +216,7 @@ def make_cnn_model(
     width: int = 64, init: str = "flax", conv_impl: str = "patches",
 ) -> CnnModel:
     """Build the pure model for `name` in {"lenet", "smcn", "pfl_cnn"}; `dropout_rate`, `width`
-    and `init` apply to smcn, `conv_impl` to pfl_cnn (which has ReLUs only) and smcn."""
+    and `init` apply to smcn, `conv_impl` (the convs' lowering) to all three."""
     if name not in CNN_MODELS:
         raise ValueError(f"unknown CNN {name!r}; valid: {', '.join(CNN_MODELS)}")
     if init not in INITS:
@@ -220,7 +227,8 @@ def make_cnn_model(
         module_fn = lambda rngs: SMCN(num_classes, activation, dropout_rate=dropout_rate,
                                       width=width, init=init, conv_impl=conv_impl, rngs=rngs)
     else:
-        module_fn = lambda rngs: LeNetCifar(num_classes, activation, rngs=rngs)
+        module_fn = lambda rngs: LeNetCifar(num_classes, activation, conv_impl=conv_impl,
+                                            rngs=rngs)
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: module_fn(nnx.Rngs(0))))
     return CnnModel(module_fn, graphdef, abstract_state)
 

@@ -104,3 +104,9 @@ def test_same_padding_lowerings_agree_vmapped_with_gradients(size):
 def test_smcn_lowerings_agree_vmapped_over_seeds_with_gradients():
     """Paper 3's network, vmapped over seeds as the ABU study runs it, the paper's init."""
     _cnn_lowerings_agree("smcn", runs=2, batch=4, activation="abu_n", width=4, init="paper")
+
+
+def test_lenet_lowerings_agree_vmapped_over_clients_with_gradients():
+    """Paper 2's network, vmapped over clients as its personalisation runs it."""
+    params = _cnn_lowerings_agree("lenet", runs=3, batch=4)
+    assert params["conv2"]["kernel"].shape == (3, 5, 5, 6, 16)
