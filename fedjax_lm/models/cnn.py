@@ -21,14 +21,13 @@ from flax import nnx
 from fedjax_lm.models.activations import make_activation
 from fedjax_lm.models.conv import CONV_IMPLS, ConvValid, conv2d_same, conv2d_valid
 from fedjax_lm.models.layers import dropout
+from fedjax_lm.models.pool import max_pool
 from fedjax_lm.models.stats import masked_classification_stats
 
 Params = Any  # nested dict of jax arrays
 Batch = dict[str, jax.Array]
 
 
-def _max_pool(x: jax.Array, window: int, stride: int, padding: str) -> jax.Array:
-    return nnx.max_pool(x, (window, window), strides=(stride, stride), padding=padding)
 
 
 INITS: tuple[str, ...] = ("flax", "paper")
@@ -87,8 +86,8 @@ class LeNetCifar(nnx.Module):
         del train, rng  # no dropout in this network
         conv = lambda layer, h: conv2d_valid(h, layer.kernel[...], layer.bias[...],
                                              self.conv_impl)
-        x = _max_pool(self.act1(conv(self.conv1, x)), 2, 2, "VALID")
-        x = _max_pool(self.act2(conv(self.conv2, x)), 2, 2, "VALID")
+        x = max_pool(self.act1(conv(self.conv1, x)), 2, 2, "VALID")
+        x = max_pool(self.act2(conv(self.conv2, x)), 2, 2, "VALID")
         x = x.reshape(x.shape[0], -1)
         x = self.act3(self.fc1(x))
         x = self.act4(self.fc2(x))
@@ -147,9 +146,9 @@ class SMCN(nnx.Module):
         conv = lambda layer, h: conv2d_same(h, layer.kernel[...], layer.bias[...],
                                             self.conv_impl)
         x = drop(self.act1(conv(self.conv1, x)), 0)
-        x = _max_pool(self.act2(conv(self.conv2, x)), 3, 2, "SAME")
+        x = max_pool(self.act2(conv(self.conv2, x)), 3, 2, "SAME")
         x = drop(self.act3(conv(self.conv3, x)), 1)
-        x = _max_pool(self.act4(conv(self.conv4, x)), 3, 2, "SAME")
+        x = max_pool(self.act4(conv(self.conv4, x)), 3, 2, "SAME")
         x = x.reshape(x.shape[0], -1)
         x = drop(self.act5(self.fc1(x)), 2)
         x = self.act6(self.fc2(x))
@@ -178,7 +177,7 @@ class PflSimpleCnn(nnx.Module):
             raise ValueError("dropout in training needs an rng")
         k1, k2 = jax.random.split(rng) if train else (None, None)
         x = jax.nn.relu(self.conv2(jax.nn.relu(self.conv1(x))))
-        x = dropout(_max_pool(x, 2, 2, "VALID"), 0.25, k1)
+        x = dropout(max_pool(x, 2, 2, "VALID"), 0.25, k1)
         x = dropout(jax.nn.relu(self.fc1(x.reshape(x.shape[0], -1))), 0.5, k2)
         return self.fc2(x)
 
