@@ -88,7 +88,14 @@ def make_eval_fn(
     FedAvg model). `data_axis=0`: each client's own set [C, N, B, ...]; `None`: one shared set
     [N, B, ...] (the balanced global test set) seen by every client's model.
     """
-    vm = jax.vmap(eval_fn, in_axes=(params_axis, data_axis, None))
+    if params_axis is None and data_axis == 0:
+        # One model, each client's data: clients one after another (`lax.map`), not vmapped,
+        # so a layer's activations exist for one client's batch at a time (a conv lowered as
+        # patches × matrix over 100 clients × 200 images made 10 GiB of patches).
+        def vm(params, batch, frozen):
+            return jax.lax.map(lambda b: eval_fn(params, b, frozen), batch)
+    else:
+        vm = jax.vmap(eval_fn, in_axes=(params_axis, data_axis, None))
 
     def evaluate(params, data, frozen):
         batches = data if data_axis is None else jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), data)

@@ -178,6 +178,26 @@ def test_gate_variance_matches_numpy_per_client():
     assert float(ev["gate_var"].min()) > 0  # this gate does depend on its input
 
 
+def test_one_model_on_each_clients_data_equals_each_client_alone():
+    """params_axis=None (the FedAvg model on every client's data) maps over clients one at a
+    time; each client's loss and accuracy equal that client evaluated by itself."""
+    clf = linear(K)
+    glob = clf.init(jax.random.key(0))
+    data = client_data(3, 2, 5, seed=4)
+    data["mask"] = data["mask"].at[2, 1, 2:].set(0.0)  # client 2: three padded examples
+    ev = make_eval_fn(single_eval(clf), params_axis=None)(glob, data, None)
+    for i in range(3):
+        x = np.asarray(data["x"][i]).reshape(-1, DIM)
+        y = np.asarray(data["label"][i]).reshape(-1)
+        keep = np.asarray(data["mask"][i]).reshape(-1) > 0
+        logits = x @ np.asarray(glob["w"]) + np.asarray(glob["b"])
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        np.testing.assert_allclose(float(ev["loss"][i]),
+                                   -logp[keep, y[keep]].mean(), rtol=1e-5)
+        np.testing.assert_allclose(float(ev["accuracy"][i]),
+                                   (logits.argmax(-1) == y)[keep].mean(), rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- FedAvg
 
 
