@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 CLIENT_OPTIMIZERS = ("sgd", "adam", "adamw")
 HEAD_INITS = ("shared", "per_client")
 NONFINITE_POLICIES = ("fail", "skip")
+DEDUPE_TASKS = ("blog10", "blog50")
 SEED_MAX = 2**32 - 2  # jax keys hold 32 bits (2**32 is seed 0 again); runs also use seed + 1
 
 
@@ -87,6 +88,9 @@ def check(cfg: RunConfig) -> None:
     need(cfg.holdout_clients == 0 or cfg.eval_clients is not None,
          "holdout_clients are evaluated by --eval-clients K (a sample of K held-out and K "
          "training clients each eval round): add --eval-clients")
+    need(not cfg.dedupe or cfg.task in DEDUPE_TASKS,
+         f"dedupe applies to {', '.join(DEDUPE_TASKS)} (texts posted under several authors), "
+         f"not task {cfg.task!r}: drop --dedupe")
     need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}")
     need(cfg.max_length >= 2, f"max_length must be >= 2, got {cfg.max_length}")
     need((cfg.local_epochs is None) != (cfg.local_steps is None),

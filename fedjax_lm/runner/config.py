@@ -44,6 +44,7 @@ class RunConfig:
     label_names: tuple[str, ...] | None = None  # task csv: pin class names and order (a,b,c)
     max_train_examples: int | None = None  # seeded subset, for CPU-scale runs
     max_test_examples: int | None = None
+    dedupe: bool = False  # blog10/blog50: drop every text posted more than once (by any author)
     max_length: int = 128
     # -- model
     model: str = "minilm"  # minilm | minilm-distil | local folder | hub id | preset:<tiny|mini|…>

@@ -127,11 +127,15 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     task = fdata.load_task(
         cfg.task, cfg.data_dir, max_train=cfg.max_train_examples,
         max_test=cfg.max_test_examples, seed=cfg.seed,
+        **({"dedupe": True} if cfg.dedupe else {}),
         **({"train_file": cfg.train_file, "test_file": cfg.test_file,
             "text_column": cfg.text_column, "label_column": cfg.label_column,
             "num_classes": cfg.num_labels, "label_names": cfg.label_names}
            if cfg.task == "csv" else {}),
     )
+    if cfg.dedupe:
+        print(f"{cfg.task}: dropped {task.info['duplicates_dropped']} posts whose text occurs "
+              "more than once (dedupe)", flush=True)
     if "label_summary" in task.info:  # the user's own labels: say how they were read, each run
         print(task.info["label_summary"], flush=True)
     if task.modality != "text":

@@ -42,6 +42,7 @@ def test_defaults_validate_and_round_trip():
         ({"partition": "random"}, "unknown partition 'random'"),
         ({"task": "csv"}, "task csv needs --train-file"),
         ({"rounds": None}, "rounds may not be empty"),
+        ({"task": "imdb", "dedupe": True}, "dedupe applies to blog10, blog50 .*: drop --dedupe"),
     ],
 )
 def test_bad_configs_fail_with_one_clear_message(values, message):
@@ -178,3 +179,23 @@ def test_sweep_refuses_a_cell_made_under_another_config_before_running_any(tmp_p
     (old / "final.json").write_text(json.dumps(final))  # the preset now asks for fewer rounds
     with pytest.raises(ResumeError, match=r"holds a run trained for 3 rounds: --rounds 2 cannot"):
         check_resumable(cells)
+
+
+def test_dedupe_reaches_the_blog_loader(monkeypatch):
+    """`dedupe: true` is passed to the task loader (and only when set)."""
+    from fedjax_lm.runner import experiment
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_load_task(name, data_dir, **kw):
+        seen.append((name, kw.get("dedupe")))
+        raise Stop
+
+    monkeypatch.setattr(experiment.fdata, "load_task", fake_load_task)
+    for dedupe in (True, False):
+        with pytest.raises(Stop):
+            experiment.build_experiment(rc.RunConfig(task="blog10", dedupe=dedupe))
+    assert seen == [("blog10", True), ("blog10", None)]
