@@ -133,6 +133,30 @@ def _plain(values: Sequence[float]) -> str:
     return f"{v.mean():.3f} ± {std:.3f}"
 
 
+# (a, b, metric, label): the comparisons paper 2's claims rest on, seed by seed.
+PAIRED_DIFFERENCES = (
+    ("mixture", "finetuned", "local_acc", "mixture − finetuned, local test"),
+    ("finetuned", "local", "local_acc", "finetuned − local, local test"),
+    ("mixture", "fedavg", "local_acc", "mixture − fedavg, local test"),
+    ("fedavg", "mixture", "global_acc", "fedavg − mixture, global test"),
+)
+
+
+def paired_difference(rows: list[dict[str, Any]], key: str, a: str, b: str, skew: float) -> str:
+    """`key` of method a minus method b, per seed (in points), then mean ± std over seeds;
+    only seeds that have both methods count."""
+    by_seed = {}
+    for r in rows:
+        if r["skew"] == skew and r["method"] in (a, b) and r[key] != "":
+            by_seed.setdefault(r["seed"], {})[r["method"]] = r[key]
+    diffs = [100 * (v[a] - v[b]) for _, v in sorted(by_seed.items()) if a in v and b in v]
+    if not diffs:
+        return "–"
+    d = np.asarray(diffs)
+    std = d.std(ddof=1) if len(d) > 1 else 0.0
+    return ", ".join(f"{x:+.1f}" for x in d) + f" ({d.mean():+.1f} ± {std:.1f})"
+
+
 def moe_table(rows: list[dict[str, Any]], skew_name: str) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     skews = sorted({r["skew"] for r in rows})
@@ -148,6 +172,17 @@ def moe_table(rows: list[dict[str, Any]], skew_name: str) -> str:
                          "clients**, mean ± std over seeds\n")
             lines += _grid(rows, f"local_acc_{who}", methods, skews, skew_name)
             lines.append("")
+    paired = [(a, b, key, title) for a, b, key, title in PAIRED_DIFFERENCES
+              if a in methods and b in methods]
+    if paired and len({r["seed"] for r in rows}) > 1:
+        lines.append("**paired differences (points)**: method a − method b on the same seed's "
+                     "clients, each seed listed, then mean ± std over seeds\n")
+        lines.append("| a − b | " + " | ".join(f"{skew_name}={s:g}" for s in skews) + " |")
+        lines.append("| --- |" + " --- |" * len(skews))
+        for a, b, key, title in paired:
+            lines.append(f"| {title} | " + " | ".join(
+                paired_difference(rows, key, a, b, s) for s in skews) + " |")
+        lines.append("")
     gates = [r for r in rows if r["method"] == "mixture" and r["gate_local"] != ""]
     if gates:
         lines.append("**mixture gate g (weight of the local expert) on the local test set**, "

@@ -135,6 +135,18 @@ def test_moe_cell_on_a_linear_model_runs_all_four_methods():
     assert "local test" in moe.report.moe_table(rows, "p")
 
 
+def test_paired_differences_are_per_seed_then_mean_and_std():
+    """mixture − finetuned, seed by seed (a seed lacking one method is left out)."""
+    rows = [{"skew": 0.8, "seed": s, "method": m, "local_acc": v}
+            for s, m, v in [(0, "mixture", 0.50), (0, "finetuned", 0.48),
+                            (1, "mixture", 0.40), (1, "finetuned", 0.41),
+                            (2, "mixture", 0.60)]]
+    got = moe.report.paired_difference(rows, "local_acc", "mixture", "finetuned", 0.8)
+    d = np.array([2.0, -1.0])
+    assert got == f"+2.0, -1.0 ({d.mean():+.1f} ± {d.std(ddof=1):.1f})"
+    assert moe.report.paired_difference(rows, "local_acc", "mixture", "local", 0.8) == "–"
+
+
 def test_client_splits_have_the_configured_sizes():
     labels = np.repeat(np.arange(10), 300)
     cfg = moe.MoeConfig(num_clients=10, train_size=100, val_size=100, test_size=50)
