@@ -281,6 +281,8 @@ def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         # a sweep runs each cell as `fedjax-lm train`; its errors then name the sweep and cell
+        from fedjax_lm.grid import CELL_ENV
+
         cell = os.environ.get(CELL_ENV)
         prog = f"fedjax-lm sweep: cell {cell}" if cell else f"fedjax-lm {args.command}"
         resumable = args.command in ("train", "sweep", "quick")
@@ -303,8 +305,6 @@ def _main(argv: list[str] | None) -> int:
             print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
-
-CELL_ENV = "FEDJAX_LM_SWEEP_CELL"
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,6 +25,7 @@ from fedjax_lm.io import read_jsonl, yaml_problem
 
 CELLS = "cells.jsonl"  # one finished cell per line, appended as cells finish
 META = "meta.json"  # {"config": ...}: the config the cells were made under (among other things)
+CELL_ENV = "FEDJAX_LM_SWEEP_CELL"  # set for a cell's own process: its errors name the cell
 _EXECUTION = "execution"  # the field-metadata key `execution_field` sets
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fedjax_lm.grid import expand_grid
+from fedjax_lm.grid import CELL_ENV, expand_grid
 from fedjax_lm.io import write_yaml
 from fedjax_lm.runner import rundir
 from fedjax_lm.runner.config import ConfigError, Preset, RunConfig, VectorizeOptions, from_dict
@@ -78,8 +78,6 @@ def train_in_subprocess(cfg: RunConfig, *, progress: bool) -> dict:
     cmd = [sys.executable, "-m", "fedjax_lm.cli", "train", "--config", str(spec)]
     if not progress:
         cmd.append("--no-progress")
-    from fedjax_lm.cli import CELL_ENV
-
     proc = subprocess.Popen(cmd, env={**os.environ, CELL_ENV: run_dir.name})
     try:
         code = proc.wait()
