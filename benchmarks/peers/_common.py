@@ -36,6 +36,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+_PER_PROCESS: dict[str, Any] = {}
+
+
+def per_process(key: str, build: Any) -> Any:
+    """`build()` once per process, then the same object (a Ray actor's model and data)."""
+    if key not in _PER_PROCESS:
+        _PER_PROCESS[key] = build()
+    return _PER_PROCESS[key]
+
+
 def setup_torch(args: argparse.Namespace) -> None:
     import torch
 

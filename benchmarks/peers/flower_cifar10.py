@@ -22,15 +22,17 @@ import _common
 import numpy as np
 import torch
 
-_STATE: dict = {}
-
 
 def _worker(args: argparse.Namespace):
-    if not _STATE:
+    """This actor's federation and model, built on its first fit and kept in `_common` (an
+    imported module, sent by name): a dict of this script would be pickled by value into every
+    task and start empty in each, so every fit reloaded CIFAR-10 (flower_sim.py says more)."""
+
+    def build():
         torch.set_num_threads(args.threads)
-        _STATE["fed"] = _cifar.Federation(args.data)
-        _STATE["model"] = _cifar.simple_cnn()
-    return _STATE["fed"], _STATE["model"]
+        return _cifar.Federation(args.data), _cifar.simple_cnn()
+
+    return _common.per_process("flower_cifar_worker", build)
 
 
 def get_weights(model) -> list[np.ndarray]:

@@ -20,18 +20,19 @@ import _common
 import numpy as np
 import torch
 
-_ARGS: argparse.Namespace | None = None
-_MODEL = None
-_DATA = None
-
 
 def _model_and_data(args: argparse.Namespace):
-    global _MODEL, _DATA
-    if _MODEL is None:
+    """This process's model and client batches, built on its first fit. Kept in `_common` (an
+    imported module, which Ray's pickler sends by name): a global of this script would be
+    pickled by value into every task — the driver's model and every client's data shipped and
+    unpickled at each fit call, which was most of Flower's round in the first version."""
+
+    def build():
         _common.setup_torch(args)
-        _MODEL = _common.build_model(args)
-        _DATA = _common.client_data(args, _MODEL.config.vocab_size)
-    return _MODEL, _DATA
+        model = _common.build_model(args)
+        return model, _common.client_data(args, model.config.vocab_size)
+
+    return _common.per_process("flower_model_and_data", build)
 
 
 def get_weights(model) -> list[np.ndarray]:
@@ -98,7 +99,8 @@ def main() -> None:
             starts.append(time.perf_counter())  # end of this round
             return out
 
-    model, _ = _model_and_data(args)
+    _common.setup_torch(args)
+    model = _common.build_model(args)  # the initial weights (same seed as every actor's)
     strategy = TimedFedAvg(
         fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=args.clients,
         min_available_clients=args.clients,
