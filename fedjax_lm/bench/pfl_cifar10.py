@@ -381,22 +381,24 @@ def main(argv: list[str] | None = None) -> int:
             return run_ours_setting(fed, wl, rounds, setting)
         return run_peer_cifar(framework, npz, wl, rounds, setting, args.peer_timeout)
 
-    probes, chosen = [], {}
-    probe_w = dataclasses.replace(w, eval_every=10**9)
-    for f in frameworks:
-        if len(settings[f]) == 1 or args.probe_rounds <= 0:
-            chosen[f] = settings[f][0]
-            continue
-        rows = [summarize_run(run(f, s, args.probe_rounds, probe_w), 1.0) for s in settings[f]]
-        probes += rows
-        ok = [r for r in rows if r["status"] == "ok"]
-        chosen[f] = min(ok, key=lambda r: r["round_s"])["setting"] if ok else settings[f][0]
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                f"jax {jax.__version__}")
     args.out.mkdir(parents=True, exist_ok=True)
+    probes: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
-    for f in frameworks:  # written after every framework: a run cut short keeps the finished
-        runs.append(run(f, chosen[f], args.rounds, w))
+    probe_w = dataclasses.replace(w, eval_every=10**9)
+    # One framework at a time, its probes then its full run: no other framework's processes
+    # (a Flower run's Ray daemons shutting down) run between them. Written after every
+    # framework: a run cut short keeps the finished ones.
+    for f in frameworks:
+        chosen = settings[f][0]
+        if len(settings[f]) > 1 and args.probe_rounds > 0:
+            rows = [summarize_run(run(f, s, args.probe_rounds, probe_w), 1.0)
+                    for s in settings[f]]
+            probes += rows
+            ok = [r for r in rows if r["status"] == "ok"]
+            chosen = min(ok, key=lambda r: r["round_s"])["setting"] if ok else chosen
+        runs.append(run(f, chosen, args.rounds, w))
         result = _result(w, args.rounds, runs, probes, started, t0, load_start, machine)
         atomic_write_text(args.out / "compare.json", json.dumps(result, indent=1) + "\n")
         atomic_write_text(args.out / "report.md", render(result))
