@@ -87,12 +87,21 @@ def varying_fields(runs: list[dict]) -> list[str]:
     return list(_ALWAYS) + [k for k in varying if k not in _ALWAYS]
 
 
+def sample_std(values: Any) -> np.ndarray:
+    """The seeds' (axis 0) sample std, ddof = 1, and 0 for one seed: tables and error bars
+    show the same spread."""
+    values = np.asarray(values, dtype=float)
+    if len(values) > 1:
+        return values.std(axis=0, ddof=1)
+    return np.zeros_like(values.mean(axis=0))
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "–"
     if len(values) == 1:
         return f"{values[0]:.4f}"
-    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+    return f"{np.mean(values):.4f} ± {sample_std(values):.4f}"
 
 
 def _group(runs: list[dict], fields: list[str]) -> dict[tuple, list[dict]]:
@@ -221,7 +230,7 @@ def round_panels(runs: list[dict], fields: list[str]) -> dict[str, dict[int, Cur
             n = min(len(c) for c in rows)
             ys = np.asarray([[y for _, y in c[:n]] for c in rows], dtype=float)
             curves[clients] = Curve([x for x, _ in rows[0][:n]], ys.mean(axis=0),
-                                    ys.std(axis=0), len(rows))
+                                    sample_std(ys), len(rows))
         panels[title] = curves
     return panels
 
@@ -271,7 +280,7 @@ def _plots(root: Path, runs: list[dict], fields: list[str]) -> None:
             by_c = _group(cell, ["clients"])
             cs = [c for (c,) in by_c]
             means = [np.mean([r["final_accuracy"] for r in rs]) for rs in by_c.values()]
-            stds = [np.std([r["final_accuracy"] for r in rs]) for rs in by_c.values()]
+            stds = [sample_std([r["final_accuracy"] for r in rs]) for rs in by_c.values()]
             label = ", ".join([str(key[0])] + [f"{f}={v}" for f, v in zip(extra, key[1:],
                                                                              strict=True)])
             ax.errorbar(cs, means, yerr=stds, marker="o", capsize=3, label=label)

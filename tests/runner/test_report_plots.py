@@ -25,6 +25,8 @@ def test_one_panel_per_other_field_one_curve_per_client_count_seeds_averaged() -
     curve = shared[4]
     assert curve.rounds == [1, 2] and curve.seeds == 2
     np.testing.assert_allclose(curve.mean, [0.59, 0.65])
-    np.testing.assert_allclose(curve.std, [0.05, 0.05])
+    # the seeds' sample std (ddof = 1), as in summary.md: two seeds 0.1 apart
+    np.testing.assert_allclose(curve.std, [0.1 / np.sqrt(2)] * 2)
     assert shared[16].seeds == 1 and shared[16].rounds == [1, 2, 3]
+    np.testing.assert_array_equal(shared[16].std, [0.0, 0.0, 0.0])
     assert sorted(panels["m · t\nhead_init=per_client"]) == [1, 4]
