@@ -58,6 +58,19 @@ def test_convergence_table_by_arm_and_client_count(report, tmp_path):
     assert c32[4:] == ["2", "65.0 ± 7.1", "65.0 ± 7.1", "15.0 ± 7.1", "8.0", "1/2"]
     a1 = [c.strip() for c in rows[("adam 0.0003", "1")].strip("|").split("|")]
     assert a1[4:] == ["1", "50.0 ± 0.0", "90.0 ± 0.0", "0.0 ± 0.0", "2.0", "1/1"]
+    assert (tmp_path / "convergence.png").stat().st_size > 0  # the SGD arm has 2 seeds
+
+
+def test_cells_hold_per_seed_values(report):
+    runs = [{"config": {"task": "t", "model": "m", "client_optimizer": "adam", "lr": 1e-4,
+                        "clients": 4},
+             "final_accuracy": 0.6, "best_accuracy": 0.7,
+             "metrics": [{"round": r, "eval_accuracy": a}
+                         for r, a in [(1, 0.5), (2, 0.7), (3, 0.6), (4, 0.6)]]}]
+    (cell,) = report.cells(runs)
+    assert cell.arm == "adam 0.0001" and cell.clients == 4
+    assert cell.to_target is None  # no C = 1 cell: no target
+    assert cell.late_gain == pytest.approx([0.1])  # 0.6 at round 4 - 0.5 at round 1
 
 
 def test_no_runs_is_one_clear_error(report, tmp_path):
