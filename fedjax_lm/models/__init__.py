@@ -22,6 +22,7 @@ from fedjax_lm.models.pretrained import (
     Pretrained,
     from_pretrained,
     minilm_path,
+    pretrained_config,
     suggest_model,
 )
 from fedjax_lm.models.stats import classification_stats, masked_classification_stats
@@ -48,5 +49,6 @@ __all__ = [
     "masked_classification_stats",
     "minilm_path",
     "preset",
+    "pretrained_config",
     "suggest_model",
 ]

@@ -99,12 +99,8 @@ def _minilm_distil(
     classifier are fresh (from `head_seed`). Classifier dropout defaults to DistilBERT's 0.2.
     """
     bert = from_pretrained(MINILM, num_labels, head_seed=head_seed, load_tokenizer=load_tokenizer,
-                           **{k: v for k, v in overrides.items() if k != "classifier_dropout_prob"})
-    config = bert.config.replace(
-        model_type="distilbert",
-        type_vocab_size=0,
-        classifier_dropout_prob=overrides.get("classifier_dropout_prob", 0.2),
-    )
+                           **_bert_overrides(overrides))
+    config = _as_distilbert(bert.config, overrides)
     model = Model(config)
     emb = bert.params["embeddings"]
     folded = emb["position"]["embedding"] + emb["token_type"]["embedding"][0]
@@ -118,6 +114,30 @@ def _minilm_distil(
     expected = jax.tree.structure(jax.eval_shape(model.init, jax.random.key(0)))
     assert jax.tree.structure(params) == expected, "minilm-distil params do not fit DistilBERT"
     return Pretrained(model, params, config, bert.tokenizer, bert.path)
+
+
+def pretrained_config(name_or_path: str | Path, num_labels: int, *,
+                      local_files_only: bool = False, **overrides: Any) -> EncoderConfig:
+    """The `EncoderConfig` `from_pretrained` would build, read from config.json alone (no
+    weights, no tokenizer): what planning memory needs."""
+    if name_or_path == MINILM_DISTIL:
+        bert = pretrained_config(MINILM, num_labels, **_bert_overrides(overrides))
+        return _as_distilbert(bert, overrides)
+    folder = minilm_path() if name_or_path == MINILM else _resolve(name_or_path, local_files_only)
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"no config.json in {folder}")
+    return config_from_hf(folder / "config.json", num_labels=num_labels, **overrides)
+
+
+def _bert_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """`minilm-distil`'s overrides as they apply to the BERT it is derived from."""
+    return {k: v for k, v in overrides.items() if k != "classifier_dropout_prob"}
+
+
+def _as_distilbert(bert: EncoderConfig, overrides: dict[str, Any]) -> EncoderConfig:
+    """MiniLM's BERT config as our DistilBERT: no token types, DistilBERT's head dropout 0.2."""
+    return bert.replace(model_type="distilbert", type_vocab_size=0,
+                        classifier_dropout_prob=overrides.get("classifier_dropout_prob", 0.2))
 
 
 def _resolve(name_or_path: str | Path, local_files_only: bool) -> Path:

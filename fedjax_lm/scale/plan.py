@@ -29,12 +29,19 @@ from fedjax_lm.scale import targets
 
 def model_loss_and_params(name: str, model_type: str, num_labels: int, *, remat: bool,
                           bf16: bool, **lora):
-    """`(loss_fn, params ShapeDtypeStructs)` of a model preset (`lora`: its adapters' config
-    fields); imported lazily so planning works with whatever `fedjax_lm.models` provides."""
+    """`(loss_fn, params ShapeDtypeStructs)` of a size preset built as `model_type` (`tiny`,
+    or `preset:tiny` as `train` spells it) or of any model `train` takes (`minilm`,
+    `minilm-distil`, a folder, a Hub id), from its config.json alone: no weights are read.
+    `lora`: the adapters' config fields. Imported lazily so planning works with whatever
+    `fedjax_lm.models` provides."""
     from fedjax_lm import models
 
-    config = models.preset(name, model_type, num_labels=num_labels, remat=remat,
-                           dtype="bfloat16" if bf16 else "float32", **lora)
+    fields = dict(remat=remat, dtype="bfloat16" if bf16 else "float32", **lora)
+    size = name.removeprefix(models.PRESET_PREFIX)
+    if size in models.PRESETS:
+        config = models.preset(size, model_type, num_labels=num_labels, **fields)
+    else:
+        config = models.pretrained_config(name, num_labels, **fields)
     model = models.build_model(config)
     params = jax.eval_shape(model.init, jax.random.key(0))
     return models.classification_loss(model), params
@@ -62,8 +69,11 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="base", help="size preset: tiny, mini, small, base")
-    p.add_argument("--model-type", default="bert", help="bert, distilbert or albert")
+    p.add_argument("--model", default="base",
+                   help="a size preset (tiny, mini, small, base) or any model train takes: "
+                   "minilm, minilm-distil, a folder with config.json, a Hub id")
+    p.add_argument("--model-type", default="bert",
+                   help="bert, distilbert or albert (a size preset's architecture)")
     p.add_argument("--num-labels", type=int, default=2)
     p.add_argument("--clients", type=int, required=True, help="clients per round (cohort)")
     p.add_argument("--devices", type=int, default=1, help="devices sharing the clients")

