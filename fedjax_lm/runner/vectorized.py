@@ -12,9 +12,11 @@ Planning, one printed line per program or lone cell:
    padding C = 1 to C = 32 would compute 32× more: those stay separate programs);
 3. a program is compiled before it runs; if XLA's peak exceeds the memory budget, the largest
    group that fits is named and the program split into groups of that size.
-Programs compile ahead, one after another on a host thread (`CompileAhead`), while the main
-thread trains the groups before them: on a CPU a compile keeps one core while the rounds run,
-and on an accelerator the host compiles while the device computes.
+Programs compile ahead on a host thread (`CompileAhead`), the next one while the main thread
+trains the current: on a CPU a compile keeps one core while the rounds run, and on an
+accelerator the host compiles while the device computes. Planning keeps only the shapes of
+each cell's initial parameters; a group loads its weights when it runs, so a long sweep's
+queued cells do not each hold a model in memory.
 A group whose cells stopped at different rounds first runs the lagging cells alone up to the
 furthest one, then continues together; every cell's numbers equal its run alone (to float
 tolerance: summation over a padded client axis may reorder).
@@ -46,6 +48,7 @@ from fedjax_lm.runner.experiment import (
     build_algorithm,
     build_experiment,
     hypers,
+    load_model,
     round_data,
 )
 from fedjax_lm.runner.rundir import checkpointed_round, locked
@@ -62,7 +65,8 @@ RunAlone = Callable[[RunConfig], dict]
 
 @dataclasses.dataclass
 class Group:
-    """Cells run as one program (`exps` built), or one cell run alone (`exps` None)."""
+    """Cells run as one program (`exps` built, their params as shapes until the group runs:
+    `with_weights`), or one cell run alone (`exps` None)."""
 
     cells: list[RunConfig]
     line: str  # what is printed about it
@@ -71,6 +75,27 @@ class Group:
     @property
     def names(self) -> str:
         return _names([Path(c.out).name for c in self.cells])
+
+    def with_weights(self) -> Group:
+        """This group with every cell's initial params loaded (`without_weights` undone)."""
+        return Group(self.cells, self.line, [_with_weights(e) for e in self.exps])
+
+
+def without_weights(exp: Experiment) -> Experiment:
+    """`exp` holding only its params' shapes: what planning and compiling need."""
+    return dataclasses.replace(exp, params=jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), exp.params))
+
+
+def _with_weights(exp: Experiment) -> Experiment:
+    if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(exp.params)):
+        return exp
+    _, params, _ = load_model(exp.cfg, exp.num_classes)  # as build_experiment: same numbers
+    if jax.tree.map(lambda x: (x.shape, x.dtype), params) != jax.tree.map(
+            lambda x: (x.shape, x.dtype), exp.params):
+        raise RuntimeError(f"{exp.cfg.out}: the model loaded for training does not have the "
+                           "shapes it was planned with (did the checkpoint change meanwhile?)")
+    return dataclasses.replace(exp, params=params)
 
 
 def not_vectorized(cfg: RunConfig) -> str | None:
@@ -147,7 +172,7 @@ def plan(cells: list[RunConfig], options: VectorizeOptions) -> tuple[list[Group]
                         f"own program: {why}")
         groups += [Group([cfg], "") for cfg in alone]
     for members in (m for m in by_key.values() if len(m) > 1):
-        exps = [build_experiment(cfg) for cfg in members]
+        exps = [without_weights(build_experiment(cfg)) for cfg in members]
         parts = split_by_padding(members, exps, options.padding)
         for part in parts:
             group = Group([members[i] for i in part], "", [exps[i] for i in part])
@@ -196,15 +221,18 @@ def run_vectorized(cells: list[RunConfig], options: VectorizeOptions, *, run_alo
     groups, warnings = plan(cells, options)
     for line in warnings:
         warn(line)
-    with CompileAhead([g for g in groups if len(g.cells) > 1]) as ahead:
+    programs = [g for g in groups if len(g.cells) > 1]
+    with CompileAhead(programs) as ahead:
         for group in groups:
             if group.line:
                 say(group.line)
             if len(group.cells) == 1:
                 cfg = group.cells[0]
-                results[cfg.out] = (train(cfg, progress=progress, exp=group.exps[0])
+                results[cfg.out] = (train(cfg, progress=progress,
+                                          exp=_with_weights(group.exps[0]))
                                     if group.exps else run_alone(cfg))
                 continue
+            ahead.reach(programs.index(group))
             finals = run_group(group, options, progress, ahead)
             for cfg, final in zip(group.cells, finals, strict=True):
                 results[cfg.out] = final
@@ -224,7 +252,8 @@ class Compiled:
 def compile_group(group: Group) -> Compiled:
     """Compiled for round 0's cohorts: every round's have the same shapes (padded to `steps`)."""
     program = _program(group)
-    shapes = jax.eval_shape(lambda: stack(_initial_states(group)))
+    shapes = jax.eval_shape(lambda ps: stack(_initial_states(group, ps)),
+                            [e.params for e in group.exps])
     hp = stack([hypers(c) for c in group.cells])
     steps = max(e.steps_per_round for e in group.exps)
     blocks = program.place(_cohorts(group, 0)[1], steps)
@@ -232,20 +261,36 @@ def compile_group(group: Group) -> Compiled:
 
 
 class CompileAhead:
-    """Compiles the groups' programs in order on one daemon thread, started at once; `take`
-    waits for a group's. A group whose cells changed before it ran (some resumed alone) is
-    compiled again by the caller. Leaving the context abandons the compiles not yet started."""
+    """Compiles the groups' programs in order on one daemon thread, started at once, at most
+    `lookahead` groups past the one the caller `reach`ed (a compiled program holds memory until
+    it runs); `take` waits for a group's. A group whose cells changed before it ran (some
+    resumed alone) is compiled again by the caller. Leaving the context abandons the compiles
+    not yet started."""
 
-    def __init__(self, groups: list[Group]):
+    def __init__(self, groups: list[Group], lookahead: int = 1):
         self._futures: dict[tuple[str, ...], concurrent.futures.Future] = {
             _cells_key(g): concurrent.futures.Future() for g in groups}
+        self._planned = dict(self._futures)  # the worker's view: `take` pops `_futures`
         self._groups = groups
+        self._index = {_cells_key(g): i for i, g in enumerate(groups)}
+        self._lookahead = lookahead
+        self._reached = 0
+        self._moved = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="compile-ahead", daemon=True)
 
+    def reach(self, index: int) -> None:
+        """The caller is at group `index`: groups up to `index + lookahead` may compile."""
+        with self._moved:
+            self._reached = max(self._reached, index)
+            self._moved.notify_all()
+
     def _work(self) -> None:
-        for group in self._groups:
-            future = self._futures[_cells_key(group)]
+        for i, group in enumerate(self._groups):
+            with self._moved:
+                self._moved.wait_for(
+                    lambda i=i: self._stop.is_set() or i <= self._reached + self._lookahead)
+            future = self._planned[_cells_key(group)]
             if self._stop.is_set() or not future.set_running_or_notify_cancel():
                 continue
             try:
@@ -254,6 +299,8 @@ class CompileAhead:
                 future.set_exception(e)
 
     def take(self, group: Group) -> Compiled:
+        if (index := self._index.get(_cells_key(group))) is not None:
+            self.reach(index)
         future = self._futures.pop(_cells_key(group), None)
         return compile_group(group) if future is None else future.result()
 
@@ -264,6 +311,8 @@ class CompileAhead:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
+        with self._moved:
+            self._moved.notify_all()
         for future in self._futures.values():
             future.cancel()
 
@@ -275,6 +324,7 @@ def _cells_key(group: Group) -> tuple[str, ...]:
 def run_group(group: Group, options: VectorizeOptions, progress: bool,
               ahead: CompileAhead | None = None) -> list[dict]:
     """Bring the cells to the same round, fit the program in memory, then train together."""
+    group = group.with_weights()
     finals: dict[str, dict] = {}
     cells, exps = group.cells, group.exps
     done = [checkpointed_round(Path(c.out)) or 0 for c in cells]
@@ -313,11 +363,14 @@ def _cohorts(group: Group, r: int) -> tuple[list[privacy.RoundCohort], list[fl.C
     return drawn, cohorts
 
 
-def _initial_states(group: Group) -> list[fl.ServerState]:
+def _initial_states(group: Group, params: list | None = None) -> list[fl.ServerState]:
+    """Each cell's round-0 server state (`params`: the cells' initial params, traced when
+    compiling; default the loaded ones)."""
     states = []
-    for cfg, exp in zip(group.cells, group.exps, strict=True):
+    params = [e.params for e in group.exps] if params is None else params
+    for cfg, exp, p in zip(group.cells, group.exps, params, strict=True):
         algorithm = build_algorithm(cfg, exp)
-        params = jax.tree.map(lambda x: jnp.array(x, copy=True), exp.params)  # donated
+        params = jax.tree.map(lambda x: jnp.array(x, copy=True), p)  # donated
         states.append(fl.init_state(algorithm, params, jax.random.key(cfg.seed)))
     return states
 

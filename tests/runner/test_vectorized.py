@@ -47,6 +47,20 @@ def test_cells_beyond_padding_or_unsupported_run_alone_with_the_reason(tmp_path)
         "max_length, beyond seed, lr, server_lr, clients, cohort_size"]
 
 
+def test_planned_groups_hold_shapes_and_load_the_same_weights_when_they_run(tmp_path):
+    """A sweep's queued cells must not each hold a model: planning keeps the params' shapes,
+    and a group about to run loads exactly the params `build_experiment` made."""
+    cells = _cells({"seed": [0, 1]}, tmp_path)
+    (group,), _ = vectorized.plan(cells, VectorizeOptions(enabled=True))
+    for exp in group.exps:
+        assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(exp.params))
+    loaded = group.with_weights()
+    for cfg, exp in zip(cells, loaded.exps, strict=True):
+        built = vectorized.build_experiment(cfg).params
+        jax.tree.map(np.testing.assert_array_equal, exp.params, built)
+    assert loaded.with_weights().exps[0] is loaded.exps[0]  # loaded once
+
+
 def test_plain_fedavg_server_lr_is_part_of_the_program(tmp_path):
     a, b = _cells({"server_lr": [1.0, 0.5]}, tmp_path)
     assert vectorized.program_key(a) != vectorized.program_key(b)  # 1.0: no server optimizer
@@ -139,3 +153,32 @@ def test_compile_ahead_compiles_in_order_on_a_thread_and_raises_where_taken(monk
     assert [c[0] for c in compiled] == ["a", "b", "c", "d"]
     assert {name for _, name in compiled[:3]} == {"compile-ahead"}
     assert compiled[3][1] == threading.current_thread().name
+
+
+def test_compile_ahead_stays_one_group_ahead_of_the_caller(monkeypatch):
+    import time
+
+    compiled = []
+
+    def fake_compile(group):
+        compiled.append(group.cells[0].out)
+        return group.cells[0].out
+
+    def settled(n: int) -> list[str]:
+        deadline = time.monotonic() + 30
+        while len(compiled) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # would a further compile start now?
+        return list(compiled)
+
+    monkeypatch.setattr(vectorized, "compile_group", fake_compile)
+    groups = [vectorized.Group([SimpleNamespace(out=name)], "") for name in "abcd"]
+    with vectorized.CompileAhead(groups, lookahead=1) as ahead:
+        assert settled(2) == ["a", "b"]  # the caller is at a: b may compile, c must wait
+        assert ahead.take(groups[2]) == "c"  # taking c moves the caller to c
+        assert settled(4) == ["a", "b", "c", "d"]
+    groups = [vectorized.Group([SimpleNamespace(out=n)], "") for n in "efg"]
+    with vectorized.CompileAhead(groups, lookahead=0):
+        assert settled(1)[-1] == "e"
+    time.sleep(0.3)  # left with its worker waiting for the caller: nothing more compiles
+    assert compiled == ["a", "b", "c", "d", "e"]
