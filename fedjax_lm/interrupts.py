@@ -2,6 +2,10 @@
 checkpoint save, an atomic file write) runs in `critical_section()`, where a SIGINT is held and
 raised as KeyboardInterrupt when the section exits.
 
+SIGTERM (a scheduler's preemption, `kill`, a background job, which ignores SIGINT) is taken the
+same way where `ctrl_c_handler()` installs the handler: a killed run stops at the next safe
+point instead of dying mid-write, and `received()` says which signal it was.
+
 Outside a section, `ctrl_c_handler()` (the CLI installs it for the process) raises at once,
 except in a garbage-collector callback or a `__del__`, where Python would print "Exception
 ignored", drop the interrupt and let the run go on: there it is delivered again a moment later.
@@ -20,6 +24,7 @@ from typing import Any
 
 _depth = 0  # nesting of critical sections on the main thread
 _pending = False  # a SIGINT arrived inside a section
+_received: int | None = None  # the last signal the handler took
 
 
 def _in_finalizer(frame: Any) -> bool:
@@ -29,12 +34,13 @@ def _in_finalizer(frame: Any) -> bool:
 
 
 def _handler(signum: int, frame: Any) -> None:
-    global _pending
+    global _pending, _received
+    _received = signum
     if _depth:
         _pending = True
         return
     if frame is not None and _in_finalizer(frame):
-        again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+        again = threading.Timer(0.05, os.kill, (os.getpid(), signum))
         again.daemon = True
         again.start()
         return
@@ -45,42 +51,48 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def received() -> int | None:
+    """The signal behind the latest interrupt (SIGINT or SIGTERM), None before any."""
+    return _received
+
+
 @contextlib.contextmanager
 def ctrl_c_handler() -> Iterator[None]:
-    """Install the handler for the block, unless SIGINT is ignored (a background job) or handled
-    by an embedding program, or this is not the main thread (only it receives signals)."""
-    if not _main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-    signal.signal(signal.SIGINT, _handler)
+    """Install the handler for the block on SIGINT and SIGTERM where each has its default
+    action (SIGINT is ignored in a background job; either may belong to an embedding program),
+    unless this is not the main thread (only it receives signals)."""
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    mine = [s for s, d in defaults.items() if _main_thread() and signal.getsignal(s) is d]
+    for signum in mine:
+        signal.signal(signum, _handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum in mine:
+            signal.signal(signum, defaults[signum])
 
 
 @contextlib.contextmanager
 def critical_section() -> Iterator[None]:
-    """Hold Ctrl-C until the block is done, then raise KeyboardInterrupt. Nests; a no-op off the
-    main thread and where SIGINT is ignored or owned by an embedding program."""
+    """Hold Ctrl-C (and, under `ctrl_c_handler`, SIGTERM) until the block is done, then raise
+    KeyboardInterrupt. Nests; a no-op off the main thread and for a signal that is ignored or
+    owned by an embedding program."""
     global _depth, _pending
     if not _main_thread():
         yield
         return
     outer = _depth == 0
     previous = signal.getsignal(signal.SIGINT)
-    if outer and previous not in (_handler, signal.default_int_handler):
-        yield
-        return
-    if outer:
+    hold_sigint = outer and previous is signal.default_int_handler  # held even without the CLI
+    if hold_sigint:
         signal.signal(signal.SIGINT, _handler)
-    _depth += 1
+    _depth += 1  # _handler, wherever it is installed (SIGINT, SIGTERM), holds the signal
     try:
         yield
     finally:
         _depth -= 1
-        if outer:
+        if hold_sigint:
             signal.signal(signal.SIGINT, previous)
-            if _pending:
-                _pending = False
-                raise KeyboardInterrupt
+        if outer and _pending:
+            _pending = False
+            raise KeyboardInterrupt

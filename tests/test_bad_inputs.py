@@ -690,6 +690,38 @@ def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(
     assert rounds == list(range(1, done + 3))
 
 
+def test_sigterm_stops_a_background_sweep_and_its_cell_cleanly(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sweep started in the background (SIGINT ignored) and stopped by `kill` / a scheduler
+    (SIGTERM to the sweep process alone): it passes the signal to its running cell, which stops
+    at a safe point; one line, exit 130, and the cell's checkpoint resumes."""
+    from fedjax_lm.runner.rundir import checkpointed_round
+
+    monkeypatch.setenv("FEDJAX_LM_CACHE_DIR", str(cache_dir))
+    (tmp_path / "train.csv").write_text(GOOD_CSV)
+    preset = tmp_path / "p.yaml"
+    preset.write_text(f"name: p\nbase: {{task: csv, train_file: {tmp_path}/train.csv, model: "
+                      "'preset:tiny', max_length: 16, batch_size: 8, local_epochs: 1, "
+                      "rounds: 400, checkpoint_every: 1}\nsweep: {clients: [2]}\n")
+    argv = ["sweep", "--config", str(preset), "--out-dir", str(tmp_path / "s"), "--no-progress"]
+    proc = _spawn(argv, dict(os.environ),
+                  wrap="import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)")
+    metrics = tmp_path / "s" / "clients=2" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # the sweep process only, not its group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip() == ("fedjax-lm sweep: cell clients=2: interrupted; rerun the same "
+                           "command to resume from the last checkpoint"), err
+    done = len(metrics.read_text().splitlines())
+    assert 3 <= done < 400
+    assert checkpointed_round(tmp_path / "s" / "clients=2") in (done - 1, done)
+
+
 # Round 1's checkpoint write is slow to start: 4 s inside Checkpointer.save before orbax writes
 # (an interrupt raised there would leave no round-1 checkpoint).
 SLOW_SAVE = textwrap.dedent("""

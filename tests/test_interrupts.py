@@ -46,3 +46,24 @@ def test_an_ignored_ctrl_c_stays_ignored() -> None:
             _ctrl_c()
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_sigterm_is_taken_like_ctrl_c_even_where_ctrl_c_is_ignored() -> None:
+    """A background job ignores SIGINT; a scheduler stops it with SIGTERM: under the CLI's
+    handler that is held in a section and raised after it, not a death mid-write."""
+    from fedjax_lm import interrupts
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    done = []
+    try:
+        with ctrl_c_handler():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # stays ignored
+            with pytest.raises(KeyboardInterrupt), critical_section():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                done.append("written")
+            assert interrupts.received() == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert done == ["written"]

@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from fedjax_lm import interrupts
 from fedjax_lm.grid import CELL_ENV, expand_grid
 from fedjax_lm.io import write_yaml
 from fedjax_lm.runner import rundir
@@ -81,9 +82,13 @@ def train_in_subprocess(cfg: RunConfig, *, progress: bool) -> dict:
     proc = subprocess.Popen(cmd, env={**os.environ, CELL_ENV: run_dir.name})
     try:
         code = proc.wait()
-    except KeyboardInterrupt:  # the cell got the same Ctrl-C: it stops cleanly and says so
+    except KeyboardInterrupt:
+        # Ctrl-C reached the cell too (one process group); a SIGTERM was ours alone: pass it
+        # on. Either way the cell stops cleanly and says so.
+        if interrupts.received() == signal.SIGTERM:
+            proc.terminate()
         code = proc.wait()
-    if code in (130, -signal.SIGINT):
+    if code in (130, -signal.SIGINT, -signal.SIGTERM):
         raise CellInterrupted()
     if code != 0:
         raise CellFailed(f"sweep cell {run_dir.name} failed (exit {code}); rerun the sweep to "
