@@ -25,6 +25,7 @@ from fedjax_lm.runner.evaluation import CLIENT_ACCURACY_FILE, population_eval, p
 from fedjax_lm.runner.experiment import Experiment
 from fedjax_lm.runner.guards import (
     TrainingError,
+    collapse_warning,
     divergence_warning,
     nonfinite_error,
     nonfinite_server_parts,
@@ -150,6 +151,10 @@ class RunBook:
     def final(self, setup_s: float) -> dict[str, Any]:
         """final.json's contents (written by the primary process)."""
         cfg, exp, store = self.cfg, self.exp, self.store
+        if (collapse := collapse_warning(cfg, self.log.records)) and collapse not in self.warnings:
+            self.warnings.append(collapse)
+            if self.primary:
+                tqdm.write(collapse, file=sys.stderr)
         final = summarize(self.log.records, cfg)
         final.update(setup_s=setup_s, params_sha256=params_digest(self.state.params),
                      client_state_sha256=store and params_digest(store.states),

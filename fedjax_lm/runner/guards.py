@@ -1,5 +1,6 @@
 """The training loop's guards: a round whose clients or server update went non-finite stops
-with advice that works (and the last good checkpoint kept); a diverging loss warns."""
+with advice that works (and the last good checkpoint kept); a diverging loss warns, and so does
+a run whose final model fell far below its own best (a late collapse)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from fedjax_lm.runner.config import RunConfig
 # finishes looking like any other).
 LOSS_GROWTH = 100  # x round 1's train loss
 CHANCE_MULTIPLE = 10  # x a uniform guess's loss, ln(num_classes): catches blowing up in round 1
+# A final test accuracy this far under the run's best evaluation is a collapse, not noise (a
+# few hundred test examples move accuracy by ~3 points).
+COLLAPSE_POINTS = 0.10
 
 
 class TrainingError(RuntimeError):
@@ -82,3 +86,19 @@ def divergence_warning(cfg: RunConfig, round_number: int, loss: float, first: fl
             f"diverging; try a lower lr (now {cfg.lr:g}) or server_lr (now {cfg.server_lr:g})")
 
 
+
+
+def collapse_warning(cfg: RunConfig, records: list[dict]) -> str | None:
+    """A one-line warning when the last evaluation's accuracy is `COLLAPSE_POINTS` or more under
+    the run's best (the final model is what the run keeps and reports first), else None."""
+    evals = [(r["round"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r]
+    if len(evals) < 2:
+        return None
+    best_round, best = max(evals, key=lambda e: e[1])
+    last_round, last = evals[-1]
+    if best - last < COLLAPSE_POINTS:
+        return None
+    return (f"warning: final test accuracy {last:.3f} (round {last_round}) is "
+            f"{100 * (best - last):.0f} points under the run's best {best:.3f} (round "
+            f"{best_round}): the model collapsed late; report best_accuracy beside it, or try a "
+            f"lower lr (now {cfg.lr:g}) or fewer local steps")

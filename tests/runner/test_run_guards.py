@@ -135,6 +135,22 @@ def test_exploding_loss_warns_once_without_failing(tmp_path, capsys):
     assert divergence_warning(cfg, 5, 1.2, 1.4, 4) is None
 
 
+def test_a_late_collapse_warns_naming_the_best_round(tmp_path):
+    from fedjax_lm.runner.guards import collapse_warning
+
+    cfg = tiny(tmp_path)
+    curve = [{"round": r, "eval_accuracy": a, "train_loss": 0.1}
+             for r, a in [(2, 0.60), (4, 0.72), (6, 0.70), (8, 0.51)]]
+    assert collapse_warning(cfg, curve) == (
+        "warning: final test accuracy 0.510 (round 8) is 21 points under the run's best 0.720 "
+        "(round 4): the model collapsed late; report best_accuracy beside it, or try a lower lr "
+        "(now 0.05) or fewer local steps")
+    curve[-1]["eval_accuracy"] = 0.63  # 9 points: within what a small test set moves
+    assert collapse_warning(cfg, curve) is None
+    assert collapse_warning(cfg, curve[:1]) is None
+    assert collapse_warning(cfg, [{"round": 1, "train_loss": 0.3}]) is None
+
+
 def test_a_second_writer_on_the_same_out_fails_at_once_naming_the_holder(tmp_path, capfd):
     out = tmp_path / "run"
     holder = subprocess.Popen(
