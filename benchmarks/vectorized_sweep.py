@@ -45,7 +45,8 @@ def run_arms(arms: dict[str, list[str]], out: Path, concurrent: bool) -> dict[st
     included: every process is waited for). `concurrent` starts both at once: on a host
     shared with other work the two then see the same load, and CPU time, which load does not
     stretch, is the comparable measure."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    path = [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
     procs, walls = {}, {}
     for name, cmd in arms.items():
         print(f"{name}: {' '.join(cmd)}", flush=True)

@@ -202,6 +202,15 @@ def test_presets_parse_and_the_largest_c_search_is_per_card():
         assert [c for g in groups for c in g.clients] == clients
         assert all(g.stop_at_oom and g.backends == ("vmap",) and g.model == "base"
                    for g in groups)
+    # LoRA's search brackets the H200 plan's edge (456 fits, 457 does not:
+    # benchmarks/results/plan-h200-peft/); C = 2,048 runs in the planner's chunks of 256.
+    lora = [c for g in PRESETS["gpu-peft-largest-c-h200"] for c in g.clients]
+    assert 456 in lora and max(lora) > 456 and min(lora) < 456
+    for groups in (PRESETS["gpu-peft-largest-c-h200"], PRESETS["gpu-peft-2048"]):
+        assert all(g.peft == "lora" and g.optimizer == "adam" and g.max_length == 128
+                   and g.model == "base" for g in groups)
+    (wide,) = PRESETS["gpu-peft-2048"]
+    assert wide.clients == (2048,) and wide.specs()[0].chunk == 256
 
 
 @pytest.mark.slow
