@@ -9,6 +9,13 @@ XLA's conv is 6x slower than patches × matrix at these shapes). With `impl="pat
 extraction has no parameters (under vmap the client axis folds into the batch) and the
 per-client part is a batched `dot_general`. Both give the same numbers (to float rounding);
 the parameters (`kernel` [kh, kw, in, out], `bias` [out]) are the same either way.
+
+`impl="xla"` differentiates through a custom VJP whose two gradient convolutions are written in
+the canonical NHWC x HWIO form (operands transposed first). Autodiff's own transposed
+convolutions (`dim_labels` like `f01b_i01o->01bf`) are canonicalised by XLA:CPU only in the
+entry computation: inside a `while` body, i.e. any `lax.scan` over local steps, they run as
+naive loops, the weight gradient ~50x slower than outside (`benchmarks/conv_in_loops.py`). The
+numbers are the same (the canonical form is what XLA rewrites to anyway; tested bitwise).
 """
 
 from __future__ import annotations
@@ -28,12 +35,44 @@ def patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
     return jnp.concatenate(cols, axis=-1)
 
 
+_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_DIMS)
+
+
+@jax.custom_vjp
+def xla_conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """XLA's stride-1 'VALID' convolution (no bias) whose gradients are canonical convolutions
+    (module docstring: fast inside loops too)."""
+    return _conv(x, kernel)
+
+
+def _xla_conv_fwd(x: jax.Array, kernel: jax.Array):
+    return _conv(x, kernel), (x, kernel)
+
+
+def _xla_conv_bwd(res, dy: jax.Array):
+    x, kernel = res
+    kh, kw = kernel.shape[:2]
+    # dx: the full correlation of dy with the kernel flipped in space, in and out swapped.
+    dy_full = jnp.pad(dy, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
+    dx = _conv(dy_full, kernel[::-1, ::-1].transpose(0, 1, 3, 2))
+    # dkernel[i, j, c, o] = sum over n, h, w of x[n, h+i, w+j, c] dy[n, h, w, o]: channels as
+    # the batch, the examples as the contracted features.
+    dk = _conv(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3)).transpose(1, 2, 0, 3)
+    return dx, dk
+
+
+xla_conv_valid.defvjp(_xla_conv_fwd, _xla_conv_bwd)
+
+
 def conv2d_valid(x: jax.Array, kernel: jax.Array, bias: jax.Array, impl: str = "xla"
                  ) -> jax.Array:
     """Stride-1 'VALID' convolution of NHWC `x` with an HWIO `kernel`, plus `bias`."""
     if impl == "xla":
-        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = xla_conv_valid(x, kernel)
     elif impl == "patches":
         kh, kw, cin, cout = kernel.shape
         y = patches(x, kh, kw) @ kernel.reshape(kh * kw * cin, cout)
@@ -48,10 +87,6 @@ def conv2d_same(x: jax.Array, kernel: jax.Array, bias: jax.Array, impl: str = "x
     kh, kw = kernel.shape[:2]
     if kh % 2 == 0 or kw % 2 == 0:
         raise ValueError(f"'SAME' here takes odd kernel sizes, got {kh}x{kw}")
-    if impl == "xla":
-        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + bias
     ph, pw = kh // 2, kw // 2
     x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
     return conv2d_valid(x, kernel, bias, impl)

@@ -47,6 +47,35 @@ def test_lowerings_agree_vmapped_over_per_client_kernels_with_gradients():
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
+def test_xla_conv_custom_gradients_equal_autodiff_alone_in_a_scan_and_vmapped():
+    """The canonical-form gradients of `xla_conv_valid` are autodiff's of XLA's convolution
+    (XLA rewrites autodiff's form into this one outside loops), also inside a scan (where
+    XLA does not) and vmapped over per-client kernels."""
+    from fedjax_lm.models.conv import xla_conv_valid
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(3, 4, 9, 8, 5)), jnp.float32)  # [clients, B, H, W, C]
+    k = jnp.asarray(rng.normal(size=(3, 3, 2, 5, 6)), jnp.float32)
+    ref_conv = lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def grads(conv, x, k):
+        return jax.grad(lambda x, k: (jnp.sin(conv(x, k)) ** 2).sum(), argnums=(0, 1))(x, k)
+
+    def scanned(conv, x, k):  # two SGD steps on (x, k) inside a scan
+        def body(c, _):
+            gx, gk = grads(conv, *c)
+            return (c[0] - 0.01 * gx, c[1] - 0.01 * gk), None
+        return jax.lax.scan(body, (x, k), None, length=2)[0]
+
+    cases = ((grads, (x[0], k[0])), (scanned, (x[0], k[0])),
+             (jax.vmap(grads, in_axes=(None, 0, 0)), (x, k)))
+    for fn, args in cases:
+        f = jax.jit(fn, static_argnums=0)
+        for got, ref in zip(f(xla_conv_valid, *args), f(ref_conv, *args), strict=True):
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_impl_is_refused():
     with pytest.raises(ValueError, match="unknown conv impl 'fft'"):
         conv2d_valid(jnp.zeros((1, 3, 3, 1)), jnp.zeros((1, 1, 1, 1)), jnp.zeros(1), "fft")

@@ -5,6 +5,7 @@ linear model runs by default)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -200,6 +201,33 @@ def test_abu_run_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_path, 
     assert any("resumed at step 2 of 4" in m for m in logs)
     assert out["test_acc"] == ref["test_acc"] and out["curve"] == ref["curve"]
     assert out["blend_weights"] == ref["blend_weights"]
+
+
+def test_abu_seeds_mapped_train_the_same_runs_as_seeds_vmapped():
+    """`seed_axis: map` (seeds one after another inside the step) is a lowering, not another
+    experiment: the same curves, test accuracies and blend weights as the vmapped seeds."""
+    rs = np.random.RandomState(1)
+    split = lambda n: {"image": rs.randn(n, 32, 32, 3).astype(np.float32),
+                       "label": rs.randint(0, 10, n).astype(np.int32)}
+    arrays = {"train": split(40), "val": split(20), "test": split(20)}
+    cfg = abu.AbuCifarConfig(activations=("abu_n",), seeds=(0, 1), width=2, steps=4,
+                             batch_size=8, eval_every=2, eval_batch_size=10)
+    quiet = lambda m: None
+    vmapped = abu.train_activation(cfg, "abu_n", arrays, quiet)
+    mapped = abu.train_activation(dataclasses.replace(cfg, seed_axis="map"), "abu_n", arrays,
+                                  quiet)
+    assert mapped["test_acc"] == vmapped["test_acc"] and mapped["curve"] == vmapped["curve"]
+    for layer, w in vmapped["blend_weights"].items():
+        np.testing.assert_allclose(mapped["blend_weights"][layer], w, rtol=1e-5, atol=1e-6)
+
+
+def test_abu_seed_axis_must_be_known(tmp_path, capsys):
+    from fedjax_lm.cli import main
+
+    bad = tmp_path / "abu.yaml"
+    bad.write_text("name: x\nkind: cifar\nseed_axis: pmap\n")
+    assert main(["abu", "--config", str(bad)]) == 2
+    assert "seed_axis must be one of vmap, map, got 'pmap'" in capsys.readouterr().err
 
 
 def test_abu_init_must_be_known(tmp_path, capsys):
