@@ -171,16 +171,23 @@ def test_smoke_run_of_each_experiment_config(name, tmp_path):
     assert (tmp_path / "results.csv").is_file() and (tmp_path / "table.md").is_file()
 
 
+def _tiny_abu_run(seed: int, held_out: int) -> tuple[dict, abu.AbuCifarConfig]:
+    """Random 32x32 images (40 training, `held_out` validation and test) and a 4-step,
+    2-seed, width-2 ABU_N config."""
+    rs = np.random.RandomState(seed)
+    split = lambda n: {"image": rs.randn(n, 32, 32, 3).astype(np.float32),
+                       "label": rs.randint(0, 10, n).astype(np.int32)}
+    arrays = {"train": split(40), "val": split(held_out), "test": split(held_out)}
+    cfg = abu.AbuCifarConfig(activations=("abu_n",), seeds=(0, 1), width=2, steps=4,
+                             batch_size=8, eval_every=2, eval_batch_size=10)
+    return arrays, cfg
+
+
 @pytest.mark.slow
 def test_abu_run_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_path, monkeypatch):
     """A run stopped right after its first validation checkpoint, then rerun, ends bitwise
     where the uninterrupted run ends (data order, dropout keys and Adam state continue)."""
-    rs = np.random.RandomState(0)
-    split = lambda n: {"image": rs.randn(n, 32, 32, 3).astype(np.float32),
-                       "label": rs.randint(0, 10, n).astype(np.int32)}
-    arrays = {"train": split(40), "val": split(10), "test": split(10)}
-    cfg = abu.AbuCifarConfig(activations=("abu_n",), seeds=(0, 1), width=2, steps=4,
-                             batch_size=8, eval_every=2, eval_batch_size=10)
+    arrays, cfg = _tiny_abu_run(seed=0, held_out=10)
     quiet = lambda m: None
     ref = abu.train_activation(cfg, "abu_n", arrays, quiet)
     ckpt = tmp_path / "checkpoints" / "abu_n.pkl"
@@ -206,12 +213,7 @@ def test_abu_run_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_path, 
 def test_abu_seeds_mapped_train_the_same_runs_as_seeds_vmapped():
     """`seed_axis: map` (seeds one after another inside the step) is a lowering, not another
     experiment: the same curves, test accuracies and blend weights as the vmapped seeds."""
-    rs = np.random.RandomState(1)
-    split = lambda n: {"image": rs.randn(n, 32, 32, 3).astype(np.float32),
-                       "label": rs.randint(0, 10, n).astype(np.int32)}
-    arrays = {"train": split(40), "val": split(20), "test": split(20)}
-    cfg = abu.AbuCifarConfig(activations=("abu_n",), seeds=(0, 1), width=2, steps=4,
-                             batch_size=8, eval_every=2, eval_batch_size=10)
+    arrays, cfg = _tiny_abu_run(seed=1, held_out=20)
     quiet = lambda m: None
     vmapped = abu.train_activation(cfg, "abu_n", arrays, quiet)
     mapped = abu.train_activation(dataclasses.replace(cfg, seed_axis="map"), "abu_n", arrays,
