@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from fedjax_lm.io import atomic_savefig, atomic_write_text
-from fedjax_lm.runner.report import load_runs, sample_std
+from fedjax_lm.runner.report import accuracy_curve, late_gain, load_runs, sample_std
 
 # The Adam 3e-4 main arm, blog10's, the SGD probe (paper1_sgd_probe.yaml), an SGD arm.
 RUN_DIRS = ("runs", "runs_blog10", "sgd_probe/runs", "runs_sgd")
@@ -45,11 +45,6 @@ class Cell(NamedTuple):
     to_target: list[int | None] | None  # None: no C = 1 cell to set the target
 
 
-def curve(run: dict) -> tuple[list[int], list[float]]:
-    pts = [(m["round"], m["eval_accuracy"]) for m in run["metrics"] if "eval_accuracy" in m]
-    return [r for r, _ in pts], [a for _, a in pts]
-
-
 def arm(config: dict) -> str:
     """The client optimizer and learning rate, e.g. `sgd 0.03`."""
     return f"{config['client_optimizer']} {config['lr']:g}"
@@ -67,8 +62,8 @@ def cells(runs: list[dict]) -> list[Cell]:
         target = c1_best.get((task, model, opt))
         gains, hits = [], []
         for r in rs:
-            rounds, acc = curve(r)
-            gains.append(acc[-1] - acc[-1 - LATE] if len(acc) > LATE else np.nan)
+            rounds, acc = accuracy_curve(r)
+            gains.append(late_gain(r, LATE))
             if target is not None:
                 hit = [x for x, a in zip(rounds, acc, strict=True) if a >= TARGET_OF_C1 * target]
                 hits.append(hit[0] if hit else None)

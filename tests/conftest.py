@@ -7,10 +7,12 @@ Also the fixtures that let tests share work: compiled programs across in-process
 """
 
 import importlib
+import importlib.util
 import json
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,19 @@ def copy_trained_run(trained_run: Path):
         return json.loads((dest / "final.json").read_text())
 
     return copy
+
+
+@pytest.fixture(scope="session")
+def experiment_script():
+    """`load(name)`: experiments/<name>.py imported as a module (the experiment scripts are
+    not a package)."""
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules.setdefault(name, module)  # dataclasses look their module up by name
+        spec.loader.exec_module(module)
+        return module
+
+    return load

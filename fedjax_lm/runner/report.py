@@ -96,6 +96,19 @@ def sample_std(values: Any) -> np.ndarray:
     return np.zeros_like(values.mean(axis=0))
 
 
+def accuracy_curve(run: dict) -> tuple[list[int], list[float]]:
+    """(evaluated rounds, test accuracies) of a loaded run (`load_runs`)."""
+    pts = [(m["round"], m["eval_accuracy"]) for m in run["metrics"] if "eval_accuracy" in m]
+    return [r for r, _ in pts], [a for _, a in pts]
+
+
+def late_gain(run: dict, back: int = 3) -> float:
+    """Accuracy at the last evaluation minus `back` evaluations earlier (NaN if the run has
+    fewer): ~0 once a curve has flattened, clearly positive while it still climbs."""
+    acc = accuracy_curve(run)[1]
+    return acc[-1] - acc[-1 - back] if len(acc) > back else float("nan")
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "–"

@@ -3,22 +3,15 @@ sweep writes them (final.json + metrics.jsonl), checked against hand-computed va
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def report():
-    spec = importlib.util.spec_from_file_location(
-        "paper1_powered_report", ROOT / "experiments" / "paper1_powered_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def report(experiment_script):
+    return experiment_script("paper1_powered_report")
 
 
 def write_run(root: Path, name: str, config: dict, curve: list[float]) -> None:
