@@ -160,8 +160,8 @@ class PflSimpleCnn(nnx.Module):
     conv3x3·32 → ReLU → conv3x3·64 → ReLU → 2x2 max pool → dropout 0.25 → fc128 → ReLU →
     dropout 0.5 → fc(C); Glorot-uniform weights. 32→30→28→pool→14, so fc1 sees 14·14·64.
     `conv_impl` picks the convolutions' lowering (`models/conv.py`), not the function:
-    patches × matrix by default, 7-14x faster than XLA:CPU's convolution per client, vmapped
-    or not (`benchmarks/results/pfl-cifar10/conv_clients.md`)."""
+    patches × matrix by default: 6.8x faster than XLA:CPU's convolution with clients vmapped,
+    1.2x one client at a time (`benchmarks/results/conv-in-loops/conv_clients.md`)."""
 
     def __init__(self, num_classes: int, *, conv_impl: str = "patches", rngs: nnx.Rngs):
         self.conv1 = ConvValid(3, 32, 3, impl=conv_impl, rngs=rngs)

@@ -4,8 +4,8 @@ patches (im2col) times a matrix.
 Why two: the engine vmaps a client's step over the cohort, so every client's conv has its own
 kernel. JAX batches a conv whose kernel is batched into one grouped convolution
 (`feature_group_count` = clients), which XLA:CPU runs far slower than the same work as a batched
-matmul (`benchmarks/results/pfl-cifar10/conv_clients.md`: 14x; even one client at a time,
-XLA's conv is 6x slower than patches × matrix at these shapes). With `impl="patches"` the window
+matmul (`benchmarks/results/conv-in-loops/conv_clients.md`: 6.8x for pfl-research's CNN; one
+client at a time, XLA's conv is within 1.2x of patches × matrix). With `impl="patches"` the window
 extraction has no parameters (under vmap the client axis folds into the batch) and the
 per-client part is a batched `dot_general`. Both give the same numbers (to float rounding);
 the parameters (`kernel` [kh, kw, in, out], `bias` [out]) are the same either way.
