@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# The GPU cells the open issues ask for, as one short script for a lent H100/H200 (~9 min):
-#   peft   issue 16: LoRA (R = 8, query/value) BERT-base clients, Adam, bf16, 4 steps x batch 8
-#          x length 128 — the widest unchunked cohort (raised to the first out-of-memory failure
-#          around the compiled plan's edge, benchmarks/results/plan-h200-peft/) and a C = 2,048
-#          round in chunks of 256: round time, client-steps per second, peak memory (~5 min).
+# The GPU cells the open issues ask for, for a lent H100/H200, in parts that each fit one
+# device call (600 s at most; a session has 15 min of device time, start-up included):
+#   peft   (default) issue 16: LoRA (R = 8, query/value) BERT-base clients, Adam, bf16, 4 steps
+#          x batch 8 x length 128 — the widest unchunked cohort (the compiled plan's edge, 456 on
+#          an H200, then one client more, then a narrower reference; stops at the first
+#          out-of-memory failure; benchmarks/results/plan-h200-peft/) and a C = 2,048 round in
+#          chunks of 256: round time, client-steps per second, peak memory (at most 8.5 min).
 #   vsweep issue 18: paper 1's client sweep (C = 1..32 x 3 seeds, tiny preset, synthetic task)
-#          with `sweep --vectorize` vs the 18 cells one after another, end to end (~4 min).
+#          with `sweep --vectorize` vs the 18 cells one after another, end to end (at most 7
+#          min): a second call, STEPS=vsweep, where the session's device time allows.
 # Paper 1's GPU slice (issue 20) is its own command: experiments/paper1_gpu_slice.py.
 #
 # With the device tool (a bare machine with jax[cuda], flax, optax; the wheels it lacks travel
 # in .gpu_slice/whl, written by `python experiments/paper1_gpu_slice.py prepare`):
 #   command: bash benchmarks/gpu_issues.sh    carry: [".gpu_slice"]    timeout_s: 600
-# STEPS="peft" or "vsweep" runs one part; SMOKE=1 runs every part at toy size (a CPU check of
+#   (then, if time is left: command: STEPS=vsweep bash benchmarks/gpu_issues.sh)
+# STEPS names the parts ("peft", "vsweep", or both for a machine without the 600 s limit); SMOKE=1 runs every part at toy size (a CPU check of
 # the plumbing, minutes). Results: at most 8 files in $OUT (what the device tool brings back),
 # else benchmarks/results/gpu-issues-<host>/.
 set -uo pipefail
@@ -19,7 +23,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 DEST="${OUT:-benchmarks/results/gpu-issues-$(hostname -s)}"
 WORK="${WORK:-/tmp/gpu_issues}"
-STEPS="${STEPS:-peft vsweep}"
+STEPS="${STEPS:-peft}"
 mkdir -p "$DEST" "$WORK"
 SITE=/tmp/site
 if ! "$PY" -c 'import tensorboardX, datasets' 2>/dev/null && [ -d .gpu_slice/whl ]; then
@@ -50,15 +54,15 @@ if [[ " $STEPS " == *" peft "* ]]; then
     bench peft_widest 300 "${lora[@]}" --clients 4 --backends vmap
     bench peft_2048 300 "${lora[@]}" --clients 8 --backends vmap@4
   else
-    bench peft_widest 330 --preset "gpu-peft-largest-c-${CARD:-h200}" --rounds 3
-    bench peft_2048 200 --preset gpu-peft-2048 --rounds 2
+    bench peft_widest 270 --preset "gpu-peft-largest-c-${CARD:-h200}" --rounds 3
+    bench peft_2048 230 --preset gpu-peft-2048 --rounds 2
   fi
 fi
 if [[ " $STEPS " == *" vsweep "* ]]; then
   small=()
   [ "${SMOKE:-0}" = 1 ] && small=(--clients 1,2 --seeds 1 --rounds 1)
   echo "== vsweep: benchmarks/vectorized_sweep.py ${small[*]}" | tee -a "$LOG"
-  timeout 300 "$PY" benchmarks/vectorized_sweep.py --out "$WORK/vsweep" "${small[@]}" 2>&1 \
+  timeout 420 "$PY" benchmarks/vectorized_sweep.py --out "$WORK/vsweep" "${small[@]}" 2>&1 \
     | tee -a "$LOG"
   cp "$WORK/vsweep/vectorized_sweep.json" "$DEST/vsweep.json" 2>/dev/null
   cp "$WORK/vsweep/vectorized_sweep.md" "$DEST/vsweep.md" 2>/dev/null

@@ -110,11 +110,12 @@ PRESETS: dict[str, tuple[Group, ...]] = {
     # Issue 16 on a card: LoRA R = 8 (query, value) clients of BERT-base, the workload of
     # `plan-h200-peft/` (Adam, bf16, 4 steps x batch 8 x length 128). Unchunked, raised until
     # the first out-of-memory failure around the compiled plan's edge (H200: 456 fits, 457 does
-    # not; H100 scaled by memory); then C = 2,048 in the chunks of 256 the planner chose.
+    # not; H100 scaled by memory), the edge first so that a timeout keeps it, then a width
+    # below it; then C = 2,048 in the chunks of 256 the planner chose.
     **{f"gpu-peft-largest-c-{card}": tuple(
         Group("base", 128, (c,), ("vmap",), optimizer="adam", dtype="bfloat16",
               stop_at_oom=True, peft="lora") for c in clients)
-       for card, clients in (("h200", (320, 456, 464)), ("h100", (160, 256, 264)))},
+       for card, clients in (("h200", (456, 464, 320)), ("h100", (256, 264, 160)))},
     "gpu-peft-2048": (Group("base", 128, (2048,), ("vmap@256",), optimizer="adam",
                             dtype="bfloat16", peft="lora"),),
 }
