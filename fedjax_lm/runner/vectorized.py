@@ -5,7 +5,9 @@ config, metrics, checkpoints, final.json, resume).
 
 Planning, one printed line per program or lone cell:
 1. a cell whose features the federation axis does not carry (DP, robust aggregators, attacks,
-   PEFT, carried client state, Poisson sampling, other backends) runs alone;
+   per-client LoRA ranks, carried client state, Poisson sampling, other backends) runs alone;
+   parameter-efficient cells (LoRA of one rank, head-only, BitFit, frozen layers) share
+   programs: their trainable mask and aggregation are the same for every cell of a program;
 2. the rest are grouped by everything but `VARYING` (and where they write); within a group,
    cells of different client counts / local steps share a program while the padded work stays
    within `padding` × the real work (paper 1's sweep at one epoch has C × S constant, so
@@ -39,7 +41,7 @@ from tqdm.auto import tqdm
 
 from fedjax_lm import federated as fl
 from fedjax_lm.federated.federations import FederationRound, compiled_bytes, stack, unstack
-from fedjax_lm.runner import privacy
+from fedjax_lm.runner import peft, privacy
 from fedjax_lm.runner.bookkeeping import RunBook
 from fedjax_lm.runner.config import EXECUTION_FIELDS, RunConfig, VectorizeOptions
 from fedjax_lm.runner.experiment import (
@@ -108,7 +110,8 @@ def not_vectorized(cfg: RunConfig) -> str | None:
         (cfg.sampling != "fixed", f"sampling={cfg.sampling}"),
         (cfg.aggregator != "mean", f"aggregator={cfg.aggregator}"),
         (cfg.attack is not None, f"attack={cfg.attack}"),
-        (cfg.peft is not None or cfg.freeze_layers > 0, "parameter-efficient fine-tuning"),
+        (cfg.peft == "lora" and peft.rank_spec(cfg) is not None,
+         "per-client LoRA ranks (lora_ranks)"),
         (cfg.algorithm == "scaffold" or cfg.carry_client_state,
          "carried client state (scaffold, carry_client_state)"),
     )

@@ -182,3 +182,34 @@ def test_compile_ahead_stays_one_group_ahead_of_the_caller(monkeypatch):
         assert settled(1)[-1] == "e"
     time.sleep(0.3)  # left with its worker waiting for the caller: nothing more compiles
     assert compiled == ["a", "b", "c", "d", "e"]
+
+
+@pytest.mark.slow
+def test_vectorized_lora_cells_equal_each_cell_alone(tmp_path, capsys):
+    """LoRA (one rank, FedIT) clients share a program across seeds and lrs, BitFit clients
+    with frozen bottom layers another; each cell's metrics and parameters equal its run alone,
+    and per-client ranks still run alone."""
+    base = {**TINY, "rounds": 2}
+    grid = {"peft": ["lora", "bitfit"], "seed": [0, 1], "lr": [1e-3, 3e-3]}
+    opts = VectorizeOptions(enabled=True)
+    run_sweep(Preset("t", base, grid), {"freeze_layers": 1}, tmp_path / "vec", progress=False,
+              vectorize=opts)
+    assert capsys.readouterr().out.count("4 cell(s) as one program") == 2
+    for cfg in expand(Preset("t", base, grid), {"freeze_layers": 1}, tmp_path / "alone"):
+        train(cfg, progress=False)
+        run = tmp_path / "vec" / Path(cfg.out).name
+        rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+                for d in (run, Path(cfg.out))]
+        for a, b in zip(*rows, strict=True):
+            for key in ("train_loss", "update_norm", "eval_loss", "eval_accuracy"):
+                assert abs(a[key] - b[key]) <= 1e-6, (cfg.out, key)
+        for x, y in zip(jax.tree.leaves(_params(run, cfg)),
+                        jax.tree.leaves(_params(Path(cfg.out), cfg)), strict=True):
+            d = np.abs(np.asarray(x) - np.asarray(y))  # bounds as in the test above
+            assert d.max() <= 0.05 * cfg.lr and d.mean() <= 1e-3 * cfg.lr, cfg.out
+    mixed = _cells({"seed": [0, 1]}, tmp_path / "mixed", peft="lora", lora_rank=4,
+                   lora_ranks=("2", "4"))
+    groups, warnings = vectorized.plan(mixed, opts)
+    assert [len(g.cells) for g in groups] == [1, 1]
+    assert warnings == ["seed=0, seed=1 run(s) alone: per-client LoRA ranks (lora_ranks) is not "
+                        "vectorized"]
