@@ -45,7 +45,8 @@ def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
 @jax.custom_vjp
 def xla_conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """XLA's stride-1 'VALID' convolution (no bias) whose gradients are canonical convolutions
-    (module docstring: fast inside loops too)."""
+    (module docstring: fast inside loops too). Reverse mode only, as any custom VJP: `jax.jvp`
+    through it raises; use `impl="patches"` for forward-mode derivatives."""
     return _conv(x, kernel)
 
 
