@@ -7,8 +7,9 @@
 #          out-of-memory failure; benchmarks/results/plan-h200-peft/) and a C = 2,048 round in
 #          chunks of 256: round time, client-steps per second, peak memory (at most 8.5 min).
 #   vsweep issue 18: paper 1's client sweep (C = 1..32 x 3 seeds, tiny preset, synthetic task)
-#          with `sweep --vectorize` vs the 18 cells one after another, end to end (at most 7
-#          min): a second call, STEPS=vsweep, where the session's device time allows.
+#          with `sweep --vectorize` (padding bounds 1.5 and 32) vs the 18 cells one after
+#          another, end to end (at most 9 min): a second call, STEPS=vsweep, where the
+#          session's device time allows.
 # Paper 1's GPU slice (issue 20) is its own command: experiments/paper1_gpu_slice.py.
 #
 # With the device tool (a bare machine with jax[cuda], flax, optax; the wheels it lacks travel
@@ -59,10 +60,12 @@ if [[ " $STEPS " == *" peft "* ]]; then
   fi
 fi
 if [[ " $STEPS " == *" vsweep "* ]]; then
-  small=()
-  [ "${SMOKE:-0}" = 1 ] && small=(--clients 1,2 --seeds 1 --rounds 1)
+  # two vectorized arms: the default padding bound (6 programs, one per C) and 32 (one
+  # program: on an accelerator a padded client costs little next to a program's compile)
+  small=(--paddings 1.5,32)
+  [ "${SMOKE:-0}" = 1 ] && small=(--clients 1,2 --seeds 1 --rounds 1 --paddings 1.5,2)
   echo "== vsweep: benchmarks/vectorized_sweep.py ${small[*]}" | tee -a "$LOG"
-  timeout 420 "$PY" benchmarks/vectorized_sweep.py --out "$WORK/vsweep" "${small[@]}" 2>&1 \
+  timeout 540 "$PY" benchmarks/vectorized_sweep.py --out "$WORK/vsweep" "${small[@]}" 2>&1 \
     | tee -a "$LOG"
   cp "$WORK/vsweep/vectorized_sweep.json" "$DEST/vsweep.json" 2>/dev/null
   cp "$WORK/vsweep/vectorized_sweep.md" "$DEST/vsweep.md" 2>/dev/null
