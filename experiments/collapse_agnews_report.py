@@ -28,7 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from fedjax_lm.io import atomic_savefig, atomic_write_text
-from fedjax_lm.runner.report import accuracy_curve, late_gain, load_runs, sample_std
+from fedjax_lm.runner.report import (
+    accuracy_curve,
+    late_gain,
+    load_runs,
+    points_mean_std,
+    sample_std,
+)
 
 LEFT_CHANCE = 0.10  # best accuracy this far above chance: the run trained at some point
 BACK_AT_CHANCE = 0.05  # final accuracy within this of chance: it ended there
@@ -57,11 +63,6 @@ def key(run: dict) -> tuple[str, bool, float, int]:
     return c["head_init"], bool(c["attend_to_padding"]), float(c["lr"]), int(c["clients"])
 
 
-def mean_sd(values: list[float], scale: float = 100.0) -> str:
-    v = scale * np.asarray(values, dtype=float)
-    return f"{v.mean():.1f} ± {float(sample_std(v)):.1f}"
-
-
 def cells_table(runs: list[dict]) -> list[str]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
@@ -74,10 +75,10 @@ def cells_table(runs: list[dict]) -> list[str]:
         told = ", ".join(f"{counts[o]} {o}" for o in OUTCOMES if counts[o])
         loss = np.asarray([r["final_eval_loss"] for r in rs])
         out.append(f"| {head} | {str(pad).lower()} | {lr:g} | {c} | {len(rs)} | "
-                   f"{mean_sd([r['final_accuracy'] for r in rs])} | "
-                   f"{mean_sd([r['best_accuracy'] for r in rs])} | "
+                   f"{points_mean_std([r['final_accuracy'] for r in rs])} | "
+                   f"{points_mean_std([r['best_accuracy'] for r in rs])} | "
                    f"{loss.mean():.3f} ± {float(sample_std(loss)):.3f} | "
-                   f"{mean_sd([late_gain(r) for r in rs])} | {told} |")
+                   f"{points_mean_std([late_gain(r) for r in rs])} | {told} |")
     return out
 
 
@@ -95,7 +96,7 @@ def paired_effects(runs: list[dict]) -> list[str]:
                      if (h, p, lr2, c2) == ("shared", False, lr, c)
                      and (head, pad, lr, c, s) in final]
             if diffs:
-                out.append(f"| {name} | {lr:g} | {c} | {len(diffs)} | {mean_sd(diffs)} |")
+                out.append(f"| {name} | {lr:g} | {c} | {len(diffs)} | {points_mean_std(diffs)} |")
     return out
 
 

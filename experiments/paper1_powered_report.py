@@ -24,7 +24,13 @@ from typing import NamedTuple
 import numpy as np
 
 from fedjax_lm.io import atomic_savefig, atomic_write_text
-from fedjax_lm.runner.report import accuracy_curve, late_gain, load_runs, sample_std
+from fedjax_lm.runner.report import (
+    accuracy_curve,
+    late_gain,
+    load_runs,
+    points_mean_std,
+    sample_std,
+)
 
 # The Adam 3e-4 main arm, blog10's, the SGD probe (paper1_sgd_probe.yaml), an SGD arm.
 RUN_DIRS = ("runs", "runs_blog10", "sgd_probe/runs", "runs_sgd")
@@ -73,11 +79,6 @@ def cells(runs: list[dict]) -> list[Cell]:
     return out
 
 
-def mean_sd(values: list[float], scale: float = 100.0, fmt: str = ".1f") -> str:
-    v = scale * np.asarray(values, dtype=float)
-    return f"{v.mean():{fmt}} ± {sample_std(v):{fmt}}"
-
-
 def reached(cell: Cell) -> list[int]:
     return [h for h in cell.to_target or [] if h is not None]
 
@@ -91,7 +92,8 @@ def table(cs: list[Cell]) -> list[str]:
         to_target = ("(no C = 1)" if c.to_target is None
                      else f"{np.mean(hit):.1f}" if hit else "–")
         out.append(f"| {c.task} | {c.model} | {c.arm} | {c.clients} | {len(c.final)} | "
-                   f"{mean_sd(c.final)} | {mean_sd(c.best)} | {mean_sd(c.late_gain)} | "
+                   f"{points_mean_std(c.final)} | {points_mean_std(c.best)} | "
+                   f"{points_mean_std(c.late_gain)} | "
                    f"{to_target} | {len(hit)}/{len(c.final)} |")
     return out
 

@@ -109,6 +109,12 @@ def late_gain(run: dict, back: int = 3) -> float:
     return acc[-1] - acc[-1 - back] if len(acc) > back else float("nan")
 
 
+def points_mean_std(fractions: list[float]) -> str:
+    """Fractions over seeds as percentage points, `mean ± sample std` to one decimal."""
+    v = 100.0 * np.asarray(fractions, dtype=float)
+    return f"{v.mean():.1f} ± {float(sample_std(v)):.1f}"
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "–"
