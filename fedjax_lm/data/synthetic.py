@@ -43,19 +43,10 @@ def _flip(rng: np.random.Generator, truth: np.ndarray, noise: float,
     return labels.astype(np.int32), int(flip.sum())
 
 
-def make_synthetic(
-    *,
-    num_classes: int = 4,
-    num_train: int = 2000,
-    num_test: int = 500,
-    words_per_text: int = 24,
-    keywords_per_class: int = 8,
-    keyword_rate: float = 0.15,
-    vocab_size: int = 400,
-    label_noise: float = 0.1,
-    seed: int = 0,
-) -> TaskData:
-    """Generate the task. Classes are balanced; every text has at least one keyword of its class."""
+def _check_params(*, num_classes: int, num_train: int, num_test: int, words_per_text: int,
+                  keywords_per_class: int, keyword_rate: float, vocab_size: int,
+                  label_noise: float) -> None:
+    """The generative model's parameters, checked once for both generators."""
     checks = [
         (num_classes >= 2, f"num_classes must be >= 2, got {num_classes}"),
         (
@@ -71,6 +62,24 @@ def make_synthetic(
     for ok, message in checks:
         if not ok:
             raise DataError(message)
+
+
+def make_synthetic(
+    *,
+    num_classes: int = 4,
+    num_train: int = 2000,
+    num_test: int = 500,
+    words_per_text: int = 24,
+    keywords_per_class: int = 8,
+    keyword_rate: float = 0.15,
+    vocab_size: int = 400,
+    label_noise: float = 0.1,
+    seed: int = 0,
+) -> TaskData:
+    """Generate the task. Classes are balanced; every text has at least one keyword of its class."""
+    _check_params(num_classes=num_classes, num_train=num_train, num_test=num_test,
+                  words_per_text=words_per_text, keywords_per_class=keywords_per_class,
+                  keyword_rate=keyword_rate, vocab_size=vocab_size, label_noise=label_noise)
     rng = np.random.default_rng(seed)
     words = _pseudo_words(rng, vocab_size + num_classes * keywords_per_class)
     filler = words[:vocab_size]
@@ -123,8 +132,9 @@ def synthetic_population(
     """The synthetic task's generative model at population scale (10^6 examples and more),
     vectorised: the same kind of texts, drawn from another random stream than `make_synthetic`
     (which keeps its own, so existing runs are unchanged)."""
-    if num_train < 1 or num_test < 1:
-        raise DataError(f"num_train/num_test must be >= 1: {num_train}/{num_test}")
+    _check_params(num_classes=num_classes, num_train=num_train, num_test=num_test,
+                  words_per_text=words_per_text, keywords_per_class=keywords_per_class,
+                  keyword_rate=keyword_rate, vocab_size=vocab_size, label_noise=label_noise)
     rng = np.random.default_rng((seed, 7))
     words = np.asarray(_pseudo_words(rng, vocab_size + num_classes * keywords_per_class),
                        dtype=object)

@@ -297,3 +297,21 @@ def test_synthetic_population_task_is_the_population_generator(
     assert task.train.texts == direct.train.texts
     assert np.array_equal(task.train.labels, direct.train.labels)
     assert len(load_task("synthetic_population", seed=3, num_test=50, max_train=700).train) == 700
+
+
+@pytest.mark.parametrize("generator", ["make_synthetic", "synthetic_population"])
+@pytest.mark.parametrize(("param", "value", "message"), [
+    ("keyword_rate", 0.0, "keyword_rate must be in (0, 1], got 0.0"),
+    ("label_noise", 1.0, "label_noise must be in [0, 1), got 1.0"),
+    ("num_classes", 1, "num_classes must be >= 2, got 1"),
+])
+def test_both_synthetic_generators_check_their_parameters(
+    generator: str, param: str, value: float, message: str
+) -> None:
+    from fedjax_lm.data import synthetic
+
+    make = getattr(synthetic, generator)
+    sizes = {"num_train": 10, "num_test": 5}
+    with pytest.raises(DataError) as e:
+        make(**sizes, **{param: value})
+    assert str(e.value) == message
