@@ -199,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, help="sweep folder (default runs/<preset name>)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--vectorize", action="store_true",
-                   help="cells differing only in seed, lr, server_lr, clients, cohort_size run "
-                        "as one program (a preset's `vectorize: true` does the same)")
+                   help="cells differing only in seed, lr, server_lr, clients, cohort_size, "
+                        "partition (alpha, p, k, beta) run as one program (a preset's "
+                        "`vectorize: true` does the same)")
     p.add_argument("--vectorize-padding", type=float, metavar="X",
                    help="most padded work per real work a shared program may do (default 1.5)")
     p.add_argument("--vectorize-memory", metavar="SIZE",

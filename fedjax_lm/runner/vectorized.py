@@ -1,5 +1,5 @@
-"""`fedjax-lm sweep --vectorize`: sweep cells that differ only in seed, learning rates or
-client count train as ONE compiled program with a leading federation axis
+"""`fedjax-lm sweep --vectorize`: sweep cells that differ only in seed, learning rates, client
+count or partition train as ONE compiled program with a leading federation axis
 (`federated.federations`), each cell still in its own run directory (`bookkeeping.RunBook`:
 config, metrics, checkpoints, final.json, resume).
 
@@ -57,8 +57,11 @@ from fedjax_lm.runner.rundir import checkpointed_round, locked
 from fedjax_lm.runner.train import make_predict, train
 from fedjax_lm.scale.memory import format_bytes
 
-# What may differ between the federations of one program (traced, or padded).
-VARYING = ("seed", "lr", "server_lr", "clients", "cohort_size")
+# What may differ between the federations of one program: traced (learning rates), padded
+# (client counts; a partition's per-client step counts under local_epochs) or only in the data
+# each federation's cohorts carry (seed, partition and its parameters).
+VARYING = ("seed", "lr", "server_lr", "clients", "cohort_size", "partition", "alpha", "p", "k",
+           "beta")
 # Execution fields each cell keeps to itself (the others shape the program).
 PER_CELL = EXECUTION_FIELDS - {"backend", "clients_per_chunk", "chunk_executor"}
 

@@ -154,8 +154,11 @@ def test_sweep_skips_finished_cells_and_reports(tmp_path):
     finals = sorted(tmp_path.glob("*/final.json"))
     assert [p.parent.name for p in finals] == ["clients=1", "clients=2"]
     mtimes = [p.stat().st_mtime_ns for p in finals]
+    first = (tmp_path / "summary.md").read_text()
+    assert "Wall time of the last sweep invocation" in first
     run_sweep(preset, {}, tmp_path, progress=False)  # everything finished: nothing reruns
     assert [p.stat().st_mtime_ns for p in finals] == mtimes
+    assert (tmp_path / "summary.md").read_text() == first  # still the timing of the real work
 
     rows = (tmp_path / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 3 and rows[0].startswith("model,task,clients,seed,final_accuracy")

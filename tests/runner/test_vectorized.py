@@ -44,7 +44,8 @@ def test_cells_beyond_padding_or_unsupported_run_alone_with_the_reason(tmp_path)
     assert warnings == [
         "seed=0, seed=1 run(s) alone: DP-FedAvg (dp_clip) is not vectorized",
         "max_length=16, max_length=32 run(s) alone, each its own program: they differ in "
-        "max_length, beyond seed, lr, server_lr, clients, cohort_size"]
+        "max_length, beyond seed, lr, server_lr, clients, cohort_size, partition, alpha, p, k, "
+        "beta"]
 
 
 def test_planned_groups_hold_shapes_and_load_the_same_weights_when_they_run(tmp_path):
@@ -213,3 +214,24 @@ def test_vectorized_lora_cells_equal_each_cell_alone(tmp_path, capsys):
     assert [len(g.cells) for g in groups] == [1, 1]
     assert warnings == ["seed=0, seed=1 run(s) alone: per-client LoRA ranks (lora_ranks) is not "
                         "vectorized"]
+
+
+def test_partitions_share_a_program_and_equal_each_cell_alone(tmp_path, capsys):
+    """IID against non-IID is data, not program: the partitions' cells join the seeds' program
+    (one plan line), and each cell's metrics equal its run alone."""
+    base = {**TINY, "rounds": 1, "clients": 3}
+    grid = {"partition": ["iid", "dirichlet"], "alpha": [0.5], "seed": [0, 1]}
+    run_sweep(Preset("t", base, grid), {}, tmp_path / "vec", progress=False,
+              vectorize=VectorizeOptions(enabled=True))
+    assert "4 cell(s) as one program, padded to 3 clients x 2 local steps" in \
+        capsys.readouterr().out
+    for cfg in expand(Preset("t", base, grid), {}, tmp_path / "alone"):
+        train(cfg, progress=False)
+        rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+                for d in (tmp_path / "vec" / Path(cfg.out).name, Path(cfg.out))]
+        assert len(rows[0]) == len(rows[1]) == 1
+        for key in ("train_loss", "update_norm", "eval_loss", "eval_accuracy"):
+            assert abs(rows[0][0][key] - rows[1][0][key]) <= 1e-6, (cfg.out, key)
+    iid, dirichlet = (json.loads((tmp_path / "vec" / f"partition={p},alpha=0.5,seed=0" /
+                                  "metrics.jsonl").read_text()) for p in ("iid", "dirichlet"))
+    assert iid["train_loss"] != dirichlet["train_loss"]  # the cells did get different data
