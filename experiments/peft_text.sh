@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The PEFT comparison of experiments/peft_text.yaml: C = 8, then 64, then 512, task by task,
 # method by method; each call is one vectorized sweep over partition x seed (the yaml's grid:
-# a partition's 3 seeds train as one program of 3 federations). Resumes: finished cells are
+# both partitions' 3 seeds train as one program of 6 federations, split where the memory
+# budget says so). Resumes: finished cells are
 # skipped. Usage: experiments/peft_text.sh DATA_DIR [OUT] [CLIENT_COUNTS]
 # (OUT default experiments/results/peft_text, CLIENT_COUNTS default "8 64 512").
 # C = 512 holds ~3 examples a client (2,000 over 512), fewer than a batch of 4: its cells keep
