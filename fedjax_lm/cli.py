@@ -36,7 +36,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                         help="override any config field (repeatable)")
     group = parser.add_argument_group("config fields (override the preset)")
     for name, field in rc.FIELDS.items():
-        types_ = [t for t in typing.get_args(rc._HINTS[name]) or (rc._HINTS[name],)
+        types_ = [t for t in typing.get_args(rc.HINTS[name]) or (rc.HINTS[name],)
                   if t is not type(None)]
         many = typing.get_origin(types_[0]) is tuple
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"field_{name}", default=None,
@@ -45,10 +45,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from fedjax_lm.runner import config as rc
+    from fedjax_lm.runner.config import FIELDS
+    from fedjax_lm.runner.presets import parse_overrides
 
-    out = rc.parse_overrides(args.set)
-    for name in rc.FIELDS:
+    out = parse_overrides(args.set)
+    for name in FIELDS:
         value = getattr(args, f"field_{name}")
         if value is not None:
             out[name] = value
@@ -56,11 +57,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _preset(args: argparse.Namespace) -> Any:
-    from fedjax_lm.runner import config as rc
+    from fedjax_lm.runner.presets import Preset, load_preset
 
     if args.config is None:
-        return rc.Preset(name="cli", base={}, grid={})
-    return rc.load_preset(args.config)
+        return Preset(name="cli", base={}, grid={})
+    return load_preset(args.config)
 
 
 def check_out_dir(path: str | Path, flag: str = "--out") -> None:
@@ -100,7 +101,7 @@ def check_paths(cfg: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fedjax_lm.runner import config as rc
+    from fedjax_lm.runner.checks import from_dict
     from fedjax_lm.runner.train import train
 
     preset = _preset(args)
@@ -108,7 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"note: {args.config} defines a sweep over {', '.join(preset.grid)}; `train` "
               "runs its base config only (use `fedjax-lm sweep` for the grid)", file=sys.stderr)
     overrides = _overrides(args)
-    cfg = rc.from_dict({**preset.base, **overrides})
+    cfg = from_dict({**preset.base, **overrides})
     check_paths(cfg)
     final = train(cfg, progress=not args.no_progress)
     print(f"final accuracy {final['final_accuracy']:.4f} (best {final['best_accuracy']:.4f}) "
@@ -156,10 +157,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_quick(args: argparse.Namespace) -> int:
     """`make run`: the quick sweep on MiniLM, on IMDB when a data dir is configured."""
-    from fedjax_lm.runner import config as rc
+    from fedjax_lm.runner.presets import load_preset
 
     data_dir = args.data_dir or os.environ.get("FEDJAX_LM_DATA_DIR")
-    preset = rc.load_preset(QUICK_PRESET)
+    preset = load_preset(QUICK_PRESET)
     overrides: dict[str, Any] = {}
     if data_dir:
         overrides = {"task": "imdb", "data_dir": data_dir}

@@ -61,7 +61,7 @@ def test_every_loader_and_command_words_a_bad_file_the_same(tmp_path, capsys, te
     from fedjax_lm.cli import main
     from fedjax_lm.personalize import abu, moe
     from fedjax_lm.personalize.config import load_config
-    from fedjax_lm.runner.config import load_preset
+    from fedjax_lm.runner.presets import load_preset
 
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -79,7 +79,7 @@ def test_every_loader_and_command_words_a_bad_file_the_same(tmp_path, capsys, te
 def test_unknown_keys_name_the_file_and_the_valid_keys(tmp_path):
     from fedjax_lm.personalize import moe
     from fedjax_lm.personalize.config import load_config
-    from fedjax_lm.runner.config import load_preset
+    from fedjax_lm.runner.presets import load_preset
 
     path = tmp_path / "p.yaml"
     path.write_text("name: x\nsweeps: {clients: [1]}\n")

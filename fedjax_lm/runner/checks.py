@@ -1,6 +1,6 @@
 """A run config's values checked: each raw value coerced to its field's type, then the whole
 config against every rule (and the engine's, data layer's and model's own), so a bad config
-fails in `config.from_dict`, before a run directory exists."""
+fails in `from_dict`, before a run directory exists."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedjax_lm.grid import ConfigError
-
-if TYPE_CHECKING:
-    from fedjax_lm.runner.config import RunConfig
+from fedjax_lm.runner import privacy
+from fedjax_lm.runner.config import FIELDS, HINTS, RunConfig
+from fedjax_lm.runner.robustness import check_robustness
 
 CLIENT_OPTIMIZERS = ("sgd", "adam", "adamw")
 HEAD_INITS = ("shared", "per_client")
@@ -68,6 +68,21 @@ def coerce(name: str, hint: Any, value: Any) -> Any:
         raise ConfigError(
             f"{name} must be {getattr(base, '__name__', base)}, got {value!r}"
         ) from None
+
+
+def from_dict(values: dict[str, Any]) -> RunConfig:
+    """Build and validate a config; unknown keys are an error (typos must not pass)."""
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(
+            f"unknown config field(s): {', '.join(unknown)}; valid fields: {', '.join(FIELDS)}"
+        )
+    cfg = RunConfig(**{k: coerce(k, HINTS[k], v) for k, v in values.items()})
+    from fedjax_lm.federated.robust import ALIASES  # the pre-issue-17 names, canonicalised
+
+    cfg = dataclasses.replace(cfg, aggregator=ALIASES.get(cfg.aggregator, cfg.aggregator))
+    check(cfg)
+    return cfg
 
 
 def check(cfg: RunConfig) -> None:
@@ -129,15 +144,11 @@ def check(cfg: RunConfig) -> None:
     need(cfg.server_optimizer in fl.SERVER_OPTIMIZERS,
          f"server_optimizer must be one of {fl.SERVER_OPTIMIZERS}, got {cfg.server_optimizer!r}")
     need(cfg.weighting in fl.WEIGHTINGS, f"weighting must be one of {fl.WEIGHTINGS}")
-    from fedjax_lm.runner.robustness import check_robustness
-
     try:
         execution = executor(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check_robustness(cfg, execution)
-    from fedjax_lm.runner import privacy
-
     default_aggregator = next(f.default for f in dataclasses.fields(cfg) if f.name == "aggregator")
     privacy.check(cfg, default_aggregator)
     from fedjax_lm.data import PARTITIONERS, TASKS

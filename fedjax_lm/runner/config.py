@@ -1,32 +1,17 @@
-"""Typed run configuration: YAML presets + command-line overrides → one frozen `RunConfig`.
+"""The typed run configuration: one frozen `RunConfig`, every field that varies between runs.
 
-Every field that varies between runs lives here, so a run directory's `config.yaml` is
-enough to reproduce or resume the run. Bad configs fail here (by `checks`' rules), before any
-work starts.
+A run directory's `config.yaml` is enough to reproduce or resume the run. The rules the fields
+must satisfy are `checks` (`checks.from_dict` builds a checked config); YAML presets and
+command-line overrides are `presets`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from fedjax_lm.grid import (
-    ConfigError,
-    check_keys,
-    execution_field,
-    execution_fields,
-    expand_grid,
-    load_yaml,
-    require_mapping,
-)
-from fedjax_lm.runner.checks import check, coerce
-from fedjax_lm.runner.checks import executor as executor  # re-exported: experiment's import
-from fedjax_lm.runner.checks import partition_params as partition_params
+from fedjax_lm.grid import execution_field, execution_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +119,9 @@ class RunConfig:
     out: str = execution_field("runs/train")
 
     def replace(self, **changes: Any) -> RunConfig:
-        return from_dict({**dataclasses.asdict(self), **changes})
+        """This config with `changes`, unchecked: `train` checks what it runs (or check with
+        `checks.from_dict(cfg.to_dict())`)."""
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,107 +132,4 @@ FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 EXECUTION_FIELDS = execution_fields(RunConfig)
 # What may differ when a run directory is resumed: those, and `rounds` (the run continues).
 RESUMABLE_FIELDS = EXECUTION_FIELDS | {"rounds"}
-_HINTS = typing.get_type_hints(RunConfig)
-
-
-def from_dict(values: dict[str, Any]) -> RunConfig:
-    """Build and validate a config; unknown keys are an error (typos must not pass)."""
-    unknown = sorted(set(values) - set(FIELDS))
-    if unknown:
-        raise ConfigError(
-            f"unknown config field(s): {', '.join(unknown)}; valid fields: {', '.join(FIELDS)}"
-        )
-    cfg = RunConfig(**{k: coerce(k, _HINTS[k], v) for k, v in values.items()})
-    from fedjax_lm.federated.robust import ALIASES  # the pre-issue-17 names, canonicalised
-
-    cfg = dataclasses.replace(cfg, aggregator=ALIASES.get(cfg.aggregator, cfg.aggregator))
-    check(cfg)
-    return cfg
-
-
-@dataclasses.dataclass(frozen=True)
-class VectorizeOptions:
-    """How a sweep's cells share one program (`sweep --vectorize`, or a preset's top-level
-    `vectorize: true` / `vectorize: {padding: 1.5, memory: 4GiB}`; runner/vectorized.py)."""
-
-    enabled: bool = False
-    # Most padded client-steps a shared program may compute per real one: cells of different
-    # client counts or local steps join a program only while the padding stays under this.
-    padding: float = 1.5
-    memory: int | None = None  # bytes a program may take (None: 90% of the device's, or half
-    # the host's available RAM on a CPU)
-
-    def replace(self, **changes: Any) -> VectorizeOptions:
-        return vectorize_options({**dataclasses.asdict(self), **changes}, "vectorize")
-
-
-def vectorize_options(raw: Any, where: str) -> VectorizeOptions:
-    """`true` / `false`, or a mapping of `enabled`, `padding` (>= 1), `memory` ("4GiB")."""
-    if isinstance(raw, bool) or raw is None:
-        return VectorizeOptions(enabled=bool(raw))
-    values = require_mapping(raw, where)
-    check_keys(values, ("enabled", "padding", "memory"), where)
-    try:
-        padding = float(values.get("padding", VectorizeOptions.padding))
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: padding must be a number >= 1, got "
-                          f"{values['padding']!r}") from None
-    if not (math.isfinite(padding) and padding >= 1):
-        raise ConfigError(f"{where}: padding must be a number >= 1, got {values['padding']!r}")
-    memory = values.get("memory")
-    if memory is not None and not isinstance(memory, int):
-        from fedjax_lm.scale.memory import parse_bytes
-
-        try:
-            memory = parse_bytes(str(memory))
-        except ValueError as e:
-            raise ConfigError(f"{where}: memory: {e}") from None
-    if memory is not None and memory <= 0:
-        raise ConfigError(f"{where}: memory must be > 0 bytes, got {values['memory']!r}")
-    return VectorizeOptions(enabled=bool(values.get("enabled", True)), padding=padding,
-                            memory=memory)
-
-
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    """A YAML preset: base config values, an optional sweep grid (field → values) and how the
-    sweep may vectorize its cells."""
-
-    name: str
-    base: dict[str, Any]
-    grid: dict[str, list[Any]]
-    vectorize: VectorizeOptions = VectorizeOptions()
-
-
-def load_preset(path: str | Path) -> Preset:
-    """A preset file (`name`, `base`, `sweep`, `vectorize`), checked whole before anything
-    runs."""
-    raw = load_yaml(path, keys=("name", "base", "sweep", "vectorize"))
-    base = require_mapping(raw.get("base"), f"{path}: base")
-    grid = require_mapping(raw.get("sweep"), f"{path}: sweep")
-    check_keys(grid, FIELDS, f"{path}: sweep")
-    expand_grid(grid, where=f"{path}: sweep")  # every axis a non-empty list
-    try:
-        from_dict(base)  # fail early on a bad base
-    except ConfigError as e:
-        raise ConfigError(f"{path}: base: {e}") from None
-    return Preset(name=raw.get("name", Path(path).stem), base=dict(base), grid=dict(grid),
-                  vectorize=vectorize_options(raw.get("vectorize"), f"{path}: vectorize"))
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`["clients=8", "lr=1e-4"]` → a dict with YAML-parsed values."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"override {pair!r} must look like field=value")
-        key, value = pair.split("=", 1)
-        key = key.strip().replace("-", "_")
-        if key not in FIELDS:
-            raise ConfigError(f"unknown config field {key!r} in override {pair!r}")
-        try:
-            out[key] = yaml.safe_load(value) if value else None
-        except yaml.YAMLError:
-            raise ConfigError(f"override {pair!r}: {value!r} is not a valid YAML value "
-                              "(quote it, or write lists as [a, b])") from None
-    return out
+HINTS = typing.get_type_hints(RunConfig)  # each field's declared type

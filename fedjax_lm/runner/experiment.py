@@ -17,8 +17,10 @@ from fedjax_lm import federated as fl
 from fedjax_lm import models
 from fedjax_lm.federated.fedavg import ClientParamsInit
 from fedjax_lm.federated.trainable import trainable_part
+from fedjax_lm.grid import ConfigError
 from fedjax_lm.runner import privacy
-from fedjax_lm.runner.config import ConfigError, RunConfig, executor, partition_params
+from fedjax_lm.runner.checks import executor, partition_params
+from fedjax_lm.runner.config import RunConfig
 from fedjax_lm.runner.peft import PeftPlan, build_peft, model_overrides
 from fedjax_lm.runner.robustness import aggregator
 

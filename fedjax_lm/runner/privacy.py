@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
@@ -20,9 +20,7 @@ from fedjax_lm.federated import accounting
 from fedjax_lm.federated.privacy import DPConfig
 from fedjax_lm.federated.sampling import pad_cohort, poisson_clients, sample_clients, sampling_key
 from fedjax_lm.grid import ConfigError
-
-if TYPE_CHECKING:
-    from fedjax_lm.runner.config import RunConfig
+from fedjax_lm.runner.config import RunConfig
 
 SAMPLINGS = accounting.SAMPLINGS
 ACCOUNTANTS = accounting.ACCOUNTANTS

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from fedjax_lm.grid import ConfigError
 from fedjax_lm.io import (
     DamagedFileError,
     atomic_savefig,
@@ -22,7 +23,8 @@ from fedjax_lm.io import (
     read_yaml,
     write_csv,
 )
-from fedjax_lm.runner.config import EXECUTION_FIELDS, ConfigError, RunConfig, from_dict
+from fedjax_lm.runner.checks import from_dict
+from fedjax_lm.runner.config import EXECUTION_FIELDS, RunConfig
 from fedjax_lm.runner.evaluation import CLIENT_ACCURACY_FILE, GROUPS
 
 _ALWAYS = ("model", "task", "clients")

@@ -1,17 +1,15 @@
-"""The run's aggregator and attack from its config: the checks (called once by `config`) and
+"""The run's aggregator and attack from its config: the checks (called once by `checks`) and
 the construction (`experiment`), kept together so the names and rules live in one place."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from fedjax_lm import federated as fl
 from fedjax_lm.grid import ConfigError
-
-if TYPE_CHECKING:
-    from fedjax_lm.runner.config import RunConfig
+from fedjax_lm.runner.config import RunConfig
 
 
 def check_robustness(cfg: RunConfig, executor: fl.ExecutorConfig) -> None:

@@ -19,7 +19,8 @@ from typing import Any
 from fedjax_lm.grid import ConfigError, ResumeError, check_same_config, load_yaml
 from fedjax_lm.io import write_json
 from fedjax_lm.runner import privacy
-from fedjax_lm.runner.config import RESUMABLE_FIELDS, RunConfig, from_dict
+from fedjax_lm.runner.checks import from_dict
+from fedjax_lm.runner.config import RESUMABLE_FIELDS, RunConfig
 from fedjax_lm.runner.report import check_run_files
 
 LOCK = ".lock"  # flock'ed by the run writing the directory; holds "pid P on HOST"

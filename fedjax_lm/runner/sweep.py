@@ -18,10 +18,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from fedjax_lm import interrupts
-from fedjax_lm.grid import CELL_ENV, expand_grid
+from fedjax_lm.grid import CELL_ENV, ConfigError, expand_grid
 from fedjax_lm.io import write_yaml
 from fedjax_lm.runner import rundir
-from fedjax_lm.runner.config import ConfigError, Preset, RunConfig, VectorizeOptions, from_dict
+from fedjax_lm.runner.checks import from_dict
+from fedjax_lm.runner.config import RunConfig
+from fedjax_lm.runner.presets import Preset, VectorizeOptions
 from fedjax_lm.runner.report import read_final, write_report
 from fedjax_lm.runner.train import TrainingError, train
 

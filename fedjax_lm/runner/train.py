@@ -28,7 +28,8 @@ from fedjax_lm.runner.bookkeeping import (
     nonfinite_server_parts,
     params_digest,
 )
-from fedjax_lm.runner.config import RunConfig, from_dict
+from fedjax_lm.runner.checks import from_dict
+from fedjax_lm.runner.config import RunConfig
 from fedjax_lm.runner.experiment import (
     Experiment,
     build_engine,
@@ -96,7 +97,7 @@ def train(
 ) -> dict[str, Any]:
     """Run (or resume, or return the result of a finished) federated run in `cfg.out`,
     holding the directory's lock throughout."""
-    cfg = from_dict(cfg.to_dict())  # a RunConfig built directly has not been validated
+    cfg = from_dict(cfg.to_dict())  # built directly or by `replace`: not checked yet
     run_dir = Path(cfg.out)
     # Multi-host: every process trains (and joins orbax's collective save); only process 0
     # locks the directory and writes config, metrics, TensorBoard and results.

@@ -43,7 +43,7 @@ from fedjax_lm import federated as fl
 from fedjax_lm.federated.federations import FederationRound, compiled_bytes, stack, unstack
 from fedjax_lm.runner import peft, privacy
 from fedjax_lm.runner.bookkeeping import RunBook
-from fedjax_lm.runner.config import EXECUTION_FIELDS, RunConfig, VectorizeOptions
+from fedjax_lm.runner.config import EXECUTION_FIELDS, RunConfig
 from fedjax_lm.runner.experiment import (
     Experiment,
     Hypers,
@@ -53,6 +53,7 @@ from fedjax_lm.runner.experiment import (
     load_model,
     round_data,
 )
+from fedjax_lm.runner.presets import VectorizeOptions
 from fedjax_lm.runner.rundir import checkpointed_round, locked
 from fedjax_lm.runner.train import make_predict, train
 from fedjax_lm.scale.memory import format_bytes

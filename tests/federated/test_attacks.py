@@ -130,7 +130,7 @@ def test_sign_flip_on_a_real_round_matches_the_per_client_models():
 
 
 def test_label_flip_poisons_exactly_the_malicious_clients_data():
-    from fedjax_lm.runner.config import from_dict
+    from fedjax_lm.runner.checks import from_dict
     from fedjax_lm.runner.experiment import build_experiment, round_data
 
     np.testing.assert_array_equal(fl.flip_labels(np.array([0, 1, 2, 3]), 4), [3, 2, 1, 0])

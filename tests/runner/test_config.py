@@ -7,13 +7,16 @@ import typing
 
 import pytest
 
+from fedjax_lm.grid import ConfigError
 from fedjax_lm.runner import config as rc
+from fedjax_lm.runner.checks import from_dict
+from fedjax_lm.runner.presets import Preset, load_preset, parse_overrides
 from fedjax_lm.runner.sweep import expand
 
 
 def test_defaults_validate_and_round_trip():
     cfg = rc.RunConfig()
-    assert rc.from_dict(cfg.to_dict()) == cfg
+    assert from_dict(cfg.to_dict()) == cfg
     assert cfg.replace(clients=8).clients == 8
 
 
@@ -46,33 +49,33 @@ def test_defaults_validate_and_round_trip():
     ],
 )
 def test_bad_configs_fail_with_one_clear_message(values, message):
-    with pytest.raises(rc.ConfigError, match=message):
-        rc.from_dict(values)
+    with pytest.raises(ConfigError, match=message):
+        from_dict(values)
 
 
 def test_every_float_field_refuses_inf_and_nan():
-    floats = [name for name, hint in rc._HINTS.items() if float in (hint, *typing.get_args(hint))]
+    floats = [name for name, hint in rc.HINTS.items() if float in (hint, *typing.get_args(hint))]
     assert {"lr", "server_lr", "momentum", "weight_decay", "prox_mu", "alpha", "beta"} <= set(
         floats)
     for name in floats:
         for bad in ("inf", "-inf", "nan", float("inf"), float("nan")):
-            with pytest.raises(rc.ConfigError, match=rf"^{name} must be a finite number, got "):
-                rc.from_dict({name: bad})
+            with pytest.raises(ConfigError, match=rf"^{name} must be a finite number, got "):
+                from_dict({name: bad})
 
 
 def test_strings_from_the_command_line_are_coerced():
-    cfg = rc.from_dict(rc.parse_overrides(
+    cfg = from_dict(parse_overrides(
         ["clients=8", "lr=1e-4", "drop_last=false", "cohort_size=none", "local-epochs=1"]))
     assert (cfg.clients, cfg.lr, cfg.drop_last, cfg.cohort_size) == (8, 1e-4, False, None)
-    with pytest.raises(rc.ConfigError, match="must look like field=value"):
-        rc.parse_overrides(["clients"])
+    with pytest.raises(ConfigError, match="must look like field=value"):
+        parse_overrides(["clients"])
 
 
 def test_preset_loading_and_sweep_expansion(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("name: demo\nbase:\n  task: synthetic\n  rounds: 2\n"
                     "sweep:\n  clients: [1, 2, 4]\n  seed: [0, 1]\n")
-    preset = rc.load_preset(path)
+    preset = load_preset(path)
     cells = expand(preset, {"lr": 0.1}, tmp_path / "out")
     assert len(cells) == 6
     assert {(c.clients, c.seed) for c in cells} == {(c, s) for c in (1, 2, 4) for s in (0, 1)}
@@ -82,16 +85,16 @@ def test_preset_loading_and_sweep_expansion(tmp_path):
     assert len(expand(preset, {"clients": 8}, tmp_path / "out")) == 2
 
     path.write_text("base:\n  rounds: 2\nsweep:\n  clients: [1, 0]\n")
-    with pytest.raises(rc.ConfigError, match="sweep cell clients=0: clients must be >= 1"):
-        expand(rc.load_preset(path), {}, tmp_path)
+    with pytest.raises(ConfigError, match="sweep cell clients=0: clients must be >= 1"):
+        expand(load_preset(path), {}, tmp_path)
     path.write_text("base:\n  roundz: 2\n")
-    with pytest.raises(rc.ConfigError, match="unknown config field"):
-        rc.load_preset(path)
+    with pytest.raises(ConfigError, match="unknown config field"):
+        load_preset(path)
     path.write_text("base: [1\n")
-    with pytest.raises(rc.ConfigError, match="not valid YAML"):
-        rc.load_preset(path)
-    with pytest.raises(rc.ConfigError, match="config file not found"):
-        rc.load_preset(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_preset(path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_preset(tmp_path / "missing.yaml")
 
 
 def test_committed_presets_are_valid():
@@ -105,7 +108,7 @@ def test_committed_presets_are_valid():
         if "\nbase:" not in text and not text.startswith("base:"):
             continue  # experiment configs of other subcommands (moe, abu) have their own schema
         assert text.startswith("#"), f"{path.name} must start with the command that runs it"
-        preset = rc.load_preset(path)
+        preset = load_preset(path)
         assert expand(preset, {}, Path("/tmp/x")), path.name
 
 
@@ -158,7 +161,7 @@ def test_sweep_refuses_a_cell_made_under_another_config_before_running_any(tmp_p
     from fedjax_lm.io import write_yaml
     from fedjax_lm.runner.sweep import check_resumable, run_sweep
 
-    preset = rc.Preset(name="t", base={"rounds": 2}, grid={"clients": [1, 2]})
+    preset = Preset(name="t", base={"rounds": 2}, grid={"clients": [1, 2]})
     cells = expand(preset, {}, tmp_path)
     old = tmp_path / "clients=2"
     write_yaml(old / "config.yaml", cells[1].replace(lr=0.5).to_dict())

@@ -7,7 +7,7 @@ import pytest
 
 from fedjax_lm.grid import ConfigError
 from fedjax_lm.models import Model, preset
-from fedjax_lm.runner.config import from_dict
+from fedjax_lm.runner.checks import from_dict
 from fedjax_lm.runner.peft import build_peft, lora_settings, model_overrides, rank_spec
 
 HIDDEN, LAYERS = 64, 2  # preset:tiny

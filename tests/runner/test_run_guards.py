@@ -26,7 +26,7 @@ from fedjax_lm import federated as fl
 from fedjax_lm.grid import ConfigError, ResumeError, load_yaml
 from fedjax_lm.io import read_jsonl
 from fedjax_lm.runner import RunConfig, TrainingError, train
-from fedjax_lm.runner.config import from_dict
+from fedjax_lm.runner.checks import from_dict
 from fedjax_lm.runner.experiment import build_algorithm, build_experiment, executor
 from fedjax_lm.runner.rundir import RunDirInUse, checkpointed_round, locked
 from fedjax_lm.runner.train import divergence_warning, nonfinite_server_parts

@@ -12,7 +12,8 @@ import pytest
 
 from fedjax_lm.runner import vectorized
 from fedjax_lm.runner.checkpoint import Checkpointer
-from fedjax_lm.runner.config import Preset, VectorizeOptions, from_dict, vectorize_options
+from fedjax_lm.runner.checks import from_dict
+from fedjax_lm.runner.presets import Preset, VectorizeOptions, vectorize_options
 from fedjax_lm.runner.sweep import expand, run_sweep
 from fedjax_lm.runner.train import train
 
