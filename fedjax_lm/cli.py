@@ -45,6 +45,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from fedjax_lm.grid import ConfigError
     from fedjax_lm.runner.config import FIELDS
     from fedjax_lm.runner.presets import parse_overrides
 
@@ -52,6 +53,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     for name in FIELDS:
         value = getattr(args, f"field_{name}")
         if value is not None:
+            if name in out:
+                raise ConfigError(f"{name} is set twice (--set {name}=... and "
+                                  f"--{name.replace('_', '-')}): keep one")
             out[name] = value
     return out
 

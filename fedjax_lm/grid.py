@@ -69,8 +69,9 @@ def check_keys(values: Mapping[str, Any], valid: Iterable[str], where: str) -> N
 
 
 def load_yaml(path: str | Path, keys: Iterable[str] | None = None) -> dict[str, Any]:
-    """The mapping in the YAML file at `path` (an empty file: `{}`), with only `keys` at the top
-    level when given. Every way the file can be bad is one ConfigError line."""
+    """The mapping in the YAML file at `path`, with only `keys` at the top level when given.
+    Every way the file can be bad is one ConfigError line; an empty one is bad too (a config
+    that says nothing would silently run every default)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -80,6 +81,9 @@ def load_yaml(path: str | Path, keys: Iterable[str] | None = None) -> dict[str, 
         raise ConfigError(f"{path} is not valid YAML: {yaml_problem(e)}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file not readable: {path} ({e})") from None
+    if raw is None:
+        raise ConfigError(f"{path} holds no settings (empty, or only comments): write the "
+                          "settings into it, or leave out --config to run the defaults")
     raw = require_mapping(raw, str(path))
     if keys is not None:
         check_keys(raw, keys, str(path))

@@ -216,6 +216,12 @@ CASES = [
          r"num_labels / label_names pin the classes of task csv; .* unset them"),
     Case("set_bad_yaml", [*TINY, "--set", "lr=["], r"override 'lr=\[': '\[' is not a valid YAML "
          r"value \(quote it"),
+    Case("set_and_flag_both", [*TINY, "--set", "rounds=abc"],
+         r"^rounds is set twice \(--set rounds=\.\.\. and --rounds\): keep one$"),
+    Case("preset_empty", [*TINY, "--config", "{tmp}/p.yaml"],
+         r"p\.yaml holds no settings \(empty, or only comments\): write the settings into it, "
+         r"or leave out --config to run the defaults$", files={"p.yaml": "# to do\n"},
+         fixed={"p.yaml": "base: {rounds: 1}\n"}, fix=[*TINY, "--config", "{tmp}/p.yaml"]),
     Case("unknown_flag", [*TINY, "--rouds", "3"],
          r"unrecognized arguments: --rouds 3 \(see fedjax-lm --help\)"),
     Case("preset_not_yaml", [*TINY, "--config", "{tmp}/bad.yaml"],

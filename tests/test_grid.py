@@ -26,6 +26,8 @@ BAD_FILES = [
                        "token (line 2, column 1)"),
     ("- 1\n- 2\n", "{p}: expected a mapping, got list"),
     ("just text\n", "{p}: expected a mapping, got str"),
+    ("# only a comment\n", "{p} holds no settings (empty, or only comments): write the "
+                           "settings into it, or leave out --config to run the defaults"),
 ]
 
 
@@ -39,15 +41,13 @@ def test_a_bad_file_is_one_line(tmp_path, text, message):
     assert "\n" not in str(err.value)
 
 
-def test_missing_empty_and_unknown_keys(tmp_path):
+def test_missing_and_unknown_keys(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_yaml(tmp_path / "missing.yaml")
     assert str(err.value) == f"config file not found: {tmp_path / 'missing.yaml'}"
     with pytest.raises(ConfigError, match="config file not found"):
         load_yaml(tmp_path)  # a folder is not a config file
     path = tmp_path / "c.yaml"
-    path.write_text("# only a comment\n")
-    assert load_yaml(path) == {}
     path.write_text("name: x\nsweeps: {}\nbase: {}\n")
     with pytest.raises(ConfigError) as err:
         load_yaml(path, keys=("name", "base", "sweep"))
@@ -56,7 +56,7 @@ def test_missing_empty_and_unknown_keys(tmp_path):
                                                                "base": {}}
 
 
-@pytest.mark.parametrize("text, message", BAD_FILES[:1] + BAD_FILES[2:3])
+@pytest.mark.parametrize("text, message", BAD_FILES[:1] + BAD_FILES[2:3] + BAD_FILES[4:])
 def test_every_loader_and_command_words_a_bad_file_the_same(tmp_path, capsys, text, message):
     from fedjax_lm.cli import main
     from fedjax_lm.personalize import abu, moe

@@ -10,6 +10,7 @@ hub is tried only when neither is given. Offline, the hub is never contacted: th
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import json
 import logging
@@ -21,6 +22,19 @@ from typing import Any
 from fedjax_lm.data.errors import DataError
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def quiet(logger: str) -> Iterator[None]:
+    """`logger` (and its children) silent but for critical errors while the block runs: lines
+    that the one DataError raised after them says better."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
 
 DATA_DIR_ENV = "FEDJAX_LM_DATA_DIR"
 CACHE_DIR_ENV = "FEDJAX_LM_CACHE_DIR"
@@ -44,7 +58,8 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
         return None
     path = Path(value).expanduser()
     if not path.is_dir():
-        raise DataError(f"data directory {path} does not exist (from data_dir / ${DATA_DIR_ENV})")
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise DataError(f"data directory {path} {what} (from data_dir / ${DATA_DIR_ENV})")
     return path
 
 
@@ -134,20 +149,17 @@ def read_table(
     hf_cache = resolve_cache_dir(cache_dir, "hf_datasets")
     bars_were_on = not datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
-    ds_log = logging.getLogger("datasets")
-    level = ds_log.level
-    ds_log.setLevel(logging.CRITICAL)  # its "Failed to read file" lines: the DataError says it
     try:
-        ds = datasets.load_dataset(
-            builder, data_files={"train": str(path)}, cache_dir=str(hf_cache), **kwargs
-        )["train"]
+        with quiet("datasets"):  # its "Failed to read file" lines: the DataError says it
+            ds = datasets.load_dataset(
+                builder, data_files={"train": str(path)}, cache_dir=str(hf_cache), **kwargs
+            )["train"]
     except Exception as e:  # pandas/pyarrow errors name neither the file nor the line; find them
         problem = diagnose_table(path, column_names)
         if problem is None:
             problem = f"could not read {path}: {type(e).__name__}: {' '.join(str(e).split())}"
         raise DataError(problem) from e
     finally:
-        ds_log.setLevel(level)
         if bars_were_on:
             datasets.enable_progress_bars()
     table = ds.data.table
@@ -287,7 +299,10 @@ def load_hub(
     import datasets
 
     hf_cache = resolve_cache_dir(cache_dir, "hf_datasets")
+    log.warning("task %s: no local files; loading %r from the Hugging Face hub (offline, this "
+                "fails after the hub client's retries, ~30 s)", task, hub_id)
     try:
-        return datasets.load_dataset(hub_id, config, cache_dir=str(hf_cache))
+        with quiet("huggingface_hub"):  # a warning per retry: the DataError below says why
+            return datasets.load_dataset(hub_id, config, cache_dir=str(hf_cache))
     except Exception as e:
         raise DataError(f"{message} (hub error: {type(e).__name__}: {e})") from e

@@ -124,9 +124,18 @@ def resolve_labels(
     total = sum(len(keys) for _, keys in files)
     if 0 < ints < total:
         odd, usual = ((str, "numbers") if ints >= total - ints else (int, "names"))
-        _refuse(files, column, lambda k: isinstance(k, odd), f"a mix of numbers and names "
-                f"(mostly {usual})", "make every label a number or every label a name, or pin "
-                "the classes with --label-names")
+        fix = "make every label a number or every label a name, or pin the classes with " \
+              "--label-names"
+        mixed = [(src, keys) for src, keys in files if len({isinstance(k, int) for k in keys}) > 1]
+        _refuse(mixed, column, lambda k: isinstance(k, odd), f"a mix of numbers and names "
+                f"(mostly {usual})", fix)
+        # each file is all numbers or all names: the mix is between the files
+        src, keys = next((s, k) for s, k in files if k and isinstance(k[0], odd))
+        others = ", ".join(s for s, k in files if k and not isinstance(k[0], odd))
+        raise DataError(f"{src} column {column!r} holds "
+                        f"{'numbers' if odd is int else 'names'} "
+                        f"({_offenders(keys, lambda k: True)}) where {others} holds {usual}; "
+                        f"{fix}")
     if ints:
         _refuse(files, column, lambda k: k < 0, "negative label(s)", "labels are 0..K-1")
         if num_classes is not None:

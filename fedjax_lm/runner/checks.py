@@ -222,13 +222,19 @@ def _check_inputs(cfg: RunConfig) -> None:
             raise ConfigError(str(e)) from None
 
 
+# The config fields each partitioner reads (the others read none of them).
+PARTITION_FIELDS = {"dirichlet": ("alpha",), "majority": ("p", "k"), "quantity_skew": ("beta",)}
+
+
 def partition_params(cfg: RunConfig) -> dict[str, Any]:
     """The partitioner's parameters from the config (all but `natural`'s per-example groups)."""
-    return {
-        "dirichlet": {"alpha": cfg.alpha},
-        "majority": {"p": cfg.p, "k": cfg.k},
-        "quantity_skew": {"beta": cfg.beta},
-    }.get(cfg.partition, {})
+    return {name: getattr(cfg, name) for name in PARTITION_FIELDS.get(cfg.partition, ())}
+
+
+def unused_fields(cfg: RunConfig) -> set[str]:
+    """Fields whose value changes nothing this run computes: the other partitions' parameters."""
+    used = set(PARTITION_FIELDS.get(cfg.partition, ()))
+    return {name for names in PARTITION_FIELDS.values() for name in names} - used
 
 
 def executor(cfg: RunConfig):

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from fedjax_lm.grid import ConfigError
+from fedjax_lm.models.checkpoint import SAFETENSORS
 from fedjax_lm.models.export import export_merged, unexportable
 from fedjax_lm.runner.checkpoint import Checkpointer
 from fedjax_lm.runner.experiment import Experiment, build_engine, load_model
@@ -20,12 +21,25 @@ from fedjax_lm.runner.train import check_base_of
 
 def export_run(run_dir: Path, out: Path) -> tuple[int, Path]:
     """Write the newest checkpoint of `run_dir` to `out`: (its round, `out`)."""
+    check_export_dir(Path(out))
     cfg = check_run_files(run_dir)
     if cfg is not None and (reason := unexportable(cfg.pooling)):
         raise ConfigError(f"cannot export {run_dir}: {reason}")
     rounds, model, params, tokenizer = run_model(run_dir)
     export_merged(model.config, params, out, tokenizer)
     return rounds, out
+
+
+def check_export_dir(out: Path) -> None:
+    """`out` must be new, empty, or an earlier export (overwritten): never a run directory or a
+    folder of other files, whose config.json / model.safetensors an export would clobber."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if (out / "config.yaml").exists() or (out / "checkpoints").exists():
+        raise ConfigError(f"--merged {out} is a run directory; export into a new folder")
+    if not (out / SAFETENSORS).is_file():
+        raise ConfigError(f"--merged {out} holds other files (it is not an earlier export); "
+                          "export into a new or empty folder")
 
 
 def run_model(run_dir: Path):

@@ -142,6 +142,9 @@ def _sort_key(value: Any) -> tuple:
 def write_report(root: Path, *, title: str = "", sweep_wall_s: float | None = None) -> Path:
     """Write results.csv, summary.md and plots into `root`; returns summary.md's path."""
     root = Path(root)
+    if not root.is_dir():
+        what = "is a file" if root.exists() else "does not exist"
+        raise FileNotFoundError(f"{root} {what}; name a sweep's or a run's folder")
     runs = load_runs(root)
     if not runs:
         raise FileNotFoundError(f"no finished runs (final.json) under {root}")

@@ -43,6 +43,9 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_missing_data_dir(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="data directory .*does-not-exist does not exist"):
         load_task("imdb", tmp_path / "does-not-exist")
+    (tmp_path / "a.csv").write_text("text,label\n")
+    with pytest.raises(DataError, match="data directory .*a.csv is a file, not a folder"):
+        load_task("imdb", tmp_path / "a.csv")
 
 
 def test_missing_text_column_lists_columns(tmp_path: Path) -> None:
@@ -294,3 +297,43 @@ def test_bad_task_options(shared_data: Path, cache_dir: Path) -> None:
         load_task("synthetic", label_noise=1.5)
     with pytest.raises(DataError, match="task 'csv' needs train_file"):
         load_task("csv")
+
+
+def test_numbers_in_one_file_and_names_in_the_other_name_both_files(tmp_path: Path) -> None:
+    """Each file is consistent; the mix is between them, and the message says so."""
+    train = _csv(tmp_path, _rows(["neg", "pos"] * 10))
+    test = _csv(tmp_path, _rows([0, 1, 1]), "test.csv")
+    with pytest.raises(DataError) as err:
+        load_task("csv", train_file=train, test_file=test)
+    assert str(err.value) == (
+        f"{test} column 'label' holds numbers (0 (row 0), 1 (rows 1, 2)) where {train} holds "
+        "names; make every label a number or every label a name, or pin the classes with "
+        "--label-names")
+
+
+def test_a_failing_hub_load_is_one_note_and_one_error(monkeypatch, caplog) -> None:
+    """The hub client's warning per retry is silenced (the DataError says why), its logger's
+    level restored after; one note says that the hub is being tried."""
+    import logging
+
+    import datasets
+
+    from fedjax_lm.data import sources
+
+    def offline_hub(*args, **kwargs):
+        for attempt in range(5):
+            logging.getLogger("huggingface_hub.utils._http").warning(f"Retrying [{attempt}/5]")
+        raise ConnectionError("Name or service not known")
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", offline_hub)
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    with caplog.at_level(logging.WARNING), pytest.raises(DataError) as err:
+        sources.load_hub("sst2", "glue", ["sst2/train.tsv"], config="sst2")
+    assert str(err.value).endswith("(hub error: ConnectionError: Name or service not known)")
+    assert [r.getMessage() for r in caplog.records] == [
+        "task sst2: no local files; loading 'glue' from the Hugging Face hub (offline, this "
+        "fails after the hub client's retries, ~30 s)"]
+    assert hub_log.level == level

@@ -202,3 +202,21 @@ def test_dedupe_reaches_the_blog_loader(monkeypatch):
         with pytest.raises(Stop):
             experiment.build_experiment(rc.RunConfig(task="blog10", dedupe=dedupe))
     assert seen == [("blog10", True), ("blog10", None)]
+
+
+def test_sweep_cells_that_compute_the_same_run_are_refused(tmp_path):
+    """An axis the cell's partition ignores (alpha under iid) would name one run twice."""
+    preset = Preset("t", {"rounds": 1}, {"alpha": [0.1, 10.0]})
+    with pytest.raises(ConfigError) as err:
+        expand(preset, {}, tmp_path)
+    assert str(err.value) == (
+        "sweep cells alpha=0.1 and alpha=10.0 are the same run: partition iid does not use "
+        "alpha (dirichlet uses alpha; majority uses p, k; quantity_skew uses beta); drop that "
+        "axis or set the partition that uses it")
+    assert len(expand(preset, {"partition": "dirichlet"}, tmp_path)) == 2
+    both = Preset("t", {}, {"partition": ["iid", "dirichlet"], "alpha": [0.1, 1.0]})
+    with pytest.raises(ConfigError, match="^sweep cells partition=iid,alpha=0.1 and "
+                                          "partition=iid,alpha=1.0 are the same run"):
+        expand(both, {}, tmp_path)
+    # a sweep over how cells execute is a comparison the user asked for: two runs
+    assert len(expand(Preset("t", {}, {"backend": ["loop", "vmap"]}), {}, tmp_path)) == 2

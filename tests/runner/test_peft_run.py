@@ -140,3 +140,24 @@ def test_export_of_a_mean_pooled_run_is_refused_in_one_line(tmp_path, capsys):
                    "pooler), so a merged export would classify differently; train with "
                    "--pooling cls to export")
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_never_writes_into_a_run_or_a_folder_of_other_files(tmp_path, capsys):
+    """--merged must be new, empty or an earlier export: refused before the run is read."""
+    from fedjax_lm.cli import main
+
+    run = tmp_path / "other_run"
+    run.mkdir()
+    (run / "config.yaml").write_text("rounds: 1\n")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("keep")
+    (tmp_path / "file").write_text("keep")
+    for out, why in ((run, "is a run directory; export into a new folder"),
+                     (notes, "holds other files (it is not an earlier export); export into a "
+                             "new or empty folder"),
+                     (tmp_path / "file", "is a file, not a folder; choose another --merged")):
+        assert main(["export", str(tmp_path / "nosuch"), "--merged", str(out)]) == 2
+        assert capsys.readouterr().err == f"fedjax-lm export: error: --merged {out} {why}\n"
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    assert (notes / "a.txt").read_text() == (tmp_path / "file").read_text() == "keep"

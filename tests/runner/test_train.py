@@ -170,8 +170,12 @@ def test_sweep_skips_finished_cells_and_reports(tmp_path):
     assert "| preset:tiny | synthetic | 2 | 1 |" in summary
     for png in ("accuracy_vs_round.png", "final_accuracy_vs_clients.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no finished runs"):
         write_report(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"nosuch does not exist; name a sweep's or a "
+                                                r"run's folder$"):
+        write_report(tmp_path / "nosuch")
 
 
 def test_per_client_heads_reproduce_paper_one_round_one(tmp_path):
