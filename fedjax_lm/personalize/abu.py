@@ -34,6 +34,7 @@ from fedjax_lm import data as fdata
 from fedjax_lm.grid import ConfigError, append_cell, execution_field, load_yaml, resume_grid
 from fedjax_lm.io import atomic_savefig, atomic_write_bytes
 from fedjax_lm.models.activations import ABU_BASES, ABU_VARIANTS, blend_weights
+from fedjax_lm.models.activations import ACTIVATIONS as MODEL_ACTIVATIONS
 from fedjax_lm.models.cnn import (
     INITS,
     image_classification_eval,
@@ -42,7 +43,16 @@ from fedjax_lm.models.cnn import (
 )
 from fedjax_lm.personalize import report
 from fedjax_lm.personalize.clients import select_clients
-from fedjax_lm.personalize.config import load_config
+from fedjax_lm.personalize.config import (
+    check_choice,
+    check_int,
+    check_list,
+    check_number,
+    check_seeds,
+    check_str,
+    load_config,
+    need,
+)
 
 Params = Any
 ACTIVATIONS = (*ABU_VARIANTS, "relu", "elu", "selu", "tanh", "swish", "identity",
@@ -81,6 +91,7 @@ class AbuCifarConfig:
 
 
 SEED_AXES = ("vmap", "map")
+KINDS = ("cifar", "federated")
 
 
 @dataclass(frozen=True)
@@ -140,7 +151,16 @@ def load_cifar(cfg: AbuCifarConfig) -> dict[str, dict[str, np.ndarray]]:
     n = len(task.train)
     perm = np.random.default_rng(1234).permutation(n)
     n_val = int(round(cfg.val_fraction * n))
+    need(1 <= n_val < n, f"val_fraction {cfg.val_fraction} of the {n} training images leaves "
+                         f"{n_val} for validation and {n - n_val} for training; choose a "
+                         "val_fraction that leaves both at least one")
     val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    need(cfg.max_train is None or cfg.max_train <= len(train_idx),
+         f"max_train must be at most {len(train_idx)} (the training split), got "
+         f"{cfg.max_train}; lower max_train or unset it")
+    need(cfg.max_test is None or cfg.max_test <= len(task.test),
+         f"max_test must be at most {len(task.test)} (the test set), got {cfg.max_test}; "
+         "lower max_test or unset it")
     if cfg.max_train is not None:
         train_idx = np.sort(np.random.default_rng(1).choice(train_idx, cfg.max_train, False))
     test_idx = np.arange(len(task.test))
@@ -295,7 +315,8 @@ def train_activation(
     weights = blend_weights(best)
     if weights:
         rec["blend_weights"] = {layer: w.tolist() for layer, w in weights.items()}
-    log(f"  {activation:16s} test {100 * test.mean():.1f} ± {100 * test.std(ddof=1):.1f} "
+    spread = f" ± {100 * test.std(ddof=1):.1f}" if len(test) > 1 else " (one seed)"
+    log(f"  {activation:16s} test {100 * test.mean():.1f}{spread} "
         f"(best step {best_step.tolist()}, {rec['wall_s']:.0f}s)")
     return rec
 
@@ -466,6 +487,16 @@ def _plot_blend(path: Path, recs: list[dict[str, Any]]) -> None:
 # ----------------------------------------------------------------------------- federated
 
 
+def run_values(cfg: AbuFederatedConfig, arm: str, seed: int) -> dict[str, Any]:
+    """The `runner.train` config values of one (arm, seed)."""
+    run_dir = Path(cfg.work_dir) / cfg.name / f"{arm}-seed{seed}"
+    values = {**cfg.run, "hidden_act": cfg.arms[arm], "seed": seed, "out": str(run_dir)}
+    values["checkpoint_every"] = values.get("rounds", 3)
+    if cfg.data_dir:
+        values["data_dir"] = cfg.data_dir
+    return values
+
+
 def run_federated(cfg: AbuFederatedConfig, out_dir: Path, command: str) -> list[dict[str, Any]]:
     """`runner.train` per (arm, seed); the final global model's blend weights are restored from
     the run's last checkpoint."""
@@ -481,11 +512,7 @@ def run_federated(cfg: AbuFederatedConfig, out_dir: Path, command: str) -> list[
         arm, seed = cell["arm"], cell["seed"]
         act = cfg.arms[arm]
         run_dir = Path(cfg.work_dir) / cfg.name / f"{arm}-seed{seed}"
-        values = {**cfg.run, "hidden_act": act, "seed": seed, "out": str(run_dir)}
-        values["checkpoint_every"] = values.get("rounds", 3)
-        if cfg.data_dir:
-            values["data_dir"] = cfg.data_dir
-        run_cfg = from_dict(values)
+        run_cfg = from_dict(run_values(cfg, arm, seed))
         t1 = time.perf_counter()
         exp = build_experiment(run_cfg)
         final = train(run_cfg, progress=False, exp=exp)
@@ -610,15 +637,71 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the config's work_dir)")
 
 
-def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
-    kind = load_yaml(args.config).get("kind", "cifar")
-    cls = AbuCifarConfig if kind == "cifar" else AbuFederatedConfig
-    cfg: Any = load_config(cls, args.config, smoke=args.smoke)
-    if kind == "cifar" and cfg.init not in INITS:
+def check_config(cfg: AbuCifarConfig | AbuFederatedConfig) -> None:
+    """Reject settings that would otherwise fail (or silently mean something else) mid-run:
+    every field a user sets, before any data is loaded or any model trained."""
+    check_str("name", cfg.name)
+    check_str("data_dir", cfg.data_dir, optional=True)
+    if isinstance(cfg, AbuFederatedConfig):
+        _check_federated(cfg)
+        return
+    check_list("activations", cfg.activations, "activation names")
+    for act in cfg.activations:
+        need(act in MODEL_ACTIVATIONS, f"unknown activation {act!r} in activations; valid: "
+                                       f"{', '.join(MODEL_ACTIVATIONS)}")
+    check_seeds("seeds", cfg.seeds)
+    check_int("width", cfg.width)
+    if cfg.init not in INITS:
         raise ConfigError(f"init must be one of {', '.join(INITS)}, got {cfg.init!r}")
-    if kind == "cifar" and cfg.seed_axis not in SEED_AXES:
+    check_int("steps", cfg.steps)
+    check_int("batch_size", cfg.batch_size)
+    check_number("lr", cfg.lr, 0.0, low_open=True)
+    check_number("weight_decay", cfg.weight_decay, 0.0)
+    check_number("dropout_rate", cfg.dropout_rate, 0.0, 1.0)
+    check_number("val_fraction", cfg.val_fraction, 0.0, 1.0, low_open=True)
+    check_int("eval_every", cfg.eval_every)
+    check_int("max_train", cfg.max_train, optional=True)
+    check_int("max_test", cfg.max_test, optional=True)
+    check_int("eval_batch_size", cfg.eval_batch_size)
+    if cfg.seed_axis not in SEED_AXES:
         raise ConfigError(f"seed_axis must be one of {', '.join(SEED_AXES)}, "
                           f"got {cfg.seed_axis!r}")
+
+
+def _check_federated(cfg: AbuFederatedConfig) -> None:
+    """Every arm's activation, then each (arm, seed)'s whole `runner.train` config by the
+    runner's own rules, so that no arm trains before a later one is refused."""
+    from fedjax_lm.models.hidden_act import hidden_act_names
+    from fedjax_lm.runner import from_dict
+    from fedjax_lm.runner.checks import SEED_MAX as RUN_SEED_MAX
+
+    need(isinstance(cfg.arms, dict) and len(cfg.arms) > 0,
+         f"arms must be a non-empty mapping of arm name to activation (null: the model's own), "
+         f"got {cfg.arms!r}")
+    for arm, act in cfg.arms.items():
+        check_str("an arm's name", arm)
+        need(act is None or (isinstance(act, str) and act in hidden_act_names()),
+             f"arms.{arm}: unknown activation {act!r}; valid: null (the model's own), "
+             f"{', '.join(hidden_act_names())}")
+    check_seeds("seeds", cfg.seeds, RUN_SEED_MAX)
+    need(isinstance(cfg.run, dict), f"run must be a mapping of run settings, got {cfg.run!r}")
+    check_str("work_dir", cfg.work_dir)
+    for arm in cfg.arms:
+        for seed in cfg.seeds:
+            try:
+                from_dict(run_values(cfg, arm, seed))
+            except ConfigError as e:
+                raise ConfigError(f"run (arm {arm}, seed {seed}): {e}") from None
+
+
+def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    kind = load_yaml(args.config).get("kind", "cifar")
+    check_choice("kind", kind, KINDS)
+    cls = AbuCifarConfig if kind == "cifar" else AbuFederatedConfig
+    cfg: Any = load_config(cls, args.config, smoke=args.smoke)
+    need(cfg.kind == kind, f"smoke: kind {cfg.kind!r} differs from the config's kind {kind!r}; "
+                           "remove kind from the smoke block")
+    check_config(cfg)
     if args.data_dir:
         cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
     if args.work_dir:

@@ -20,6 +20,7 @@ import optax
 
 from fedjax_lm import federated as fl
 from fedjax_lm.data import pack_clients, steps_per_client
+from fedjax_lm.grid import ConfigError
 
 Params = Any
 
@@ -85,11 +86,15 @@ def run_fedavg(
     improvement.
     """
     pool = np.asarray(pool, dtype=np.int64)
+    cohort = cfg.cohort_size
+    if not 1 <= cohort <= len(pool):  # never clamped: the run would not be the one configured
+        raise ConfigError(f"fedavg.cohort_size must be in [1, {len(pool)}] (the clients that "
+                          f"take part), got {cohort}: a cohort cannot be larger than the "
+                          "population; lower fedavg.cohort_size or raise num_clients")
     key = jax.random.key(seed)
     state = engine.init(init_params, key)
     sizes = [len(train_partition[c]) for c in pool]
     steps = int(steps_per_client(sizes, cfg.batch_size, num_epochs=cfg.local_epochs).max())
-    cohort = min(cfg.cohort_size, len(pool))
     best = jax.tree.map(lambda x: x.copy(), state.params)
     # The initial model is never a candidate (best_loss starts at inf): under strong skew one
     # round can raise the mean validation loss of the unsampled clients, and keeping the

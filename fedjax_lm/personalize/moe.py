@@ -37,7 +37,17 @@ from fedjax_lm.personalize.clients import (
     make_eval_fn,
     make_fitter,
 )
-from fedjax_lm.personalize.config import load_config
+from fedjax_lm.personalize.config import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_list,
+    check_number,
+    check_seeds,
+    check_str,
+    load_config,
+    need,
+)
 from fedjax_lm.personalize.fedavg import (
     FedAvgConfig,
     make_fedavg_engine,
@@ -56,6 +66,7 @@ from fedjax_lm.personalize.mixture import (
 
 Params = Any
 METHODS = ("local", "fedavg", "finetuned", "mixture")
+PARTITIONS = ("majority", "dirichlet")
 
 
 @dataclass(frozen=True)
@@ -152,7 +163,8 @@ def balanced_slice(labels: np.ndarray, per_class: int, num_classes: int) -> np.n
     for c in range(num_classes):
         idx = np.flatnonzero(labels == c)[:per_class]
         if len(idx) < per_class:
-            raise ValueError(f"class {c} has only {len(idx)} test examples < {per_class}")
+            raise ConfigError(f"global_test_per_class must be at most {len(idx)} (class {c}'s "
+                              f"test examples), got {per_class}; lower global_test_per_class")
         out.append(idx)
     return np.sort(np.concatenate(out))
 
@@ -197,11 +209,13 @@ def client_splits(cfg: MoeConfig, labels: np.ndarray, skew: float, seed: int):
     elif cfg.partition == "dirichlet":
         need = total * cfg.num_clients
         if need > len(labels):
-            raise ValueError(f"{cfg.num_clients} clients × {total} > pool of {len(labels)}")
+            raise ConfigError(f"{cfg.num_clients} clients × {total} examples (train_size + "
+                              f"val_size + test_size) need more than the pool's {len(labels)}; "
+                              "lower num_clients or the sizes")
         sub = np.sort(np.random.default_rng((seed, 3)).choice(len(labels), need, replace=False))
         part = [sub[ix] for ix in fdata.dirichlet(labels[sub], cfg.num_clients, seed, alpha=skew)]
     else:
-        raise ValueError(f"partition must be majority or dirichlet, got {cfg.partition!r}")
+        raise ConfigError(f"partition must be majority or dirichlet, got {cfg.partition!r}")
     return fdata.split_clients(part, cfg.val_size / total, cfg.test_size / total, seed)
 
 
@@ -387,14 +401,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_config(cfg: MoeConfig) -> None:
-    """Reject settings that would otherwise fail (or silently mean something else) mid-run."""
+    """Reject settings that would otherwise fail (or silently mean something else) mid-run:
+    every field a user sets, before any data is loaded or any model trained."""
+    from fedjax_lm.federated import BACKENDS
+
+    check_str("name", cfg.name)
+    check_str("task", cfg.task)
+    check_str("model", cfg.model)
+    check_str("data_dir", cfg.data_dir, optional=True)
+    check_int("max_length", cfg.max_length, 2)
+    check_int("num_clients", cfg.num_clients)
+    # Each size directly: a bad one must be named, not the split fractions made from them.
+    for name in ("train_size", "val_size", "test_size"):
+        check_int(name, getattr(cfg, name))
+    check_choice("partition", cfg.partition, PARTITIONS)
+    check_list("skews", cfg.skews, "numbers")
+    for skew in cfg.skews:
+        if cfg.partition == "majority":
+            check_number("skews (majority p)", skew, 0.0, 1.0, high_open=False)
+        else:
+            check_number("skews (dirichlet alpha)", skew, 0.0, low_open=True)
+    check_int("k", cfg.k)
     if cfg.majority_pairs not in ("dealt", "ordered"):
         raise ConfigError(f"majority_pairs must be dealt or ordered, got {cfg.majority_pairs!r}")
     if cfg.majority_pairs == "ordered" and (cfg.partition != "majority" or cfg.k != 2):
         raise ConfigError("majority_pairs: ordered needs partition: majority and k: 2 (the "
                           f"paper's pairs), got partition {cfg.partition!r}, k {cfg.k}")
-    if not 0.0 <= cfg.opt_out_fraction < 1.0:
-        raise ConfigError(f"opt_out_fraction must be in [0, 1), got {cfg.opt_out_fraction}")
+    check_seeds("seeds", cfg.seeds)
+    check_int("eval_clients", cfg.eval_clients)
+    need(cfg.eval_clients <= cfg.num_clients,
+         f"eval_clients must be at most num_clients={cfg.num_clients}, got "
+         f"{cfg.eval_clients}: the evaluation clients are drawn from the population; lower "
+         "eval_clients or raise num_clients")
+    check_int("global_test_per_class", cfg.global_test_per_class)
+    check_number("opt_out_fraction", cfg.opt_out_fraction, 0.0, 1.0)
+    check_int("batch_size", cfg.batch_size)
+    check_int("eval_batch_size", cfg.eval_batch_size)
+    fed = cfg.fedavg
+    check_int("fedavg.rounds", fed.rounds)
+    check_int("fedavg.cohort_size", fed.cohort_size)
+    # Opt-out clients never join a cohort (`opt_out_clients`: round(fraction · N) of them).
+    population = cfg.num_clients - int(round(cfg.opt_out_fraction * cfg.num_clients))
+    out = cfg.num_clients - population
+    need(fed.cohort_size <= population,
+         f"fedavg.cohort_size must be at most {population} (num_clients={cfg.num_clients}"
+         + (f" less the {out} that opt out" if out else "")
+         + f"), got {fed.cohort_size}: a cohort cannot be larger than the population; lower "
+         "fedavg.cohort_size or raise num_clients")
+    check_int("fedavg.local_epochs", fed.local_epochs)
+    check_int("fedavg.batch_size", fed.batch_size)
+    check_number("fedavg.lr", fed.lr, 0.0, low_open=True)
+    check_int("fedavg.eval_every", fed.eval_every)
+    check_int("fedavg.patience", fed.patience)
+    check_choice("fedavg.backend", fed.backend, BACKENDS)
+    for name in ("local", "finetune", "mixture"):
+        fit: FitConfig = getattr(cfg, name)
+        check_number(f"{name}.lr", fit.lr, 0.0, low_open=True)
+        check_int(f"{name}.max_epochs", fit.max_epochs)
+        check_int(f"{name}.patience", fit.patience)
+        check_bool(f"{name}.keep_initial", fit.keep_initial)
 
 
 def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> int:
