@@ -60,6 +60,16 @@ def require_mapping(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
+def check_counts(args: Any, counts: Mapping[str, tuple[int, str]]) -> None:
+    """Whole-number command-line flags `{name: (least, what it gives)}` of `args` at least their
+    least value, else one ConfigError naming the flag, the value and what to give."""
+    for name, (least, what) in counts.items():
+        value = getattr(args, name)
+        if value < least:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} must be >= {least}, got {value}: give {what}")
+
+
 def check_keys(values: Mapping[str, Any], valid: Iterable[str], where: str) -> None:
     """A typo in a key must not silently run the default: name it and the valid keys."""
     valid = set(valid)

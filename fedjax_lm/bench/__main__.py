@@ -1,4 +1,5 @@
-"""`python -m fedjax_lm.bench ...` until `fedjax-lm bench` is wired in."""
+"""`python -m fedjax_lm.bench ...`: `fedjax-lm bench` without the CLI (its mesh / pmap child
+processes run this)."""
 
 import sys
 

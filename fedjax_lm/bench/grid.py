@@ -11,6 +11,7 @@ import dataclasses
 import re
 
 from fedjax_lm.federated.executors import BACKENDS
+from fedjax_lm.grid import ConfigError
 
 _SPEC = re.compile(r"^(loop|vmap|mesh|pmap)(?:@(\d+)(s?))?$")
 
@@ -33,13 +34,20 @@ class BackendSpec:
 
 
 def parse_backend(spec: str) -> BackendSpec:
+    """`loop`, `vmap@8`, `mesh@4s`, ... as a BackendSpec; a bad spec is a one-line ConfigError
+    (a ValueError) naming the valid ones."""
     m = _SPEC.match(spec)
     if not m:
-        raise ValueError(f"bad backend spec {spec!r}: use one of {BACKENDS}, optionally @K "
-                         "(clients_per_chunk, host executor) or @Ks (scan executor)")
+        raise ConfigError(f"bad backend spec {spec!r}: use one of {', '.join(BACKENDS)}, "
+                          "optionally @K (clients_per_chunk, host executor) or @Ks (scan "
+                          "executor)")
     backend, chunk, scan = m.groups()
     if chunk and backend in ("loop", "pmap"):
-        raise ValueError(f"{backend} does not take a chunk width ({spec!r})")
+        raise ConfigError(f"{backend} does not take a chunk width ({spec!r}); use {backend} "
+                          "alone, or vmap@K / mesh@K")
+    if chunk and int(chunk) < 1:
+        raise ConfigError(f"bad backend spec {spec!r}: the chunk width K of {backend}@K is "
+                          f"the clients per chunk, >= 1; use {backend}@1 or more, or {backend}")
     return BackendSpec(backend, int(chunk) if chunk else None, "scan" if scan else "host")
 
 

@@ -38,7 +38,11 @@ def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _csv(kind: type) -> Any:
-    return lambda s: tuple(kind(x) for x in s.split(",") if x)
+    def parse(s: str) -> tuple:
+        return tuple(kind(x) for x in s.split(",") if x)
+
+    parse.__name__ = f"comma-separated {kind.__name__}"  # argparse: "invalid ... value: 'x'"
+    return parse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "torch threads; pfl / torch-loop: threads) and compare with its best "
                         "(default); --no-peer-sweep runs each peer once with its defaults")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype")
     p.add_argument("--attention-impl", default="xla", choices=("xla", "dot_product"))
     p.add_argument("--remat", action="store_true")
     p.add_argument("--peft", choices=("none", "lora", "head", "bitfit"), default="none",
@@ -79,14 +84,67 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # child: a group JSON
 
 
+# Whole-number flags: (smallest value, what the flag gives; the fix names it).
+_COUNTS = {
+    "rounds": (1, "the steady rounds timed after the first"),
+    "batch_size": (1, "the examples per local step"),
+    "max_length": (1, "the tokens per example"),
+    "local_steps": (1, "the local steps per client and round"),
+    "lora_rank": (1, "the rank of the LoRA adapters"),
+    "trace": (0, "the rounds to profile per cell (0: none)"),
+    "child_devices": (1, "the CPU devices of the mesh/pmap child process"),
+}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse flags no cell could measure, one ConfigError line each, before anything runs
+    (a cell that fails is a result; a whole grid that cannot run is bad input)."""
+    from fedjax_lm.grid import ConfigError, check_counts
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    check_counts(args, _COUNTS)
+    need(args.chunk is None or args.chunk >= 1,
+         f"--chunk must be >= 1, got {args.chunk}: give the clients per chunk, or leave it out")
+    need(0 < args.peer_timeout < float("inf"),
+         f"--peer-timeout must be a number of seconds > 0, got {args.peer_timeout}")
+    for flag, counts in (("--clients", args.clients), ("--peer-clients", args.peer_clients)):
+        need(counts is None or len(counts) >= 1,
+             f"{flag} lists no client count: give some, e.g. {flag} 1,2,4")
+        bad = [c for c in counts or () if c < 1]
+        need(not bad, f"{flag} must be >= 1 each, got {','.join(map(str, bad))}: give "
+                      f"client counts such as {flag} 1,2,4")
+    unknown = [p for p in args.peers if p not in PEERS]
+    need(not unknown, f"unknown peer {', '.join(map(repr, unknown))} in --peers; valid: "
+                      f"{', '.join(PEERS)}")
+    need(args.peft == "none" or not args.peers,
+         "the peers fine-tune every parameter; run --peft without --peers")
+    need(len(args.backends) >= 1 or bool(args.chunk) or bool(args.preset),
+         f"--backends lists no backend: give some of {','.join(g.BACKENDS)}")
+    for b in args.backends:
+        try:
+            g.parse_backend(b)
+        except ValueError as e:
+            raise ConfigError(f"--backends: {e}") from None
+    if not args.preset:  # the model's own limits: positions, LoRA targets and rank
+        from fedjax_lm.bench.workload import Workload, encoder_config
+
+        cfg = encoder_config(Workload(args.model, 1, args.local_steps, args.batch_size,
+                                      args.max_length, args.dtype, args.attention_impl,
+                                      args.remat, args.peft, args.lora_rank, args.lora_targets))
+        need(args.max_length <= cfg.max_position_embeddings,
+             f"--max-length {args.max_length} exceeds model {args.model}'s "
+             f"{cfg.max_position_embeddings} positions; use --max-length "
+             f"{cfg.max_position_embeddings} or less")
+
+
 def groups_from_args(args: argparse.Namespace) -> tuple[g.Group, ...]:
+    check_args(args)
     if args.preset:
         return g.PRESETS[args.preset]
-    if args.peft != "none" and args.peers:
-        raise ValueError("the peers fine-tune every parameter; run --peft without --peers")
     backends = tuple(args.backends) + ((f"vmap@{args.chunk}",) if args.chunk else ())
-    for b in backends:
-        g.parse_backend(b)
     return (g.Group(args.model, args.max_length, tuple(args.clients), backends,
                     tuple(args.peers), args.peer_clients, args.optimizer, args.dtype,
                     args.attention_impl, args.remat, args.batch_size, args.local_steps,
@@ -113,7 +171,9 @@ def machine_info() -> dict[str, Any]:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """Run the grid, write OUT/bench.json and OUT/report.md (+ PNG) atomically."""
+    """Run the grid, write OUT/bench.json and OUT/report.md (+ PNG) atomically; exit status 1
+    when no cell measured anything."""
+    groups = () if args.worker else groups_from_args(args)  # bad flags: before any work
     import jax
 
     jax.config.update("jax_enable_compilation_cache", False)  # compile_s must be real
@@ -124,7 +184,6 @@ def run_bench(args: argparse.Namespace) -> int:
 
     started = time.time()
     load_start = os.getloadavg()
-    groups = groups_from_args(args)
     rooflines: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
     for group in groups:
@@ -141,6 +200,12 @@ def run_bench(args: argparse.Namespace) -> int:
     write_outputs(_result(args, groups, rows, rooflines, started, load_start, complete=True),
                   args.out)
     print(f"wrote {args.out / 'bench.json'} and {args.out / 'report.md'}")
+    if not any(r.get("status") == "ok" for r in rows):  # a run that measured nothing failed
+        first = next((r["error"] for r in rows if r.get("error")), "no cell ran")
+        first = " ".join(str(first).split())[:200]
+        print(f"fedjax-lm bench: error: every cell failed ({len(rows)} cells; first: {first}); "
+              f"see {args.out / 'report.md'}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -368,6 +433,13 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m fedjax_lm.bench ARGS`: `fedjax-lm bench ARGS`, bad input one line (exit 2)."""
+    from fedjax_lm.grid import ConfigError
+
     parser = argparse.ArgumentParser(prog="python -m fedjax_lm.bench", description=__doc__)
     add_arguments(parser)
-    return run_bench(parser.parse_args(argv))
+    try:
+        return run_bench(parser.parse_args(argv))
+    except ConfigError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2

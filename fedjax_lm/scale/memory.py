@@ -250,9 +250,13 @@ def parse_bytes(text: str) -> int:
     number = t.rstrip("KMGTIB")
     unit = t[len(number):]
     try:
-        return int(float(number) * units[unit])
+        size = float(number) * units[unit]
     except (KeyError, ValueError):
         raise ValueError(f"cannot read a memory size from {text!r} (try 80GB or 16GiB)") from None
+    if not (math.isfinite(size) and size >= 1):
+        raise ValueError(f"memory size {text!r} is not a finite size of at least 1 byte; "
+                         "give one such as 80GB or 16GiB")
+    return int(size)
 
 
 def format_bytes(n: float) -> str:

@@ -100,14 +100,41 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze-layers", type=int, default=0)
 
 
+# Whole-number flags: (smallest value, what the flag gives; the fix names it).
+_COUNTS = {
+    "clients": (1, "the clients per round"),
+    "devices": (1, "how many devices share the clients"),
+    "batch_size": (1, "the examples per local step"),
+    "max_length": (1, "the tokens per example"),
+    "local_steps": (1, "the local steps per client and round"),
+    "num_labels": (1, "the classes of the head"),
+    "lora_rank": (1, "the rank of the LoRA adapters"),
+    "freeze_layers": (0, "how many bottom layers to freeze (0: none)"),
+}
+
+
+def check_args(args: argparse.Namespace) -> int | None:
+    """Refuse a flag that cannot describe a round, one line each, before anything compiles;
+    the `--device-memory` bytes (None: the target's)."""
+    from fedjax_lm.grid import ConfigError, check_counts
+
+    check_counts(args, _COUNTS)
+    if not 0 < args.headroom <= 1:
+        raise ConfigError(f"--headroom is the fraction of memory to plan for, in (0, 1]; "
+                          f"got {args.headroom}")
+    if args.device_memory is None:
+        return None
+    try:
+        return mem.parse_bytes(args.device_memory)
+    except ValueError as e:
+        raise ConfigError(f"--device-memory: {e}") from None
+
+
 def plan_report(args: argparse.Namespace) -> tuple[mem.MemoryEstimate, list[str]]:
     """The estimate and the lines `run_plan` prints."""
-    if not 0 < args.headroom <= 1:
-        raise ValueError(f"--headroom is the fraction of memory to plan for, in (0, 1]; "
-                         f"got {args.headroom}")
+    device_memory = check_args(args)
     target = targets.resolve_target(args.target)
-    memory = (mem.parse_bytes(args.device_memory) if args.device_memory
-              else target.memory_bytes or mem.parse_bytes("80GB"))
+    memory = device_memory or target.memory_bytes or mem.parse_bytes("80GB")
     memory_from = args.device_memory or (target.name if target.memory_bytes else "80GB")
     lora, make_mask = peft_pieces(args)
     loss_fn, params = model_loss_and_params(args.model, args.model_type, args.num_labels,
@@ -192,8 +219,8 @@ def run_plan(args: argparse.Namespace) -> int:
     targets.use_cpu_platform_for(args.target)
     try:
         _, lines = plan_report(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except ValueError as e:  # as `fedjax-lm` prints a ConfigError (also a ValueError)
+        print(f"fedjax-lm plan: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print("\n".join(lines))
     return 0
