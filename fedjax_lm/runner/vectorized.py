@@ -435,7 +435,8 @@ def _train_group(group: Group, program: FederationRound, hp, steps: int,
             t0 = time.perf_counter()
             drawn, cohorts = _cohorts(group, r)
             states, outputs = program(states, cohorts, hp, steps)
-            shared = (time.perf_counter() - t0) / len(cells)
+            jax.block_until_ready((states, outputs))  # else the first cell's record waits for
+            shared = (time.perf_counter() - t0) / len(cells)  # the round and is charged it
             for book, rc, state, out in zip(books, drawn, unstack(states, len(cells)), outputs,
                                             strict=True):
                 book.record(r, rc, state, out.metrics, None, time.perf_counter() - shared)
