@@ -222,6 +222,16 @@ CASES = [
          r"p\.yaml holds no settings \(empty, or only comments\): write the settings into it, "
          r"or leave out --config to run the defaults$", files={"p.yaml": "# to do\n"},
          fixed={"p.yaml": "base: {rounds: 1}\n"}, fix=[*TINY, "--config", "{tmp}/p.yaml"]),
+    Case("scaffold_freeze_layers", [*TINY, "--algorithm", "scaffold", "--freeze-layers", "1"],
+         r"^freeze_layers runs with algorithm fedavg or fedprox, not scaffold \(its control "
+         r"variates would train the frozen layers\); drop --freeze-layers$"),
+    Case("lora_every_layer_frozen", [*TINY, "--peft", "lora", "--freeze-layers", "2"],
+         r"^freeze_layers 2 freezes every layer that holds adapters: only the head would train; "
+         r"lower --freeze-layers, or use --peft head$"),
+    Case("test_split_below_classes", [*TINY, "--max-test-examples", "3"],
+         r"^the test split holds 3 example\(s\), fewer than the 4 classes of task 'synthetic': "
+         r"its accuracy cannot tell a trained model from an untrained one; raise "
+         r"--max-test-examples \(e\.g\. 80\)$"),
     Case("unknown_flag", [*TINY, "--rouds", "3"],
          r"unrecognized arguments: --rouds 3 \(see fedjax-lm --help\)"),
     Case("preset_not_yaml", [*TINY, "--config", "{tmp}/bad.yaml"],

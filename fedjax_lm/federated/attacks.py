@@ -15,7 +15,10 @@ On the delta Δ = message − server model of a malicious client:
   client's id (the same whatever the chunking);
 - `alie` ("a little is enough", Baruch et al. 2019): every malicious message becomes μ − z·σ,
   per coordinate over the live benign messages (plain mean and std), with
-  z = Φ⁻¹((n − s) / n), s = ⌊n/2 + 1⌋ − f for the n live clients of which f are malicious;
+  z = Φ⁻¹((n − s) / n), s = ⌊n/2 + 1⌋ − f for the n live clients of which f are malicious.
+  A round with no live benign client (the cohort is all malicious) takes μ and σ over the
+  malicious clients' own honest messages instead, as the paper's attackers do when they
+  cannot see the others: one attacker sends its honest model (σ = 0), never a zero model;
 - `label_flip` poisons the malicious clients' data instead (`flip_labels`, in the runner):
   label y → K − 1 − y; their messages are then honest training on wrong labels.
 """
@@ -66,7 +69,10 @@ def _rows(mask: jax.Array, x: jax.Array) -> jax.Array:
 
 def corrupt(attack: AttackConfig, malicious: jax.Array, messages: PyTree,
             ctx: Context) -> PyTree:
-    """The per-client attacks on a chunk `[K, ...]`: malicious rows replaced, others exact."""
+    """The per-client attacks on a chunk `[K, ...]`: malicious rows replaced, others exact.
+    Each row needs only its own message and the server model, so an all-malicious (or
+    all-padding) cohort is well defined; rows with p = 0 are changed too, and every
+    aggregator ignores them."""
     bad = malicious[ctx.client_ids]
     leaves, treedef = jax.tree.flatten(messages)
     refs = treedef.flatten_up_to(ctx.reference)
@@ -93,17 +99,25 @@ def alie_z(n: jax.Array, f: jax.Array) -> jax.Array:
 
 
 def alie(malicious: jax.Array, messages: PyTree, p: jax.Array, ctx: Context) -> PyTree:
-    """ALIE on the whole cohort: malicious live rows ← μ − z·σ of the benign live rows."""
+    """ALIE on the whole cohort: malicious live rows ← μ − z·σ per coordinate.
+
+    μ and σ (plain mean, population std) are over the live (p > 0) benign rows; when the
+    round has none, over the live malicious rows' own honest messages (Baruch et al.'s
+    attackers estimate the benign statistics from their own honest updates when they see no
+    one else's), so a lone attacker sends its honest model. Dead rows (padding, non-finite
+    clients, p = 0) are never counted nor changed; with no live row nothing changes."""
     live = p > 0
     bad = malicious[ctx.client_ids] & live
     good = live & ~bad
-    n_good = jnp.maximum(jnp.sum(good), 1)
+    basis = jnp.where(jnp.any(good), good, bad)  # whose messages give μ and σ
+    n_basis = jnp.maximum(jnp.sum(basis), 1).astype(jnp.float32)
     z = alie_z(jnp.sum(live).astype(jnp.float32), jnp.sum(bad).astype(jnp.float32))
 
     def forge(x):
-        w = _rows(good, x).astype(jnp.float32)
-        mu = jnp.sum(w * x, axis=0) / n_good
-        sigma = jnp.sqrt(jnp.sum(w * jnp.square(x - mu), axis=0) / n_good)
+        keep = _rows(basis, x)
+        xf = x.astype(jnp.float32)
+        mu = jnp.sum(jnp.where(keep, xf, 0.0), axis=0) / n_basis
+        sigma = jnp.sqrt(jnp.sum(jnp.where(keep, jnp.square(xf - mu), 0.0), axis=0) / n_basis)
         return jnp.where(_rows(bad, x), (mu - z * sigma).astype(x.dtype), x)
 
     return jax.tree.map(forge, messages)

@@ -105,9 +105,10 @@ class RunBook:
             "update_norm": float(metrics.update_norm),
             "cohort_size": len(ids),  # this round's clients; config.clients: the population
             "skipped_clients": bad,
-            # Per round: the trainable leaves down and up (the frozen base once, before).
-            "upload_bytes_per_client": exp.peft.client_bytes(ids),
-            "download_bytes_per_client": exp.peft.client_bytes(ids),
+            # Per round: the trainable leaves down and up (the frozen base once, before), once
+            # per message each way (SCAFFOLD: model and control variate); 0 in an empty round.
+            "upload_bytes_per_client": client_bytes(cfg, exp, ids),
+            "download_bytes_per_client": client_bytes(cfg, exp, ids),
             **privacy.round_record(cfg, state, r + 1, cohort),
         }
         if host_wait_s is not None:  # what this round waited for its data (not hidden by
@@ -149,8 +150,19 @@ class RunBook:
             self.ckpt.close()
 
     def final(self, setup_s: float) -> dict[str, Any]:
-        """final.json's contents (written by the primary process)."""
+        """final.json's contents (written by the primary process). A run in which no round
+        had a client raises TrainingError (its model is the initial one); one in which some
+        rounds had none warns. The byte means are over the rounds that had clients."""
         cfg, exp, store = self.cfg, self.exp, self.store
+        records = self.log.records
+        trained = [x for x in records if x["cohort_size"]]
+        if records and not trained:
+            raise TrainingError(no_client_error(cfg, len(records), self.run_dir))
+        if (empty := empty_rounds_warning(cfg, len(records) - len(trained), len(records))
+                ) and empty not in self.warnings:
+            self.warnings.append(empty)
+            if self.primary:
+                tqdm.write(empty, file=sys.stderr)
         if (collapse := collapse_warning(cfg, self.log.records)) and collapse not in self.warnings:
             self.warnings.append(collapse)
             if self.primary:
@@ -162,11 +174,40 @@ class RunBook:
                      train_examples=int(exp.partition.sizes.sum()),
                      test_examples=int(len(exp.test["label"])),
                      steps_per_round=exp.steps_per_round, warnings=self.warnings,
-                     **communication(self.log.records, exp.peft),
+                     **communication(trained, exp.peft),
                      **privacy.final_record(cfg, self.log.records))
         if self.primary:
             write_json(self.run_dir / "final.json", final)
         return final
+
+
+def messages_per_direction(cfg: RunConfig) -> int:
+    """How many trainable-sized trees a client receives, and sends, per round: SCAFFOLD sends
+    the model and the control variate each way (server: x and c; client: y_i and Δc_i)."""
+    return 2 if cfg.algorithm == "scaffold" else 1
+
+
+def client_bytes(cfg: RunConfig, exp: Experiment, ids: np.ndarray) -> float:
+    """Mean bytes one client of `ids` sends (= receives) this round; 0.0 when `ids` is empty."""
+    return messages_per_direction(cfg) * exp.peft.client_bytes(ids)
+
+
+def no_client_error(cfg: RunConfig, rounds: int, run_dir: Path) -> str:
+    """Why a run in which no round had a client stops (one line)."""
+    return (f"no round trained: all {rounds} rounds drew an empty cohort (sampling="
+            f"{cfg.sampling}, expected cohort_size {cfg.cohort_size} of {cfg.clients} clients), "
+            f"so the model is the untrained initial one; rerun with a larger --cohort-size (now "
+            f"{cfg.cohort_size}) or --sampling fixed, in a new --out or after deleting {run_dir}")
+
+
+def empty_rounds_warning(cfg: RunConfig, empty: int, rounds: int) -> str | None:
+    """A one-line warning when `empty` of the run's `rounds` had no client, else None."""
+    if not empty:
+        return None
+    return (f"warning: {empty} of {rounds} rounds had no client (sampling={cfg.sampling}, "
+            f"expected cohort_size {cfg.cohort_size}) and trained nothing; final_train_loss is "
+            f"from the last round that trained; raise --cohort-size (now {cfg.cohort_size}) or "
+            f"use --sampling fixed")
 
 
 def check_base_of(run_dir: Path, cfg: RunConfig, exp: Experiment, *, rounds_done: int,
@@ -181,6 +222,7 @@ def check_base_of(run_dir: Path, cfg: RunConfig, exp: Experiment, *, rounds_done
 
 def summarize(records: list[dict], cfg: RunConfig) -> dict[str, Any]:
     evals = [r for r in records if "eval_accuracy" in r]
+    trained = [r for r in records if r["train_loss"] is not None]
     accs = [r["eval_accuracy"] for r in evals]
     target_round = None
     if cfg.target_accuracy is not None:
@@ -191,8 +233,10 @@ def summarize(records: list[dict], cfg: RunConfig) -> dict[str, Any]:
         "final_accuracy": accs[-1] if accs else None,
         "best_accuracy": max(accs) if accs else None,
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
-        "final_train_loss": next((r["train_loss"] for r in reversed(records)
-                                  if r["train_loss"] is not None), None),
+        # the last round that trained (a Poisson round nobody joined has no loss)
+        "final_train_loss": trained[-1]["train_loss"] if trained else None,
+        "final_train_loss_round": trained[-1]["round"] if trained else None,
+        "rounds_trained": len(trained),  # rounds in which at least one client trained
         "rounds_to_target": target_round,
         "train_wall_s": float(sum(r["wall_s"] for r in records)),
         "skipped_client_updates": int(sum(len(r["skipped_clients"]) for r in records)),

@@ -111,7 +111,16 @@ def _partition(cfg: RunConfig, task: fdata.TaskData
         return index, None
     held = np.sort(np.random.default_rng((cfg.seed, 3)).choice(
         len(index), cfg.holdout_clients, replace=False))
-    return index.select(np.setdiff1d(np.arange(len(index)), held)), index.select(held)
+    training, heldout = index.select(np.setdiff1d(np.arange(len(index)), held)), index.select(held)
+    seen = set(np.unique(task.train.labels[training.order]).tolist())
+    unseen = [c for c in range(len(heldout)) if not seen & set(
+        task.train.labels[heldout.order[heldout.offsets[c]:heldout.offsets[c + 1]]].tolist())]
+    if unseen:  # their accuracy is 0 by construction, not a measure of generalisation
+        raise ConfigError(
+            f"{len(unseen)} of the {cfg.holdout_clients} held-out clients hold only classes no "
+            f"training client has (partition {cfg.partition}), so their accuracy is 0 by "
+            "construction; drop --holdout-clients or use another partition")
+    return training, heldout
 
 
 def _test_shards(cfg: RunConfig, num_test: int) -> fdata.ClientIndex:
@@ -145,6 +154,12 @@ def build_experiment(cfg: RunConfig) -> Experiment:
             f"task {cfg.task!r} is an image task; the fine-tuning runner takes text tasks "
             "(image experiments live in experiments/ — see README)"
         )
+    if len(task.test.labels) < task.num_classes:  # an untrained model can score 100 % there
+        raise ConfigError(
+            f"the test split holds {len(task.test.labels)} example(s), fewer than the "
+            f"{task.num_classes} classes of task {cfg.task!r}: its accuracy cannot tell a trained "
+            f"model from an untrained one; raise --max-test-examples (e.g. "
+            f"{20 * task.num_classes})")
     model, params, tokenizer = load_model(cfg, task.num_classes)
     splits = fdata.tokenize_task(task, tokenizer, cfg.max_length)
     train, test = splits["train"].features, splits["test"].features

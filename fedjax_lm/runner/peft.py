@@ -148,6 +148,9 @@ def check_peft(cfg: Any) -> None:
          f"{mode(cfg)}); add --peft lora or drop {'it' if len(given) == 1 else 'them'}")
     need(mode(cfg) == "none" or cfg.algorithm in ("fedavg", "fedprox"),
          f"peft {cfg.peft} runs with algorithm fedavg or fedprox, not {cfg.algorithm}")
+    need(cfg.freeze_layers == 0 or cfg.algorithm in ("fedavg", "fedprox"),
+         f"freeze_layers runs with algorithm fedavg or fedprox, not {cfg.algorithm} (its "
+         "control variates would train the frozen layers); drop --freeze-layers")
     if cfg.peft != "lora":
         return
     lora = lora_settings(cfg)
@@ -200,7 +203,10 @@ class PeftPlan:
 
     def client_bytes(self, ids: np.ndarray) -> float:
         """Mean bytes one client of `ids` sends (= receives) per round: its trainable leaves,
-        LoRA components up to its own rank."""
+        LoRA components up to its own rank. 0.0 for an empty cohort (a Poisson round nobody
+        joined): nothing is sent."""
+        if not len(ids):
+            return 0.0
         if self.ranks is None:
             return float(self.fixed_bytes + self.rank_bytes * self.full_rank)
         return float(self.fixed_bytes + self.rank_bytes * self.ranks[ids].mean())
@@ -227,6 +233,10 @@ def build_peft(cfg: Any, params: Any, num_clients: int) -> PeftPlan:
             per_rank += x.shape[1] * size
         else:
             fixed += x.size * size
+    if cfg.peft == "lora" and per_rank == 0:
+        raise ConfigError(f"freeze_layers {cfg.freeze_layers} freezes every layer that holds "
+                          "adapters: only the head would train; lower --freeze-layers, or use "
+                          "--peft head")
     spec = rank_spec(cfg) if cfg.peft == "lora" else None
     population = None if spec is None else spec.population(num_clients, cfg.seed)
     trainable_bytes, total = count(mask, params)

@@ -29,6 +29,14 @@ def check_robustness(cfg: RunConfig, executor: fl.ExecutorConfig) -> None:
     need(cfg.aggregator != "norm_bound" or cfg.norm_bound is not None,
          "aggregator norm_bound needs the bound: set --norm-bound (e.g. 1.0)")
     need(cfg.byzantine >= 0, f"byzantine must be >= 0, got {cfg.byzantine}")
+    # Krum's n > 2f+2 (and Multi-Krum's m <= n) must hold in every round. A Poisson cohort
+    # has no guaranteed minimum size (max_cohort_size pads and truncates, it never fills),
+    # so any round may draw too few clients. The other rules need no minimum: the median,
+    # the trimmed mean (a fraction of the live n) and the geometric median take any n >= 1.
+    need(cfg.sampling != "poisson" or cfg.aggregator not in ("krum", "multi_krum"),
+         f"aggregator {cfg.aggregator} needs more than 2f+2 = {2 * cfg.byzantine + 2} "
+         "clients in every round, and a Poisson cohort can be smaller (it has no minimum "
+         "size): use --sampling fixed")
     cohort = cfg.cohort_size or cfg.clients
     need(cfg.aggregator not in ("krum", "multi_krum") or cohort > 2 * cfg.byzantine + 2,
          f"aggregator {cfg.aggregator} with byzantine={cfg.byzantine} needs more than "

@@ -200,3 +200,72 @@ def test_a_chunked_attack_gives_the_same_round_on_every_executor(executor, gauss
     loop and pmap all see the same attacked, clipped messages."""
     agg, want = gaussian_attack
     assert toy.max_abs_diff(attacked_rounds(agg, EXECUTORS[executor]), want) <= 1e-6
+
+
+def _alie_reference(messages, ids, malicious, p):
+    """numpy ALIE: μ − z·σ over the live benign rows, or the live malicious rows when the
+    cohort has no live benign one; dead rows (p = 0) never counted nor changed."""
+    live = p > 0
+    bad = malicious[ids] & live
+    good = live & ~bad
+    basis = good if good.any() else bad
+    n, f = live.sum(), bad.sum()
+    q = np.float32((n - (np.floor(n / 2 + 1) - f)) / n)  # clipped in float32, as alie_z
+    z = stats.norm.ppf(np.clip(q, np.float32(1e-6), np.float32(1 - 1e-6)).astype(float))
+    out = {}
+    for k, x in messages.items():
+        want = x[basis].mean(0) - z * x[basis].std(0)
+        out[k] = np.where(bad.reshape((-1,) + (1,) * (x.ndim - 1)), want[None], x)
+    return out, bad
+
+
+def _alie_seen(messages, malicious, p, ctx):
+    agg = fl.attacked(Capture(), fl.AttackConfig("alie"), malicious)
+    return jax.jit(agg.reduce)(messages, jnp.asarray(p), ctx).value
+
+
+def test_alie_mixed_cohort_is_mean_minus_z_std_of_the_benign_rows():
+    ref, messages, ids, malicious, p, ctx = setup(3)
+    seen = _alie_seen(messages, malicious, p, ctx)
+    want, bad = _alie_reference(messages, ids, malicious, p)
+    assert bad.sum() == 2  # two live attackers among five live clients
+    for k in ref:
+        np.testing.assert_allclose(seen[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attackers", [[8], [8, 15, 0]])
+def test_alie_all_malicious_cohort_uses_the_attackers_own_honest_messages(attackers):
+    ref, messages, ids, _, _, ctx = setup(4)
+    malicious = np.zeros(N, bool)
+    malicious[attackers] = True
+    p = np.isin(ids, attackers).astype(np.float32)  # only the attackers are live
+    seen = _alie_seen(messages, malicious, p, ctx)
+    want, bad = _alie_reference(messages, ids, malicious, p)
+    assert bad.sum() == len(attackers)
+    for k in ref:
+        np.testing.assert_allclose(seen[k], want[k], rtol=1e-5, atol=1e-6)
+        assert np.all(np.isfinite(seen[k])) and np.abs(np.asarray(seen[k])[bad]).max() > 0.1
+        if len(attackers) == 1:  # a lone attacker: σ = 0, so its honest model, never zeros
+            np.testing.assert_allclose(np.asarray(seen[k])[bad][0], messages[k][bad][0],
+                                       rtol=1e-6, atol=1e-6)
+
+
+def test_alie_ignores_padded_and_zero_weight_rows():
+    ref, messages, ids, malicious, p, ctx = setup(5)
+    p = np.array([0.25, 0.25, 0.0, 0.25, 0.25, 0.0], np.float32)  # a dead benign row, padding
+    far = {k: v.copy() for k, v in messages.items()}
+    for k in far:  # dead rows as far off as possible: they must change nothing
+        far[k][2] = 1e6
+        far[k][5] = -1e6
+    seen = _alie_seen(far, malicious, p, ctx)
+    want, bad = _alie_reference(messages, ids, malicious, p)
+    assert list(np.flatnonzero(bad)) == [1, 3]
+    for k in ref:
+        live = p > 0
+        np.testing.assert_allclose(np.asarray(seen[k])[live], want[k][live], rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(seen[k])[~live], far[k][~live])
+    # A cohort with no live row at all changes nothing.
+    none = _alie_seen(messages, malicious, np.zeros(C, np.float32), ctx)
+    for k in ref:
+        np.testing.assert_array_equal(none[k], messages[k])

@@ -3,6 +3,7 @@ percentiles equal numpy's, and a population larger than the test set trains and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -117,3 +118,27 @@ def test_partition_digest_is_the_digest_runs_recorded_before():
     h.update(jax.tree_util.keystr(()).encode())
     h.update(big.tobytes())
     assert params_digest(big) == h.hexdigest()
+
+
+def test_held_out_clients_whose_classes_no_training_client_has_are_refused():
+    """Natural partition where each author is a class: a held-out author's accuracy is 0 by
+    construction, so holding authors out measures nothing."""
+    from fedjax_lm.data.task_data import Split, TaskData
+    from fedjax_lm.grid import ConfigError
+    from fedjax_lm.runner.checks import from_dict
+    from fedjax_lm.runner.experiment import _partition
+
+    authors = np.repeat(np.arange(6), 5)
+    split = Split(labels=authors, texts=["a post"] * 30, groups=authors)
+    task = TaskData("blog10", split, split, num_classes=6, label_names=tuple("abcdef"))
+    cfg = from_dict({"task": "blog10", "partition": "natural", "clients": 4,
+                     "holdout_clients": 2, "eval_clients": 1})
+    with pytest.raises(ConfigError) as err:
+        _partition(cfg, task)
+    assert str(err.value) == (
+        "2 of the 2 held-out clients hold only classes no training client has (partition "
+        "natural), so their accuracy is 0 by construction; drop --holdout-clients or use "
+        "another partition")
+    mixed = dataclasses.replace(split, labels=np.arange(30) % 6)  # every author writes all
+    training, heldout = _partition(cfg, dataclasses.replace(task, train=mixed))
+    assert (len(training), len(heldout)) == (4, 2)
