@@ -103,6 +103,18 @@ def _partition(cfg: RunConfig, task: fdata.TaskData
                ) -> tuple[fdata.ClientIndex, fdata.ClientIndex | None]:
     """(training clients, held-out clients or None). With `holdout_clients` H the population is
     partitioned into clients + H and a seeded random H of them are held out (never trained)."""
+    if cfg.partition == "natural":  # one client per author: the data sets the count
+        authors = len(np.unique(task.train.groups))
+        if authors != cfg.clients + cfg.holdout_clients:
+            held = f" + {cfg.holdout_clients} held out" if cfg.holdout_clients else ""
+            sample = (f" (a --max-train-examples {cfg.max_train_examples} subsample: a "
+                      "larger one may keep more authors)" if cfg.max_train_examples else "")
+            raise ConfigError(
+                f"partition natural makes one client per author: the {len(task.train)} "
+                f"training examples{sample} hold {authors} authors, not {cfg.clients} "
+                f"clients{held}; " + (f"set --clients {authors - cfg.holdout_clients}"
+                                      if authors > cfg.holdout_clients
+                                      else "lower --holdout-clients"))
     params = ({"groups": task.train.groups} if cfg.partition == "natural"
               else partition_params(cfg))
     partitioner = fdata.make_partitioner(cfg.partition, **params)

@@ -142,3 +142,24 @@ def test_held_out_clients_whose_classes_no_training_client_has_are_refused():
     mixed = dataclasses.replace(split, labels=np.arange(30) % 6)  # every author writes all
     training, heldout = _partition(cfg, dataclasses.replace(task, train=mixed))
     assert (len(training), len(heldout)) == (4, 2)
+
+
+def test_natural_partition_with_another_client_count_names_the_authors():
+    from fedjax_lm.data.task_data import Split, TaskData
+    from fedjax_lm.grid import ConfigError
+    from fedjax_lm.runner.checks import from_dict
+    from fedjax_lm.runner.experiment import _partition
+
+    authors = np.repeat(np.arange(6), 5)
+    split = Split(labels=np.arange(30) % 3, texts=["a post"] * 30, groups=authors)
+    task = TaskData("blog10", split, split, num_classes=3, label_names=tuple("abc"))
+    cfg = from_dict({"task": "blog10", "partition": "natural", "clients": 10,
+                     "max_train_examples": 30})
+    with pytest.raises(ConfigError) as err:
+        _partition(cfg, task)
+    assert str(err.value) == (
+        "partition natural makes one client per author: the 30 training examples (a "
+        "--max-train-examples 30 subsample: a larger one may keep more authors) hold 6 "
+        "authors, not 10 clients; set --clients 6")
+    training, _ = _partition(cfg.replace(clients=6), task)
+    assert len(training) == 6
