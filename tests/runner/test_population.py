@@ -3,7 +3,6 @@ percentiles equal numpy's, and a population larger than the test set trains and 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -13,8 +12,11 @@ import numpy as np
 import pytest
 
 from fedjax_lm.data import ClientIndex, iid
+from fedjax_lm.data.task_data import Split, TaskData
+from fedjax_lm.grid import ConfigError
 from fedjax_lm.io import read_jsonl
 from fedjax_lm.runner import RunConfig, train
+from fedjax_lm.runner.checks import from_dict
 from fedjax_lm.runner.digest import params_digest, partition_digest
 from fedjax_lm.runner.evaluation import (
     CLIENT_ACCURACY_FILE,
@@ -22,6 +24,7 @@ from fedjax_lm.runner.evaluation import (
     percentile_fields,
     population_eval,
 )
+from fedjax_lm.runner.experiment import _partition
 from fedjax_lm.runner.prefetch import RoundFeeder
 from fedjax_lm.runner.report import write_report
 
@@ -120,17 +123,17 @@ def test_partition_digest_is_the_digest_runs_recorded_before():
     assert params_digest(big) == h.hexdigest()
 
 
+def _authors_task(labels: np.ndarray) -> TaskData:
+    """Blog-like data: 30 posts by 6 authors (5 each), with the given class per post."""
+    split = Split(labels=labels, texts=["a post"] * 30, groups=np.repeat(np.arange(6), 5))
+    return TaskData("blog10", split, split, num_classes=int(labels.max()) + 1,
+                    label_names=tuple("abcdef"[:int(labels.max()) + 1]))
+
+
 def test_held_out_clients_whose_classes_no_training_client_has_are_refused():
     """Natural partition where each author is a class: a held-out author's accuracy is 0 by
     construction, so holding authors out measures nothing."""
-    from fedjax_lm.data.task_data import Split, TaskData
-    from fedjax_lm.grid import ConfigError
-    from fedjax_lm.runner.checks import from_dict
-    from fedjax_lm.runner.experiment import _partition
-
-    authors = np.repeat(np.arange(6), 5)
-    split = Split(labels=authors, texts=["a post"] * 30, groups=authors)
-    task = TaskData("blog10", split, split, num_classes=6, label_names=tuple("abcdef"))
+    task = _authors_task(np.repeat(np.arange(6), 5))  # each author is a class
     cfg = from_dict({"task": "blog10", "partition": "natural", "clients": 4,
                      "holdout_clients": 2, "eval_clients": 1})
     with pytest.raises(ConfigError) as err:
@@ -139,20 +142,12 @@ def test_held_out_clients_whose_classes_no_training_client_has_are_refused():
         "2 of the 2 held-out clients hold only classes no training client has (partition "
         "natural), so their accuracy is 0 by construction; drop --holdout-clients or use "
         "another partition")
-    mixed = dataclasses.replace(split, labels=np.arange(30) % 6)  # every author writes all
-    training, heldout = _partition(cfg, dataclasses.replace(task, train=mixed))
+    training, heldout = _partition(cfg, _authors_task(np.arange(30) % 6))  # authors write all
     assert (len(training), len(heldout)) == (4, 2)
 
 
 def test_natural_partition_with_another_client_count_names_the_authors():
-    from fedjax_lm.data.task_data import Split, TaskData
-    from fedjax_lm.grid import ConfigError
-    from fedjax_lm.runner.checks import from_dict
-    from fedjax_lm.runner.experiment import _partition
-
-    authors = np.repeat(np.arange(6), 5)
-    split = Split(labels=np.arange(30) % 3, texts=["a post"] * 30, groups=authors)
-    task = TaskData("blog10", split, split, num_classes=3, label_names=tuple("abc"))
+    task = _authors_task(np.arange(30) % 3)
     cfg = from_dict({"task": "blog10", "partition": "natural", "clients": 10,
                      "max_train_examples": 30})
     with pytest.raises(ConfigError) as err:
