@@ -24,6 +24,7 @@ from fedjax_lm.models.pretrained import (
     minilm_path,
     pretrained_config,
     suggest_model,
+    weights_files,
 )
 from fedjax_lm.models.stats import classification_stats, masked_classification_stats
 
@@ -50,5 +51,6 @@ __all__ = [
     "minilm_path",
     "preset",
     "pretrained_config",
+    "weights_files",
     "suggest_model",
 ]

@@ -129,6 +129,20 @@ def pretrained_config(name_or_path: str | Path, num_labels: int, *,
     return config_from_hf(folder / "config.json", num_labels=num_labels, **overrides)
 
 
+def weights_files(name_or_path: str | Path) -> list[Path]:
+    """The safetensors files `from_pretrained(name_or_path)` reads, found without the network:
+    [] for a random init (`preset:`), a Hub id not in the local cache or a folder without them.
+    What a run records to notice, on a rerun, that the weights it started from changed."""
+    if str(name_or_path).startswith(PRESET_PREFIX):
+        return []
+    try:
+        folder = (minilm_path() if name_or_path in (MINILM, MINILM_DISTIL)
+                  else _resolve(name_or_path, local_files_only=True))
+        return sorted(set(SafetensorsCheckpoint(folder).files.values()))
+    except ModelLoadError:
+        return []
+
+
 def _bert_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     """`minilm-distil`'s overrides as they apply to the BERT it is derived from."""
     return {k: v for k, v in overrides.items() if k != "classifier_dropout_prob"}

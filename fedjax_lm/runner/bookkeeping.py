@@ -32,7 +32,7 @@ from fedjax_lm.runner.guards import (
 )
 from fedjax_lm.runner.metrics import MetricsLog
 from fedjax_lm.runner.peft import communication
-from fedjax_lm.runner.rundir import check_base, check_data
+from fedjax_lm.runner.rundir import check_base, check_data, check_model
 
 
 def evaluate(predict, params, exp: Experiment, batch_size: int) -> dict[str, float]:
@@ -63,6 +63,7 @@ class RunBook:
         start = self.ckpt.latest_round() or 0
         check_data(run_dir, data_fingerprint(exp), rounds_done=start, write=primary)
         check_base_of(run_dir, cfg, exp, rounds_done=start, write=primary)
+        check_model(run_dir, cfg.model, rounds_done=start, write=primary)
         self.mask = exp.peft.trainable
         # Setup succeeded: only now does the directory record its config. A final.json of fewer
         # rounds no longer describes it once training continues.

@@ -3,12 +3,15 @@ must train on again (checked by `rundir` against what the directory recorded).""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from fedjax_lm import models
 from fedjax_lm.runner.experiment import Experiment
 
 _HASH_CHUNK = 1 << 24  # bytes hashed at a time: a memory-mapped store is never copied whole
@@ -32,6 +35,29 @@ def _update(h: Any, leaf: Any) -> None:
     rows = max(1, _HASH_CHUNK // max(1, arr[0].nbytes))
     for start in range(0, len(arr), rows):
         h.update(np.ascontiguousarray(arr[start:start + rows]).tobytes())
+
+
+def weights_identity(model: str) -> dict[str, Any] | None:
+    """{"model", "weights_sha256"} of the weight files `model` names (read through once per
+    process and file version), or None for a random init or weights not on disk."""
+    files = models.weights_files(model)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        h.update(_file_sha256(path, stat.st_size, stat.st_mtime_ns).encode())
+    return {"model": model, "weights_sha256": h.hexdigest()}
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """A file's SHA-256 (size and mtime key the cache: a rewritten file is read again)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def partition_digest(*indices: Any) -> str:

@@ -21,11 +21,13 @@ from fedjax_lm.io import write_json
 from fedjax_lm.runner import privacy
 from fedjax_lm.runner.checks import from_dict
 from fedjax_lm.runner.config import RESUMABLE_FIELDS, RunConfig
+from fedjax_lm.runner.digest import weights_identity
 from fedjax_lm.runner.report import check_run_files
 
 LOCK = ".lock"  # flock'ed by the run writing the directory; holds "pid P on HOST"
 DATA = "data.json"  # the fingerprint of the data the run trains on
 BASE = "base.json"  # the identity of the frozen base a PEFT run's checkpoints leave out
+MODEL = "model.json"  # the weight files a run started from (models read from disk)
 
 
 class RunDirInUse(ConfigError):
@@ -98,6 +100,7 @@ def check_resumable(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
                 f"{run_dir} holds a run whose {what} was set for its {old['rounds']} rounds; "
                 f"--rounds {cfg.rounds} would change it mid-run. Rerun with --rounds "
                 f"{old['rounds']}, or use another --out.")
+    check_model(run_dir, cfg.model, rounds_done=done, write=False)
     if done > cfg.rounds:
         raise ResumeError(
             f"{run_dir} holds a run trained for {done} rounds: --rounds {cfg.rounds} cannot undo "
@@ -130,6 +133,20 @@ def check_base(run_dir: Path, identity: dict[str, Any], *, rounds_done: int,
             f"{run_dir} holds {rounds_done} round(s) of adapters trained on another base model "
             f"({detail}): the weights of --model {identity['model']} changed since. Resume "
             "with the original base, or use another --out.")
+
+
+def check_model(run_dir: Path, model: str, *, rounds_done: int, write: bool) -> None:
+    """Refuse to continue, or to report as finished, a run started from other weights than
+    `model`'s files hold now (a sweep would mix two models in one table); a fresh run records
+    them. Random inits and weights not on disk are not checked."""
+    identity = weights_identity(model)
+    detail = identity and _recorded_diff(run_dir / MODEL, identity, rounds_done, write,
+                                         ("model",))
+    if detail:
+        raise ResumeError(
+            f"{run_dir} holds {rounds_done} round(s) trained from other weights of --model "
+            f"{model} ({detail}): its weight files changed since. Restore them, or use another "
+            "--out.")
 
 
 def _recorded_diff(path: Path, fingerprint: dict[str, Any], rounds_done: int, write: bool,

@@ -240,3 +240,39 @@ def test_a_non_finite_checkpoint_from_an_older_version_is_refused_on_resume(tmp_
     assert str(err.value) == (
         f"the round-3 checkpoint in {run} holds non-finite server params (saved by a version "
         f"that did not check the server update); delete {run} to start over")
+
+
+def test_a_run_from_changed_weight_files_is_neither_resumed_nor_reported_finished(tmp_path):
+    """A run records the weight files it started from; a rerun after they changed would
+    continue (or, finished, put into a sweep's table) a model of other weights: refused."""
+    import hashlib
+    import json
+
+    from fedjax_lm.models.export import export_merged
+    from fedjax_lm.runner import digest
+    from fedjax_lm.runner.experiment import load_model
+
+    folder, cfg = tmp_path / "weights", tiny(tmp_path, rounds=1)
+    model, params, tokenizer = load_model(cfg, 4)  # the synthetic task: 4 classes
+    export_merged(model.config, params, folder, tokenizer)
+    cfg = cfg.replace(model=str(folder))
+    train(cfg, progress=False)
+    weights = hashlib.sha256(hashlib.sha256((folder / "model.safetensors").read_bytes())
+                             .hexdigest().encode()).hexdigest()
+    assert json.loads((tmp_path / "run" / "model.json").read_text()) == {
+        "model": str(folder), "weights_sha256": weights}
+    original = (folder / "model.safetensors").read_bytes()
+    export_merged(model.config, jax.tree.map(lambda x: x + 1, params), folder, tokenizer)
+    digest._file_sha256.cache_clear()  # as in the rerun's new process
+    changed = digest.weights_identity(str(folder))["weights_sha256"]
+    message = (f"{tmp_path / 'run'} holds 1 round(s) trained from other weights of --model "
+               f"{folder} (weights_sha256: {weights[:12]}… -> {changed[:12]}…): its weight "
+               "files changed since. Restore them, or use another --out.")
+    for rounds in (1, 2):  # reported finished; continued
+        with pytest.raises(ResumeError) as err:
+            train(cfg.replace(rounds=rounds), progress=False)
+        assert str(err.value) == message
+    (folder / "model.safetensors").write_bytes(original)  # the advice: restore them
+    assert train(cfg.replace(rounds=2), progress=False)["rounds"] == 2
+    assert not (Path(train(tiny(tmp_path / "preset"), progress=False)["config"]["out"])
+                / "model.json").exists()  # a random init has no files to record
