@@ -13,9 +13,9 @@ curve against chance (1 / classes, from the run's data.json):
 The thresholds are this report's, stated so that a reader can disagree with them. The first
 table lists every (head init, attend to padding, lr, C) over its seeds (mean ± sample std;
 outcome counts); the second the **paired effect of each quirk**: per seed, client count and
-lr, final accuracy with the quirk minus without it (the other quirk off), mean ± sample std
-over seeds. ablation.png: one panel per (C, lr), one curve per quirk combination (mean ±
-sample std over seeds).
+lr, final accuracy with the quirk minus without it (the other quirk off; and both quirks
+minus neither), mean ± sample std over seeds. ablation.png: one panel per (C, lr), one curve
+per quirk combination (mean ± sample std over seeds).
 """
 
 from __future__ import annotations
@@ -83,9 +83,11 @@ def cells_table(runs: list[dict]) -> list[str]:
 
 
 def paired_effects(runs: list[dict]) -> list[str]:
-    """Each quirk on minus off (the other quirk off), paired by seed, C and lr."""
+    """Each quirk on minus off (the other quirk off), and both on minus neither, paired by
+    seed, C and lr."""
     final = {(*key(r), r["config"]["seed"]): r["final_accuracy"] for r in runs}
-    quirks = (("per-client heads", ("per_client", False)), ("attend to padding", ("shared", True)))
+    quirks = (("per-client heads", ("per_client", False)), ("attend to padding", ("shared", True)),
+              ("both", ("per_client", True)))
     settings = sorted({(lr, c) for (_, _, lr, c, _) in final})
     out = ["| quirk | lr | C | seeds paired | final acc, with minus without (points) |",
            "|---|---|---|---|---|"]
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{BACK_AT_CHANCE:.0%} of it; climbing = gained ≥ {CLIMBING:.0%} over its last three "
             f"evaluations and ended within {AT_BEST:.0%} of its best; trained = the rest. Plot: "
             "`ablation.png`.", "",
-            *cells_table(runs), "", "## Paired effect of each quirk (the other one off)", "",
+            *cells_table(runs), "",
+            "## Paired effect of each quirk (the other one off) and of both together", "",
             *paired_effects(runs), ""]
     atomic_write_text(args.out / "ablation.md", "\n".join(text))
     plot(runs, args.out / "ablation.png")

@@ -43,15 +43,18 @@ def test_outcomes_thresholds_against_chance(report, tmp_path):
 
 def test_paired_effects_and_table(report, tmp_path):
     # shared / no padding: 0.70, 0.60; per-client heads: 0.50, 0.50 -> -20 and -10 points;
-    # attend to padding: 0.72, 0.58 -> +2 and -2 points
-    for seed, (base, per, pad) in enumerate([(0.70, 0.50, 0.72), (0.60, 0.50, 0.58)]):
+    # attend to padding: 0.72, 0.58 -> +2 and -2 points; both: 0.40, 0.55 -> -30 and -5
+    for seed, (base, per, pad, both) in enumerate([(0.70, 0.50, 0.72, 0.40),
+                                                   (0.60, 0.50, 0.58, 0.55)]):
         write_run(tmp_path, "shared", False, 32, seed, [0.3, base, base, base, base])
         write_run(tmp_path, "per_client", False, 32, seed, [0.3, 0.6, per, per, per])
         write_run(tmp_path, "shared", True, 32, seed, [0.3, 0.5, 0.6, pad, pad])
+        write_run(tmp_path, "per_client", True, 32, seed, [0.3, 0.6, both, both, both])
     assert report.main([str(tmp_path)]) == 0
     text = (tmp_path / "ablation.md").read_text()
     assert "| per-client heads | 0.0001 | 32 | 2 | -15.0 ± 7.1 |" in text
     assert "| attend to padding | 0.0001 | 32 | 2 | 0.0 ± 2.8 |" in text
+    assert "| both | 0.0001 | 32 | 2 | -17.5 ± 17.7 |" in text
     # the base cell: finals 70 / 60, bests the same, flat for its last three evaluations
     assert ("| shared | false | 0.0001 | 32 | 2 | 65.0 ± 7.1 | 65.0 ± 7.1 | 1.000 ± 0.000 | "
             "0.0 ± 0.0 | 2 trained |") in text
