@@ -105,7 +105,7 @@ def check_paths(cfg: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fedjax_lm.runner.checks import from_dict
+    from fedjax_lm.runner.checks import check_given_used, from_dict
     from fedjax_lm.runner.train import train
 
     preset = _preset(args)
@@ -114,6 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               "runs its base config only (use `fedjax-lm sweep` for the grid)", file=sys.stderr)
     overrides = _overrides(args)
     cfg = from_dict({**preset.base, **overrides})
+    check_given_used(cfg, list(overrides))
     check_paths(cfg)
     final = train(cfg, progress=not args.no_progress)
     print(f"final accuracy {final['final_accuracy']:.4f} (best {final['best_accuracy']:.4f}) "

@@ -300,6 +300,9 @@ CASES = [
          r"^lora_targets query,,value has an empty name; list projections separated by single "
          r"commas from: query, key, value, attention_output, intermediate, output$",
          fix=[*TINY, "--peft", "lora", "--lora-targets", "query,value"]),
+    Case("parameter_nothing_reads", [*TINY, "--trim-fraction", "0.2"],
+         r"^--trim-fraction is read by --aggregator trimmed_mean, not by --aggregator mean: "
+         r"drop it or set what reads it$"),
     Case("lora_flag_without_peft_lora", [*TINY, "--peft", "head", "--lora-rank", "4"],
          r"^--lora-rank needs --peft lora \(got --peft head\); add --peft lora or drop it$"),
     Case("lora_rank_zero", [*TINY, "--peft", "lora", "--lora-rank", "0"],

@@ -231,10 +231,45 @@ def partition_params(cfg: RunConfig) -> dict[str, Any]:
     return {name: getattr(cfg, name) for name in PARTITION_FIELDS.get(cfg.partition, ())}
 
 
-def unused_fields(cfg: RunConfig) -> set[str]:
-    """Fields whose value changes nothing this run computes: the other partitions' parameters."""
-    used = set(PARTITION_FIELDS.get(cfg.partition, ()))
-    return {name for names in PARTITION_FIELDS.values() for name in names} - used
+# The config fields each aggregator reads (the others read none of them).
+AGGREGATOR_FIELDS = {"trimmed_mean": ("trim_fraction",), "norm_bound": ("norm_bound",),
+                     "krum": ("byzantine",), "multi_krum": ("byzantine", "multi_krum_m")}
+
+
+def unused_fields(cfg: RunConfig) -> dict[str, str]:
+    """Fields whose value changes nothing this run computes — the other partitions' and
+    aggregators' parameters — each with the settings that read it ("--partition dirichlet")."""
+    out = {}
+    for setting, table in (("partition", PARTITION_FIELDS), ("aggregator", AGGREGATOR_FIELDS)):
+        used = set(table.get(getattr(cfg, setting), ()))
+        for name in {n for names in table.values() for n in names} - used:
+            owners = [owner for owner, names in table.items() if name in names]
+            out[name] = f"--{setting} {' or '.join(owners)}"
+    return out
+
+
+def unused_message(cfg: RunConfig, names: list[str], *, as_flags: bool = False) -> str:
+    """Why `names` change nothing here: "alpha is read by --partition dirichlet, not by
+    --partition iid" (`as_flags`: "--alpha is ...")."""
+    unused = unused_fields(cfg)
+    parts = []
+    for name in names:
+        setting = unused[name].split()[0][2:]
+        shown = f"--{name.replace('_', '-')}" if as_flags else name
+        parts.append(f"{shown} is read by {unused[name]}, not by --{setting} "
+                     f"{getattr(cfg, setting)}")
+    return "; ".join(parts)
+
+
+def check_given_used(cfg: RunConfig, given: list[str]) -> None:
+    """Refuse fields given on the command line that this run never reads (`--trim-fraction`
+    with `--aggregator mean`): the user meant another setting. A preset's base may set them
+    for the sweep cells that read them."""
+    idle = [name for name in given if name in unused_fields(cfg)]
+    if idle:
+        it = "it" if len(idle) == 1 else "them"
+        raise ConfigError(f"{unused_message(cfg, idle, as_flags=True)}: drop {it} or set what "
+                          f"reads {it}")
 
 
 def executor(cfg: RunConfig):

@@ -21,7 +21,7 @@ from fedjax_lm import interrupts
 from fedjax_lm.grid import CELL_ENV, ConfigError, expand_grid
 from fedjax_lm.io import write_yaml
 from fedjax_lm.runner import rundir
-from fedjax_lm.runner.checks import PARTITION_FIELDS, from_dict, unused_fields
+from fedjax_lm.runner.checks import check_given_used, from_dict, unused_fields, unused_message
 from fedjax_lm.runner.config import RunConfig
 from fedjax_lm.runner.presets import Preset, VectorizeOptions
 from fedjax_lm.runner.report import read_final, write_report
@@ -43,6 +43,9 @@ def expand(preset: Preset, overrides: dict[str, Any], out: Path) -> list[RunConf
         except ConfigError as e:
             raise ConfigError(f"sweep cell {name}: {e}") from None
         cells.append(cfg)
+    # a parameter given for the whole sweep that no cell reads: the user meant another setting
+    check_given_used(cells[0], [k for k in overrides
+                                if all(k in unused_fields(c) for c in cells)])
     _refuse_same_runs(cells)
     return cells
 
@@ -52,17 +55,16 @@ def _refuse_same_runs(cells: list[RunConfig]) -> None:
     under partition iid) would read as two results that agree: refused before anything runs."""
     seen: dict[tuple, RunConfig] = {}
     for cfg in cells:
-        ignored = unused_fields(cfg) | {"out"}
+        unused = unused_fields(cfg)
+        ignored = set(unused) | {"out"}
         key = tuple(sorted((k, str(v)) for k, v in cfg.to_dict().items() if k not in ignored))
         first = seen.setdefault(key, cfg)
         if first is not cfg:
             differ = [k for k, v in cfg.to_dict().items() if getattr(first, k) != v
                       and k != "out"]
-            uses = "; ".join(f"{p} uses {', '.join(f)}" for p, f in PARTITION_FIELDS.items())
             raise ConfigError(
                 f"sweep cells {Path(first.out).name} and {Path(cfg.out).name} are the same run: "
-                f"partition {cfg.partition} does not use {', '.join(differ)} ({uses}); drop "
-                "that axis or set the partition that uses it")
+                f"{unused_message(cfg, differ)}; drop that axis or set what uses it")
 
 
 def check_resumable(cells: list[RunConfig]) -> None:

@@ -210,9 +210,8 @@ def test_sweep_cells_that_compute_the_same_run_are_refused(tmp_path):
     with pytest.raises(ConfigError) as err:
         expand(preset, {}, tmp_path)
     assert str(err.value) == (
-        "sweep cells alpha=0.1 and alpha=10.0 are the same run: partition iid does not use "
-        "alpha (dirichlet uses alpha; majority uses p, k; quantity_skew uses beta); drop that "
-        "axis or set the partition that uses it")
+        "sweep cells alpha=0.1 and alpha=10.0 are the same run: alpha is read by --partition "
+        "dirichlet, not by --partition iid; drop that axis or set what uses it")
     assert len(expand(preset, {"partition": "dirichlet"}, tmp_path)) == 2
     both = Preset("t", {}, {"partition": ["iid", "dirichlet"], "alpha": [0.1, 1.0]})
     with pytest.raises(ConfigError, match="^sweep cells partition=iid,alpha=0.1 and "
@@ -220,3 +219,34 @@ def test_sweep_cells_that_compute_the_same_run_are_refused(tmp_path):
         expand(both, {}, tmp_path)
     # a sweep over how cells execute is a comparison the user asked for: two runs
     assert len(expand(Preset("t", {}, {"backend": ["loop", "vmap"]}), {}, tmp_path)) == 2
+    # the aggregators' parameters likewise (byzantine: Krum and Multi-Krum)
+    robust = Preset("t", {"clients": 8}, {"aggregator": ["mean", "krum"], "byzantine": [1, 2]})
+    with pytest.raises(ConfigError) as err:
+        expand(robust, {}, tmp_path)
+    assert str(err.value) == (
+        "sweep cells aggregator=mean,byzantine=1 and aggregator=mean,byzantine=2 are the same "
+        "run: byzantine is read by --aggregator krum or multi_krum, not by --aggregator mean; "
+        "drop that axis or set what uses it")
+
+
+def test_parameters_given_for_a_run_or_sweep_that_nothing_reads_are_refused(tmp_path):
+    """`--trim-fraction` with the mean, `--alpha` under iid: the user meant another setting.
+    A preset's base may set them for the cells that read them; a sweep override is refused
+    only when no cell reads it."""
+    from fedjax_lm.runner.checks import check_given_used
+
+    cfg = rc.RunConfig(aggregator="mean", trim_fraction=0.2, norm_bound=1.0)
+    with pytest.raises(ConfigError) as err:
+        check_given_used(cfg, ["trim_fraction", "norm_bound", "lr"])
+    assert str(err.value) == (
+        "--trim-fraction is read by --aggregator trimmed_mean, not by --aggregator mean; "
+        "--norm-bound is read by --aggregator norm_bound, not by --aggregator mean: drop them "
+        "or set what reads them")
+    check_given_used(cfg.replace(aggregator="trimmed_mean"), ["trim_fraction"])  # read: fine
+    check_given_used(cfg, [])  # set by a preset, not given: fine
+    base = Preset("t", {"trim_fraction": 0.3}, {"aggregator": ["mean", "trimmed_mean"]})
+    assert len(expand(base, {}, tmp_path)) == 2
+    assert len(expand(base, {"trim_fraction": 0.2}, tmp_path)) == 2  # one cell reads it
+    with pytest.raises(ConfigError, match=r"^--alpha is read by --partition dirichlet, not by "
+                                          r"--partition iid: drop it or set what reads it$"):
+        expand(base, {"alpha": 0.3}, tmp_path)
