@@ -300,6 +300,9 @@ def train_activation(
         best_val = jnp.where(improved, val, best_val)
         best_step = np.where(np.asarray(improved), done, best_step)
         curve.append({"step": done, "val_acc": np.asarray(val).tolist()})
+        log(f"  {activation}: step {done} of {cfg.steps}, validation accuracy "
+            f"{', '.join(f'{100 * v:.1f}' for v in curve[-1]['val_acc'])} % "
+            f"({wall_before + time.perf_counter() - t0:.0f}s)")
         if checkpoint is not None and done < cfg.steps:
             save_partial(checkpoint, cfg, activation, {
                 "done": done, "curve": curve, "params": params, "opt_state": opt_state,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -206,6 +207,9 @@ def test_abu_run_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_path, 
     logs = []
     out = abu.train_activation(cfg, "abu_n", arrays, logs.append, checkpoint=ckpt)
     assert any("resumed at step 2 of 4" in m for m in logs)
+    val = ", ".join(f"{100 * v:.1f}" for v in ref["curve"][-1]["val_acc"])
+    assert re.fullmatch(rf"  abu_n: step 4 of 4, validation accuracy {val} % \(\d+s\)",
+                        logs[1])  # progress at every validation check
     assert out["test_acc"] == ref["test_acc"] and out["curve"] == ref["curve"]
     assert out["blend_weights"] == ref["blend_weights"]
 
