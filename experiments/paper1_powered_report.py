@@ -10,8 +10,9 @@ accuracy at the last evaluation minus accuracy three evaluations earlier (6 roun
 from "plateaued"; and **rounds to target**, the first evaluated round at or above 95 % of the
 same task, model and arm's C = 1 best accuracy (mean over seeds), "–" for a seed that never got
 there (counted in "reached"). OUT/convergence.png draws the same numbers against C (one column
-per task; rows: best, final, rounds to target; error bars ± sample std over seeds) for the arms
-run with more than one seed. The sweep's own `fedjax-lm report` draws the curves.
+per task; rows: best and final, mean ± sample std over seeds; rounds to target, every seed a
+dot or, never reached, an ×) for the arms run with more than one seed. The sweep's own
+`fedjax-lm report` draws the curves.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ import numpy as np
 
 from fedjax_lm.io import atomic_savefig, atomic_write_text
 from fedjax_lm.runner.report import (
+    MARKERS,
     accuracy_curve,
+    dodge,
     late_gain,
     load_runs,
     points_mean_std,
+    qualitative_colours,
     sample_std,
 )
 
@@ -99,56 +103,93 @@ def table(cs: list[Cell]) -> list[str]:
 
 
 def plot(cs: list[Cell], path: Path) -> None:
-    """Best, final and rounds to target against C, one column per task, one line per model and
-    arm (arms with more than one seed somewhere); unreached seeds are left out of the rounds
-    and counted next to the point."""
+    """Best, final and rounds to target against C, one column per task, one colour per model and
+    arm (arms with more than one seed somewhere), the lines dodged sideways. Accuracies: mean ±
+    sample std over seeds. Rounds to target: every seed a dot, the line the mean of the seeds
+    that reached the target; a seed that never reached it is an × on the "never" row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    seeded = {(c.model, c.arm) for c in cs if len(c.final) > 1}
+    seeded = sorted({(c.model, c.arm) for c in cs if len(c.final) > 1})
     cs = [c for c in cs if (c.model, c.arm) in seeded]
     tasks = sorted({c.task for c in cs})
     if not tasks:
         return
-    rows = (("best test accuracy (%)", lambda c: 100 * np.asarray(c.best)),
-            ("final test accuracy (%)", lambda c: 100 * np.asarray(c.final)),
-            ("rounds to target", lambda c: np.asarray(reached(c), dtype=float)))
-    fig, axes = plt.subplots(len(rows), len(tasks), figsize=(max(5.0, 3.8 * len(tasks)), 8.4),
+    colour = dict(zip(seeded, qualitative_colours(len(seeded)), strict=True))
+    shift = dict(zip(seeded, dodge(len(seeded), 0.16), strict=True))
+    marker = {line: MARKERS[i % len(MARKERS)] for i, line in enumerate(seeded)}
+    fig, axes = plt.subplots(3, len(tasks), figsize=(max(5.0, 3.8 * len(tasks)), 9.0),
                              squeeze=False, sharex=True)
     for col, task in enumerate(tasks):
-        for model, opt in sorted(seeded):
-            line = sorted((c for c in cs if (c.task, c.model, c.arm) == (task, model, opt)),
-                          key=lambda c: c.clients)
-            if not line:
-                continue
-            for row, (_, values) in enumerate(rows):
-                ax = axes[row][col]
-                pts = [(c, values(c)) for c in line if len(values(c))]
-                xs = [c.clients for c, _ in pts]
-                ax.errorbar(xs, [v.mean() for _, v in pts],
-                            yerr=[float(sample_std(v)) for _, v in pts], marker="o", ms=4,
-                            capsize=3, label=f"{model} ({opt})")
-                if row == 2:
-                    for c, v in pts:
-                        if len(v) < len(c.final):
-                            ax.annotate(f"{len(v)}/{len(c.final)}", (c.clients, v.mean()),
-                                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+        lines = {line: sorted((c for c in cs if (c.task, c.model, c.arm) == (task, *line)),
+                              key=lambda c: c.clients) for line in seeded}
+        for row, values in ((0, lambda c: 100 * np.asarray(c.best)),
+                            (1, lambda c: 100 * np.asarray(c.final))):
+            for line, cells_ in lines.items():
+                if cells_:
+                    v = [values(c) for c in cells_]
+                    axes[row][col].errorbar(
+                        [c.clients * shift[line] for c in cells_], [x.mean() for x in v],
+                        yerr=[float(sample_std(x)) for x in v], marker=marker[line], ms=4,
+                        capsize=3, color=colour[line])
+        _rounds_panel(axes[2][col], lines, colour, shift, marker)
         axes[0][col].set_title(task)
-        for row, (label, _) in enumerate(rows):
-            ax = axes[row][col]
+        for ax in axes[:, col]:
             ax.set_xscale("log", base=2)
             ax.set_xticks([1, 2, 4, 8, 16, 32], ["1", "2", "4", "8", "16", "32"])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.grid(alpha=0.3)
-            if col == 0:
-                ax.set_ylabel(label)
         axes[-1][col].set_xlabel("clients C")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("mean ± sample std over seeds\ntarget: 95 % of C = 1's best "
-                 "(k/n: seeds that reached it)", fontsize=8)
-    fig.tight_layout()
+    for ax, label in zip(axes[:, 0], ("best test accuracy (%)\nmean ± std over seeds",
+                                      "final test accuracy (%)\nmean ± std over seeds",
+                                      "rounds to target"), strict=True):
+        ax.set_ylabel(label)
+    handles = [plt.Line2D([], [], color=colour[line], marker=marker[line], ms=5)
+               for line in seeded]
+    labels = [f"{model} ({opt})" for model, opt in seeded]
+    handles += [plt.Line2D([], [], color="0.3", marker="o", ls="none", ms=4, alpha=0.6),
+                plt.Line2D([], [], color="0.3", marker="x", ls="none", ms=6)]
+    labels += ["rounds to target: one seed", "a seed that never reached it"]
+    fig.legend(handles, labels, loc="upper center", ncol=len(handles), fontsize=8,
+               frameon=False, bbox_to_anchor=(0.5, 0.955))
+    fig.suptitle("target: 95 % of the same model's C = 1 best accuracy; rounds-to-target line: "
+                 "mean of the seeds that reached it", fontsize=9, y=0.99)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     atomic_savefig(fig, path)
+
+
+def _rounds_panel(ax, lines: dict, colour: dict, shift: dict, marker: dict) -> None:
+    """Rounds to target per seed (dots, spread a little sideways so that equal rounds stay
+    countable), the reached seeds' mean (line), unreached seeds (×) on a "never" row on top."""
+    import matplotlib
+
+    reached_all = [h for cells_ in lines.values() for c in cells_ for h in reached(c)]
+    top = max(reached_all, default=1)
+    never = top + max(2.0, 0.15 * top)
+    for line, cells_ in lines.items():
+        pts = [c for c in cells_ if c.to_target is not None]
+        if not pts:
+            continue
+        xs, means = [], []
+        for c in pts:
+            x = c.clients * shift[line]
+            hits = c.to_target or []
+            spread = dodge(len(hits), 0.05)
+            for i, h in enumerate(hits):
+                ax.scatter(x * spread[i], never if h is None else h, s=22 if h is None else 15,
+                           marker="x" if h is None else "o", color=colour[line],
+                           alpha=1.0 if h is None else 0.55, linewidths=1.2 if h is None else 0)
+            if reached(c):
+                xs.append(x)
+                means.append(np.mean(reached(c)))
+        ax.plot(xs, means, marker=marker[line], ms=4, color=colour[line], lw=1.4)
+    ticks = [t for t in matplotlib.ticker.MaxNLocator(nbins=5, integer=True).tick_values(0, top)
+             if 0 <= t <= top]
+    ax.set_yticks([*ticks, never], [f"{t:g}" for t in ticks] + ["never"])
+    ax.axhline((top + never) / 2, color="0.7", lw=0.8, ls="--")
+    ax.set_ylim(0, never + 0.35 * (never - top))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -461,29 +461,53 @@ def _plot_curves(path: Path, recs: list[dict[str, Any]]) -> None:
     atomic_savefig(fig, path)
 
 
+def activation_colours(names: Any = ()) -> dict[str, str]:
+    """One fixed colour per activation in every panel and plot: the ABU bases first (tab10's
+    first five), then `names` not among them in tab10's remaining colours (grey last)."""
+    colours = {base: f"C{i}" for i, base in enumerate(ABU_BASES)}
+    rest = iter(["C5", "C6", "C8", "C9", "C7"])
+    for name in names:
+        if name not in colours:
+            colours[name] = next(rest, "k")
+    return colours
+
+
+def _blend_bars(ax: Any, layers: list[str], per_seed: np.ndarray) -> None:
+    """Per layer, one bar per ABU base: mean over seeds (axis 1 of `per_seed` [L, seeds, 5]),
+    ± std where there are seeds, in the bases' fixed colours; dotted: the uniform init."""
+    colours = activation_colours()
+    w = per_seed.mean(1)
+    sd = per_seed.std(1, ddof=1) if per_seed.shape[1] > 1 else None
+    x = np.arange(len(layers))
+    for j, base in enumerate(ABU_BASES):
+        ax.bar(x + (j - 2) * 0.16, w[:, j], width=0.16, label=base, color=colours[base],
+               yerr=None if sd is None else sd[:, j], capsize=1.5, error_kw={"lw": 0.7})
+    ax.axhline(1 / len(ABU_BASES), color="k", lw=0.5, ls=":")
+
+
 def _plot_blend(path: Path, recs: list[dict[str, Any]]) -> None:
     """One panel per ABU variant: effective blend weight of each base per layer, mean ± std
-    over seeds — what each layer's activation moved to from its uniform 0.2."""
+    over seeds — what each layer's activation moved to from its uniform 0.2. The bases' legend
+    sits above the panels, off the bars."""
     if not recs:
         return
     plt = _plt()
-    fig, axes = plt.subplots(1, len(recs), figsize=(3.6 * len(recs), 3.4), squeeze=False,
+    fig, axes = plt.subplots(1, len(recs), figsize=(3.6 * len(recs), 3.6), squeeze=False,
                              sharey=True)
     for ax, rec in zip(axes[0], recs, strict=True):
         layers = sorted(rec["blend_weights"], key=lambda s: (len(s), s))
         per_seed = np.stack([np.asarray(rec["blend_weights"][name]).reshape(-1, len(ABU_BASES))
                              for name in layers])  # [L, seeds, 5]
-        w, sd = per_seed.mean(1), per_seed.std(1, ddof=1) if per_seed.shape[1] > 1 else None
-        x = np.arange(len(layers))
-        for j, base in enumerate(ABU_BASES):
-            ax.bar(x + (j - 2) * 0.16, w[:, j], width=0.16, label=base,
-                   yerr=None if sd is None else sd[:, j], capsize=1.5, error_kw={"lw": 0.7})
-        ax.set_xticks(x, layers, rotation=45)
-        ax.axhline(0.2, color="k", lw=0.5, ls=":")
+        _blend_bars(ax, layers, per_seed)
+        ax.set_xticks(np.arange(len(layers)), layers, rotation=45)
         ax.set_title(rec["activation"])
-    axes[0][0].set_ylabel("effective blend weight (mean ± std over seeds; dotted: init)")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+    axes[0][0].set_ylabel("effective blend weight")
+    n = len(recs[0]["seeds"])
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center",
+               ncol=len(ABU_BASES), fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.93))
+    fig.suptitle(f"ABU blend weights per layer: mean ± std over {n} seeds; dotted: uniform "
+                 "init 0.2", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.86))
     atomic_savefig(fig, path)
 
 
@@ -562,36 +586,42 @@ def write_federated_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, 
 
 
 def _plot_federated(path: Path, recs: list[dict[str, Any]]) -> None:
-    """Accuracy vs round per arm (mean ± std over seeds, one panel per arm on shared axes) and,
-    for ABU arms, the FedAvg-averaged blend weights per layer (mean ± std over seeds)."""
+    """Accuracy vs round per arm (mean ± std over seeds, one panel per arm on shared axes, the
+    other arms' means thin) and, for ABU arms, the FedAvg-averaged blend weights per layer
+    (mean ± std over seeds). Every activation, arm or ABU base, keeps one colour throughout;
+    one legend above the panels."""
     plt = _plt()
     arms = list(dict.fromkeys(r["arm"] for r in recs))
+    colours = activation_colours(arms)
     abu_recs = [r for r in recs if "blend_weights" in r]
     n = len(arms) + bool(abu_recs)
-    fig, axes = plt.subplots(1, n, figsize=(3.8 * n, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(3.8 * n, 3.6), squeeze=False)
     axes = axes[0]
+
+    def curves(arm):
+        rs = [r for r in recs if r["arm"] == arm]
+        pts = [[(c["round"], c["eval_accuracy"]) for c in r["curve"] if "eval_accuracy" in c]
+               for r in rs]
+        m = min(len(c) for c in pts)
+        return [c[0] for c in pts[0][:m]], 100 * np.asarray([[v for _, v in c[:m]] for c in pts])
+
+    handles, labels = [], []
     for i, arm in enumerate(arms):
         ax = axes[i]
-        rs = [r for r in recs if r["arm"] == arm]
-        curves = [[(c["round"], c["eval_accuracy"]) for c in r["curve"] if "eval_accuracy" in c]
-                  for r in rs]
-        m = min(len(c) for c in curves)
-        x = [c[0] for c in curves[0][:m]]
-        a = 100 * np.asarray([[v for _, v in c[:m]] for c in curves])
-        sd = a.std(0, ddof=1) if len(a) > 1 else np.zeros(m)
-        for other in arms:  # the other arms in grey, for comparison at a glance
+        x, a = curves(arm)
+        for other in arms:  # the other arms thin, in their own colours, for comparison
             if other != arm:
-                o = [r for r in recs if r["arm"] == other]
-                oc = 100 * np.asarray([[c["eval_accuracy"] for c in r["curve"]
-                                        if "eval_accuracy" in c][:m] for r in o])
-                ax.plot(x, oc.mean(0), color="0.6", lw=1, label=f"{other} (mean)")
-        ax.errorbar(x, a.mean(0), yerr=sd, marker="o", ms=3, capsize=3, color=f"C{i}",
-                    label=f"{arm}: mean ± std, n={len(a)}")
-        ax.set_title(arm)
+                ox, oa = curves(other)
+                ax.plot(ox, oa.mean(0), color=colours[other], lw=1, alpha=0.6)
+        sd = a.std(0, ddof=1) if len(a) > 1 else np.zeros(len(x))
+        h = ax.errorbar(x, a.mean(0), yerr=sd, marker="o", ms=3, capsize=3, lw=1.8,
+                        color=colours[arm])
+        handles.append(h)
+        labels.append(f"{arm} (n={len(a)})")
+        ax.set_title(f"{arm}\n(thin: the other arms' means)", fontsize=9)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    axes[0].set_ylabel("global test accuracy (%)")
+    axes[0].set_ylabel("global test accuracy (%)\nmean ± std over seeds")
     for ax in axes[1:len(arms)]:
         ax.sharey(axes[0])
     if abu_recs:
@@ -599,18 +629,18 @@ def _plot_federated(path: Path, recs: list[dict[str, Any]]) -> None:
         layers = sorted(abu_recs[0]["blend_weights"], key=lambda s: (len(s), s))
         per_seed = np.stack([np.stack([np.asarray(r["blend_weights"][name]).reshape(-1)
                                        for r in abu_recs]) for name in layers])  # [L, seeds, 5]
-        w = per_seed.mean(1)
-        sd = per_seed.std(1, ddof=1) if per_seed.shape[1] > 1 else np.zeros_like(w)
-        x = np.arange(len(layers))
-        for j, base in enumerate(ABU_BASES):
-            ax.bar(x + (j - 2) * 0.16, w[:, j], width=0.16, label=base, yerr=sd[:, j],
-                   capsize=1.5, error_kw={"lw": 0.7})
-        ax.axhline(0.2, color="k", lw=0.5, ls=":")
-        ax.set_xticks(x, [name.replace("/", "\n") for name in layers], fontsize=6)
-        ax.set_title("ABU_N blend weights per FFN layer\n(mean ± std over seeds; dotted: init)",
-                     fontsize=8)
-        ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.2))
-    fig.tight_layout()
+        _blend_bars(ax, layers, per_seed)
+        ax.set_xticks(np.arange(len(layers)), [name.replace("/", "\n") for name in layers],
+                      fontsize=6)
+        abu_arms = ", ".join(dict.fromkeys(r["arm"] for r in abu_recs))
+        ax.set_title(f"{abu_arms} blend weights per FFN layer\n(mean ± std over seeds; "
+                     "dotted: init)", fontsize=8)
+        h, lab = ax.get_legend_handles_labels()
+        handles += h
+        labels += [f"{b} (ABU base)" for b in lab]
+    fig.legend(handles, labels, loc="upper center", ncol=len(handles), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     atomic_savefig(fig, path)
 
 

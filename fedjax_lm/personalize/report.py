@@ -224,19 +224,65 @@ def moe_table(rows: list[dict[str, Any]], skew_name: str) -> str:
     return "\n".join(lines)
 
 
-def _mean_sd(rows: list[dict[str, Any]], key: str, method: str, skews: list[float]):
-    mu, sd = [], []
+def _per_seed(rows: list[dict[str, Any]], key: str, method: str, skews: list[float],
+              scale: float = 1.0) -> list[np.ndarray]:
+    """Per skew, `key` of `method` in every seed (times `scale`), blanks left out."""
+    return [scale * np.asarray([r[key] for r in rows if r["method"] == method
+                                and r["skew"] == s and r[key] != ""], dtype=np.float64)
+            for s in skews]
+
+
+def _paired_per_seed(rows: list[dict[str, Any]], key: str, a: str, b: str,
+                     skews: list[float]) -> list[np.ndarray]:
+    """Per skew, method a − method b in points, one value per seed that has both (as
+    `paired_difference`)."""
+    out = []
     for s in skews:
-        v = np.asarray([r[key] for r in rows if r["method"] == method and r["skew"] == s
-                        and r[key] != ""], dtype=np.float64)
-        mu.append(v.mean() if len(v) else np.nan)
-        sd.append(v.std(ddof=1) if len(v) > 1 else 0.0)
-    return np.asarray(mu), np.asarray(sd)
+        by_seed: dict[Any, dict[str, float]] = {}
+        for r in rows:
+            if r["skew"] == s and r["method"] in (a, b) and r[key] != "":
+                by_seed.setdefault(r["seed"], {})[r["method"]] = r[key]
+        out.append(np.asarray([100 * (v[a] - v[b]) for _, v in sorted(by_seed.items())
+                               if a in v and b in v], dtype=np.float64))
+    return out
+
+
+# One colour per quantity across every panel of the MoE plot (paired differences: black).
+MOE_COLOURS = {"local test": "C0", "global test": "C1", "g trained": "C2", "g untrained": "C7",
+               "within-client std of g": "C9", "opted-out clients": "C3",
+               "participating clients": "C4"}
+
+
+def _series(ax: Any, skews: list[float], values: list[np.ndarray], color: str, label: str,
+            offset: float, log_x: bool) -> None:
+    """Mean ± std over seeds (error bars) and every seed (dots, just right of its bar) at each
+    skew, shifted sideways by `offset`, a fraction of the skews' range (in octaves on a log
+    axis)."""
+    base = np.asarray(skews, dtype=np.float64)
+    span = float(np.log2(base.max() / base.min()) if log_x else base.max() - base.min()) or 1.0
+
+    def shifted(by: float) -> np.ndarray:
+        return base * 2.0 ** (by * span) if log_x else base + by * span
+
+    xs, dots = shifted(offset), shifted(offset + 0.012)
+    keep = [i for i, v in enumerate(values) if len(v)]
+    if not keep:
+        return
+    mu = [values[i].mean() for i in keep]
+    sd = [values[i].std(ddof=1) if len(values[i]) > 1 else 0.0 for i in keep]
+    ax.errorbar(xs[keep], mu, yerr=sd, marker="o", ms=4, capsize=3, color=color, label=label)
+    for i in keep:
+        ax.scatter(np.full(len(values[i]), dots[i]), values[i], s=12, color=color, alpha=0.6,
+                   linewidths=0, zorder=3)
 
 
 def moe_plot(path: Path, rows: list[dict[str, Any]], skew_name: str, title: str) -> None:
-    """Small multiples: one panel per method (local and global test accuracy, mean ± std over
-    seeds), plus one for the mixture's gate (trained vs untrained, within-client std)."""
+    """Small multiples, mean ± std over seeds with every seed a dot. Row 1: one panel per
+    method (local and global test accuracy) and the mixture's gate (trained vs untrained).
+    Row 2, when some evaluation clients opted out of FedAvg: per method, the local test
+    accuracy of the opted-out vs the participating clients. Row 3, with more than one seed:
+    the paired per-seed differences (`PAIRED_DIFFERENCES`), each on its own scale, and the
+    gate's within-client std on its own scale. Each row's legend sits right of the row."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,39 +290,90 @@ def moe_plot(path: Path, rows: list[dict[str, Any]], skew_name: str, title: str)
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     skews = sorted({r["skew"] for r in rows})
+    log_x = skew_name == "alpha"
     has_gate = any(r["gate_local"] != "" for r in rows)
-    n = len(methods) + has_gate
-    fig, axes = plt.subplots(1, n, figsize=(3.0 * n, 3.2), sharex=True, squeeze=False)
-    axes = axes[0]
-    for ax, m in zip(axes, methods, strict=False):
-        for key, label, color in (("local_acc", "local test", "C0"),
-                                  ("global_acc", "global test", "C1")):
-            mu, sd = _mean_sd(rows, key, m, skews)
-            ax.errorbar(skews, mu, yerr=sd, marker="o", capsize=3, color=color, label=label)
-        ax.set_title(m)
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.set_xlabel(skew_name)
-    axes[0].set_ylabel("accuracy (± std over seeds)")
-    axes[0].legend(fontsize=8)
-    if has_gate:
-        ax = axes[-1]
-        for key, label, color in (("gate_local", "g trained", "C2"),
-                                  ("gate_init", "g untrained", "C7"),
-                                  ("gate_within_std", "within-client std of g", "C3")):
-            mu, sd = _mean_sd(rows, key, "mixture", skews)
-            ax.errorbar(skews, mu, yerr=sd, marker="o", capsize=3, color=color, label=label)
-        ax.set_title("mixture gate")
-        ax.set_ylim(0, 1.05)
-        ax.grid(alpha=0.3)
-        ax.set_xlabel(skew_name)
-        ax.legend(fontsize=7)
-    if skew_name == "alpha":
-        for ax in axes:
-            ax.set_xscale("log")
-    fig.suptitle(title)
+    has_within = any(r["gate_within_std"] != "" for r in rows)
+    opted = any(r["opted_out_eval_clients"] for r in rows)
+    paired = [d for d in PAIRED_DIFFERENCES if d[0] in methods and d[1] in methods]
+    paired = paired if len({r["seed"] for r in rows}) > 1 else []
+
+    def accuracy(ax, m):
+        for key, label, off in (("local_acc", "local test", -0.02),
+                                ("global_acc", "global test", 0.02)):
+            _series(ax, skews, _per_seed(rows, key, m, skews, 100), MOE_COLOURS[label], label,
+                    off, log_x)
+        ax.set(title=m, ylim=(0, 100))
+
+    def gate(ax):
+        for key, label, off in (("gate_local", "g trained", -0.02),
+                                ("gate_init", "g untrained", 0.02)):
+            _series(ax, skews, _per_seed(rows, key, "mixture", skews), MOE_COLOURS[label],
+                    label, off, log_x)
+        ax.set(title="mixture gate g (local test)", ylim=(0, 1.05), ylabel="g")
+
+    def groups(ax, m):
+        for who, label, off in (("opted_out", "opted-out clients", -0.02),
+                                ("participating", "participating clients", 0.02)):
+            _series(ax, skews, _per_seed(rows, f"local_acc_{who}", m, skews, 100),
+                    MOE_COLOURS[label], label, off, log_x)
+        ax.set(title=f"{m}: local test by group")
+
+    def difference(ax, a, b, key, label):
+        _series(ax, skews, _paired_per_seed(rows, key, a, b, skews), "k",
+                "paired difference", 0.0, log_x)
+        ax.axhline(0, color="0.5", lw=0.8)
+        ax.set(title=label, ylabel="points")
+
+    def within(ax):
+        _series(ax, skews, _per_seed(rows, "gate_within_std", "mixture", skews),
+                MOE_COLOURS["within-client std of g"], "within-client std of g", 0.0, log_x)
+        ax.set(title="within-client std of g", ylim=(0, None), ylabel="std of g")
+
+    grid: list[list[tuple[Any, str]]] = [
+        [(lambda ax, m=m: accuracy(ax, m), "accuracy (%)") for m in methods]
+        + ([(gate, "")] if has_gate else [])]
+    if opted:
+        grid.append([(lambda ax, m=m: groups(ax, m), "local test accuracy (%)")
+                     for m in methods])
+    if paired:
+        grid.append([(lambda ax, d=d: difference(ax, *d[:3], d[3]), "a − b (points)")
+                     for d in paired])
+    if has_within:
+        grid[-1].append((within, ""))
+    cols = max(len(r) for r in grid)
+    fig, axes = plt.subplots(len(grid), cols + 1, figsize=(2.9 * cols + 2.2, 2.9 * len(grid)),
+                             squeeze=False, gridspec_kw={"width_ratios": [1] * cols + [0.55]})
+    for r, panels in enumerate(grid):
+        seen: dict[str, Any] = {}
+        for c, (draw, ylabel) in enumerate(panels):
+            ax = axes[r][c]
+            draw(ax)
+            ax.title.set_fontsize(9)
+            ax.grid(alpha=0.3)
+            ax.set_xlabel(skew_name)
+            if log_x:
+                ax.set_xscale("log")
+            if ylabel and (c == 0 or ylabel != panels[c - 1][1]):
+                ax.set_ylabel(ylabel)
+            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+                seen.setdefault(lab, h)
+        if opted and r == 1:  # the two groups on one scale, so that they compare across methods
+            lo = min(axes[r][c].get_ylim()[0] for c in range(len(panels)))
+            hi = max(axes[r][c].get_ylim()[1] for c in range(len(panels)))
+            for c in range(len(panels)):
+                axes[r][c].set_ylim(lo, hi)
+        for ax in axes[r][len(panels):cols]:
+            ax.set_visible(False)
+        axes[r][-1].axis("off")
+        if "paired difference" in seen:
+            seen["paired difference"] = plt.Line2D([], [], color="k", marker="o", ms=4)
+            seen = {"a − b, same seed" if k == "paired difference" else k: v
+                    for k, v in seen.items()}
+        axes[r][-1].legend(list(seen.values()), list(seen), loc="center left", fontsize=8,
+                           frameon=False)
+    fig.suptitle(f"{title}\nmean ± std over seeds (error bars), one dot per seed", fontsize=10)
     fig.tight_layout()
-    atomic_savefig(fig, path, dpi=120)
+    atomic_savefig(fig, path, dpi=110)
 
 
 def write_moe(out_dir: Path, cells: list[dict[str, Any]], cfg: Any, command: str,

@@ -259,6 +259,25 @@ def round_panels(runs: list[dict], fields: list[str]) -> dict[str, dict[int, Cur
     return panels
 
 
+def qualitative_colours(n: int) -> list:
+    """`n` clearly distinct colours (tab10, then tab20 past ten): one per curve, never a
+    sequential ramp whose neighbours look alike."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def dodge(n: int, width: float = 0.09) -> list[float]:
+    """Multiplicative x offsets for `n` lines on a log axis (log2 units of `width` apart), so
+    that lines meeting at the same point stay visible side by side."""
+    return [2.0 ** (width * (i - (n - 1) / 2)) for i in range(n)]
+
+
 def _plots(root: Path, runs: list[dict], fields: list[str]) -> None:
     import matplotlib
 
@@ -268,19 +287,23 @@ def _plots(root: Path, runs: list[dict], fields: list[str]) -> None:
     extra = [f for f in fields if f not in _ALWAYS]
     panels = round_panels(runs, fields)
     every_c = sorted({c for curves in panels.values() for c in curves})
-    colour = {c: plt.cm.viridis(i / max(1, len(every_c) - 1)) for i, c in enumerate(every_c)}
-    cols = min(4, len(panels))
+    colour = dict(zip(every_c, qualitative_colours(len(every_c)), strict=True))
+    tasks = sorted({r["config"]["task"] for r in runs})
+    # one column per task (rows: models) when nothing else varies, else four across
+    cols = len(tasks) if not extra and 1 < len(tasks) <= 4 else min(4, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows + 0.6),
                              squeeze=False, sharex=True, sharey=True)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax, (title, curves) in zip(axes.flat, panels.items(), strict=False):
+        # many curves: faint bands, so that six overlapping ones do not turn into one smear
+        band_alpha = 0.2 if len(curves) <= 2 else 0.07
         for c, curve in curves.items():
-            ax.plot(curve.rounds, curve.mean, marker="o", ms=3, color=colour[c])
+            ax.plot(curve.rounds, curve.mean, marker="o", ms=2.5, lw=1.3, color=colour[c])
             if curve.seeds > 1:
                 ax.fill_between(curve.rounds, curve.mean - curve.std, curve.mean + curve.std,
-                                color=colour[c], alpha=0.2, linewidth=0)
+                                color=colour[c], alpha=band_alpha, linewidth=0)
         ax.set_title(title, fontsize=8)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -289,31 +312,69 @@ def _plots(root: Path, runs: list[dict], fields: list[str]) -> None:
     for ax in axes[:, 0]:
         ax.set_ylabel("test accuracy")
     seeds = sorted({curve.seeds for curves in panels.values() for curve in curves.values()})
-    handles = [plt.Line2D([], [], color=colour[c], marker="o", ms=3) for c in every_c]
+    handles = [plt.Line2D([], [], color=colour[c], marker="o", ms=3, lw=1.6) for c in every_c]
     fig.legend(handles, [f"C={c}" for c in every_c], loc="upper center", ncol=len(every_c),
                fontsize=8, frameon=False, title=(
-                   f"mean over {'/'.join(map(str, seeds))} seed(s); band: ± std"
+                   f"mean over {'/'.join(map(str, seeds))} seed(s); shaded band: ± std"
                    if seeds != [1] else None), title_fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (2.9 * rows + 0.6)))
     atomic_savefig(fig, root / "accuracy_vs_round.png")
+    _final_plot(root / "final_accuracy_vs_clients.png", runs, extra)
+
+
+def _final_plot(path: Path, runs: list[dict], extra: list[str]) -> None:
+    """Final accuracy against C, one panel per task, one line per model and other varying
+    fields: each line keeps its colour, marker and dash in every panel, the lines are dodged
+    sideways so that equal values stay visible, and the legend sits below the panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     tasks = _group(runs, ["task"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    lines = list(_group(runs, ["model"] + extra))
+    labels = {key: ", ".join([str(key[0])] + [f"{f}={v}" for f, v in zip(extra, key[1:],
+                                                                            strict=True)])
+              for key in lines}
+    colours = dict(zip(lines, qualitative_colours(len(lines)), strict=True))
+    style = {key: (MARKERS[i % len(MARKERS)], LINESTYLES[i % len(LINESTYLES)])
+             for i, key in enumerate(lines)}
+    shift = dict(zip(lines, dodge(len(lines)), strict=True))
+    width = max(5.5, 5.0 * len(tasks))
+    entry_in = 0.6 + 0.065 * max(len(label) for label in labels.values())  # at fontsize 8
+    ncol = max(1, min(len(lines), int(width // entry_in)))
+    legend_in = 0.2 * -(-len(lines) // ncol) + 0.25
+    height = 3.6 + legend_in
+    fig, axes = plt.subplots(1, len(tasks), figsize=(width, height), squeeze=False)
+    seeded = False
     for ax, ((task,), group) in zip(axes[0], tasks.items(), strict=True):
         for key, cell in _group(group, ["model"] + extra).items():
             by_c = _group(cell, ["clients"])
-            cs = [c for (c,) in by_c]
-            means = [np.mean([r["final_accuracy"] for r in rs]) for rs in by_c.values()]
-            stds = [sample_std([r["final_accuracy"] for r in rs]) for rs in by_c.values()]
-            label = ", ".join([str(key[0])] + [f"{f}={v}" for f, v in zip(extra, key[1:],
-                                                                             strict=True)])
-            ax.errorbar(cs, means, yerr=stds, marker="o", capsize=3, label=label)
+            cs = [c * shift[key] for (c,) in by_c]
+            finals = [[r["final_accuracy"] for r in rs] for rs in by_c.values()]
+            seeded |= any(len(f) > 1 for f in finals)
+            marker, ls = style[key]
+            ax.errorbar(cs, [np.mean(f) for f in finals],
+                        yerr=[float(sample_std(f)) for f in finals], marker=marker, ms=6,
+                        ls=ls, lw=1.4, mfc="none" if lines.index(key) % 2 else colours[key],
+                        mew=1.4, capsize=3, color=colours[key], label=labels[key])
         ax.set(title=task, xlabel="clients", ylabel="final test accuracy", xscale="log")
         ax.set_xticks(sorted({r["config"]["clients"] for r in group}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    _save(fig, root / "final_accuracy_vs_clients.png")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:
+        for h, n in zip(*ax.get_legend_handles_labels(), strict=True):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    fig.legend(handles, names, loc="lower center", ncol=ncol, fontsize=8, frameon=False,
+               title="mean ± std over seeds; lines offset sideways to keep equal values apart"
+               if seeded else "lines offset sideways to keep equal values apart",
+               title_fontsize=7)
+    fig.tight_layout(rect=(0, legend_in / height, 1, 1))
+    atomic_savefig(fig, path)
 
 
 def _save(fig, path: Path) -> None:
