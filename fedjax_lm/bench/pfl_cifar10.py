@@ -17,6 +17,7 @@ clients on the same pixels.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -325,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
     import platform
 
+    from fedjax_lm.data import DataError
     from fedjax_lm.data.sources import resolve_cache_dir, resolve_data_dir
     from fedjax_lm.io import atomic_savefig, atomic_write_text
 
@@ -351,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true",
                    help="re-read OUT/compare.json and rewrite its summary, report and plot")
     args = p.parse_args(argv)
+    if args.report_only and not (args.out / "compare.json").is_file():
+        return _error(p.prog, f"no {args.out / 'compare.json'}: run the comparison first")
     if args.report_only:
         old = json.loads((args.out / "compare.json").read_text())
         w = PflCifar10(**old["workload"])
@@ -363,9 +367,13 @@ def main(argv: list[str] | None = None) -> int:
         atomic_savefig(_plot(result["runs"]), args.out / "curves.png", dpi=90)
         print(render(result))
         return 0
-    data_dir = resolve_data_dir(args.data_dir)
+    try:
+        data_dir = resolve_data_dir(args.data_dir)
+    except DataError as e:
+        return _error(p.prog, str(e))
     if data_dir is None:
-        p.error("no data dir: pass --data-dir (the folder holding cifar10/cifar10_jpeg.tar.gz)")
+        return _error(p.prog, "no data dir: pass --data-dir (the folder holding "
+                              "cifar10/cifar10_jpeg.tar.gz)")
     w = PflCifar10(num_clients=args.clients, cohort=args.cohort, eval_every=args.eval_every,
                    seed=args.seed)
     started, load_start, t0 = time.strftime("%Y-%m-%dT%H:%M:%S"), os.getloadavg(), time.time()
@@ -425,6 +433,12 @@ def _result(w: PflCifar10, rounds: int, runs: list[dict[str, Any]], probes: list
             "loadavg_end": os.getloadavg(), "common_accuracy": common,
             "reported_accuracy": REPORTED_ACCURACY, "machine": machine, "probes": probes,
             "summary": summary, "runs": runs}
+
+def _error(prog: str, message: str) -> int:
+    """Bad input: one line naming the cause and the fix, exit status 2 (as `fedjax-lm`)."""
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -762,5 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_from_args(parser.parse_args(argv), argv)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the same command as `fedjax-lm abu`: bad input is one line
+    from fedjax_lm.cli import main as cli_main
+
+    sys.exit(cli_main(["abu", *sys.argv[1:]]))

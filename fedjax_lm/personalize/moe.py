@@ -478,5 +478,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the same command as `fedjax-lm moe`: bad input is one line
+    from fedjax_lm.cli import main as cli_main
+
+    sys.exit(cli_main(["moe", *sys.argv[1:]]))

@@ -138,3 +138,23 @@ def test_run_fedavg_never_clamps_the_cohort():
 def test_a_global_test_slice_larger_than_a_class_is_a_config_error():
     with pytest.raises(ConfigError, match=r"global_test_per_class must be at most 3 \(class 1"):
         moe.balanced_slice(np.array([0, 0, 0, 0, 1, 1, 1]), 4, 2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fedjax_lm.personalize.abu", "--config", "{tmp}/none.yaml"],
+     "fedjax-lm abu: error: config file not found: {tmp}/none.yaml"),
+    (["fedjax_lm.personalize.moe", "--config", "{tmp}/none.yaml"],
+     "fedjax-lm moe: error: config file not found: {tmp}/none.yaml"),
+    (["fedjax_lm.bench.pfl_cifar10", "--out", "{tmp}", "--report-only"],
+     "python -m fedjax_lm.bench.pfl_cifar10: error: no {tmp}/compare.json: run the comparison "
+     "first"),
+])
+def test_module_entry_points_print_bad_input_as_one_line(argv, message, tmp_path):
+    """The commands the experiment configs print (`python -m ...`) answer like `fedjax-lm`."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", *[a.format(tmp=tmp_path) for a in argv]],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == message.format(tmp=tmp_path)
