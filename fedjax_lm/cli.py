@@ -3,28 +3,22 @@
 Thin by design: parse flags into a typed config, then call the runner. Errors a user can
 fix (bad config or flag, missing or damaged file, unloadable model, a folder that cannot be
 written, a diverged run) are printed as one line with exit status 2, never as a traceback;
-Ctrl-C is one line and exit status 130 at any point (imports are lazy, inside the handler;
-writes in flight finish first: fedjax_lm.interrupts).
+Ctrl-C is one line and exit status 130 at any point (fedjax_lm.entry: imports are lazy, inside
+the handler; writes in flight finish first: fedjax_lm.interrupts).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import typing
 from pathlib import Path
 from typing import Any
 
+from fedjax_lm.entry import Invocation, OneLineParser
+
 QUICK_PRESET = Path(__file__).resolve().parents[1] / "experiments" / "quick.yaml"
-
-
-class _Parser(argparse.ArgumentParser):
-    """A usage error is one line naming the fix (argparse prints the whole usage first)."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -185,7 +179,7 @@ def cmd_quick(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="fedjax-lm", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
@@ -246,71 +240,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """What a user can fix, printed as one line: bad config, data, model, files, a stopped run."""
-    import yaml
-
-    from fedjax_lm.data import DataError
-    from fedjax_lm.grid import ConfigError
-    from fedjax_lm.io import DamagedFileError
-    from fedjax_lm.models import ModelLoadError
-    from fedjax_lm.runner.train import TrainingError
-
-    return (ConfigError, DataError, ModelLoadError, TrainingError, DamagedFileError, OSError,
-            yaml.YAMLError, json.JSONDecodeError)
-
-
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:  # "[Errno 28] ..." says less than this
-        where = f"{e.filename}: " if e.filename else ""
-        return f"{where}{e.strerror}; check the path, its permissions and free space"
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     """The `fedjax-lm` command; the exit status. Without `argv` (the installed script,
     `python -m fedjax_lm.cli`) it owns the process."""
-    from fedjax_lm.interrupts import ctrl_c_handler
+    from fedjax_lm.entry import run_command
 
-    with ctrl_c_handler():  # checkpoint and file writes hold Ctrl-C until they are done
-        code = _main(argv)
-    if code == 130 and argv is None:
-        # Interrupted mid-computation, XLA's native teardown at interpreter exit can crash
-        # (status -11, not 130). The run has closed its checkpoints and logs by now.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
-    return code
+    return run_command(lambda invocation: _main(argv, invocation), "fedjax-lm",
+                       owns_process=argv is None)
 
 
-def _main(argv: list[str] | None) -> int:
-    prog, resumable = "fedjax-lm", False
-    try:
-        args = build_parser().parse_args(argv)
-        # a sweep runs each cell as `fedjax-lm train`; its errors then name the sweep and cell
-        from fedjax_lm.grid import CELL_ENV
+def _main(argv: list[str] | None, invocation: Invocation) -> int:
+    args = build_parser().parse_args(argv)
+    # a sweep runs each cell as `fedjax-lm train`; its errors then name the sweep and cell
+    from fedjax_lm.grid import CELL_ENV
 
-        cell = os.environ.get(CELL_ENV)
-        prog = f"fedjax-lm sweep: cell {cell}" if cell else f"fedjax-lm {args.command}"
-        resumable = args.command in ("train", "sweep", "quick")
-        if resumable:
-            from fedjax_lm.scale.distributed import DistributedConfig, maybe_initialize_distributed
+    cell = os.environ.get(CELL_ENV)
+    invocation.prog = f"fedjax-lm sweep: cell {cell}" if cell else f"fedjax-lm {args.command}"
+    invocation.resumable = args.command in ("train", "sweep", "quick")
+    if invocation.resumable:
+        from fedjax_lm.scale.distributed import DistributedConfig, maybe_initialize_distributed
 
-            # Joins a multi-process run when the environment says so (FEDJAX_LM_* variables,
-            # SLURM with several tasks, a TPU pod); a no-op on one machine.
-            maybe_initialize_distributed(DistributedConfig.from_env())
-        return args.func(args)
-    except KeyboardInterrupt as e:
-        if not getattr(e, "reported", False):  # a sweep cell has said it already
-            resume = "; rerun the same command to resume from the last checkpoint"
-            print(f"{prog}: interrupted{resume if resumable else ''}", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if not isinstance(e, _user_errors()):
-            raise
-        if not getattr(e, "reported", False):  # a sweep cell has said it already
-            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
+        # Joins a multi-process run when the environment says so (FEDJAX_LM_* variables,
+        # SLURM with several tasks, a TPU pod); a no-op on one machine.
+        maybe_initialize_distributed(DistributedConfig.from_env())
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -756,13 +756,13 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedjax_lm.personalize.abu",
-                                     description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv), argv)
+    """`python -m fedjax_lm.personalize.abu`, the same command as `fedjax-lm abu`: bad input
+    is one line and exit status 2 (fedjax_lm.entry)."""
+    from fedjax_lm.entry import module_main
+
+    return module_main("python -m fedjax_lm.personalize.abu", __doc__.splitlines()[0],
+                       add_arguments, run_from_args, argv)
 
 
-if __name__ == "__main__":  # the same command as `fedjax-lm abu`: bad input is one line
-    from fedjax_lm.cli import main as cli_main
-
-    sys.exit(cli_main(["abu", *sys.argv[1:]]))
+if __name__ == "__main__":
+    sys.exit(main())

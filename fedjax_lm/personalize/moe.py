@@ -384,11 +384,12 @@ def run(cfg: MoeConfig, out_dir: Path, command: str) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedjax_lm.personalize.moe",
-                                     description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return run_from_args(args, argv)
+    """`python -m fedjax_lm.personalize.moe`, the same command as `fedjax-lm moe`: bad input
+    is one line and exit status 2 (fedjax_lm.entry)."""
+    from fedjax_lm.entry import module_main
+
+    return module_main("python -m fedjax_lm.personalize.moe", __doc__.splitlines()[0],
+                       add_arguments, run_from_args, argv)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -478,7 +479,5 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
     return 0
 
 
-if __name__ == "__main__":  # the same command as `fedjax-lm moe`: bad input is one line
-    from fedjax_lm.cli import main as cli_main
-
-    sys.exit(cli_main(["moe", *sys.argv[1:]]))
+if __name__ == "__main__":
+    sys.exit(main())

@@ -142,9 +142,12 @@ def test_a_global_test_slice_larger_than_a_class_is_a_config_error():
 
 @pytest.mark.parametrize("argv, message", [
     (["fedjax_lm.personalize.abu", "--config", "{tmp}/none.yaml"],
-     "fedjax-lm abu: error: config file not found: {tmp}/none.yaml"),
+     "python -m fedjax_lm.personalize.abu: error: config file not found: {tmp}/none.yaml"),
     (["fedjax_lm.personalize.moe", "--config", "{tmp}/none.yaml"],
-     "fedjax-lm moe: error: config file not found: {tmp}/none.yaml"),
+     "python -m fedjax_lm.personalize.moe: error: config file not found: {tmp}/none.yaml"),
+    (["fedjax_lm.personalize.abu"],  # a usage error is one line too, not argparse's usage
+     "python -m fedjax_lm.personalize.abu: error: the following arguments are required: "
+     "--config (see python -m fedjax_lm.personalize.abu --help)"),
     (["fedjax_lm.bench.pfl_cifar10", "--out", "{tmp}", "--report-only"],
      "python -m fedjax_lm.bench.pfl_cifar10: error: no {tmp}/compare.json: run the comparison "
      "first"),
