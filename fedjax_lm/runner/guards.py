@@ -86,8 +86,6 @@ def divergence_warning(cfg: RunConfig, round_number: int, loss: float, first: fl
             f"diverging; try a lower lr (now {cfg.lr:g}) or server_lr (now {cfg.server_lr:g})")
 
 
-
-
 def collapse_warning(cfg: RunConfig, records: list[dict]) -> str | None:
     """A one-line warning when the last evaluation's accuracy is `COLLAPSE_POINTS` or more under
     the run's best (the final model is what the run keeps and reports first), else None."""
