@@ -363,6 +363,24 @@ def _paired(rec: dict[str, Any], ref: dict[str, Any] | None) -> tuple[str, str]:
     return f"{report.mean_std(d)}", f"{wins}/{len(d)}"
 
 
+def _paired_matrix(ranked: list[dict[str, Any]]) -> list[str]:
+    """Every pair's paired difference, row − column, so that "A above B" reads off the table
+    for any A and B, not only against the reference; empty with fewer than 3 activations."""
+    if len(ranked) < 3:
+        return []
+    names = [r["activation"] for r in ranked]
+    lines = ["", "Paired differences, row − column (test accuracy, pp: mean ± std over the shared "
+             "seeds; seeds where the row is higher):", "",
+             "| | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for rec in ranked:
+        cells = []
+        for other in ranked:
+            delta, wins = _paired(rec, other)
+            cells.append("–" if other is rec else f"{delta} ({wins})")
+        lines.append(f"| {rec['activation']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_cifar_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, command: str,
                        wall_s: float) -> None:
     rows = []
@@ -383,6 +401,7 @@ def write_cifar_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, comm
         lines.append(f"| {rec['activation']} | {report.mean_std(rec['test_acc'])} | "
                      f"{len(rec['test_acc'])} | {delta} | {wins} | "
                      f"{100 * np.mean(rec['best_val_acc']):.1f} | {last}/{len(rec['best_step'])} |")
+    lines += _paired_matrix(ranked)
     _plot_accuracy(out_dir / "accuracy.png", ranked, cfg)
     _plot_curves(out_dir / "val_curves.png", recs)
     _plot_blend(out_dir / "blend_weights.png", [r for r in recs if "blend_weights" in r])

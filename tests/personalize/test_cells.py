@@ -78,3 +78,12 @@ def test_an_experiment_report_writes_results_table_and_the_meta_resume_checks(tm
     assert "| elu | 57.5 ± 3.5 | 2 | 2.5 ± 10.6 | 1/2 | 52.5 | 1/2 |" in (
         tmp_path / "table.md").read_text()
     assert (tmp_path / "accuracy.png").is_file() and (tmp_path / "val_curves.png").is_file()
+    assert "row − column" not in (tmp_path / "table.md").read_text()  # two: the column says it
+    # A third: every pair's paired difference, row − column, ranked by mean accuracy
+    # (tanh − relu per seed: +20, −10 points; tanh − elu: +10, −5).
+    tanh = dict(rec, activation="tanh", test_acc=[0.7, 0.5])
+    abu.write_cifar_report(tmp_path, [rec, elu, tanh], cfg, "cmd", 1.0)
+    table = (tmp_path / "table.md").read_text()
+    assert "| | tanh | elu | relu |" in table  # 60.0, 57.5, 55.0
+    assert "| tanh | – | 2.5 ± 10.6 (1/2) | 5.0 ± 21.2 (1/2) |" in table
+    assert "| relu | -5.0 ± 21.2 (1/2) | -2.5 ± 10.6 (1/2) | – |" in table
