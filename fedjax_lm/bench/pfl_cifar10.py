@@ -16,8 +16,8 @@ clients on the same pixels.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -321,17 +321,14 @@ def _plot(runs: list[dict[str, Any]]) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
-    import os
-    import platform
+    """`python -m fedjax_lm.bench.pfl_cifar10`: bad input one line and exit 2, as `fedjax-lm`."""
+    from fedjax_lm.entry import module_main
 
-    from fedjax_lm.data import DataError
-    from fedjax_lm.data.sources import resolve_cache_dir, resolve_data_dir
-    from fedjax_lm.io import atomic_savefig, atomic_write_text
+    return module_main("python -m fedjax_lm.bench.pfl_cifar10", __doc__.split("\n\n")[0],
+                       _add_arguments, _run, argv)
 
-    p = argparse.ArgumentParser(prog="python -m fedjax_lm.bench.pfl_cifar10",
-                                description=__doc__.split("\n\n")[0])
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="holds cifar10/cifar10_jpeg.tar.gz")
     p.add_argument("--rounds", type=int, default=50, help="rounds per framework (same for all)")
     p.add_argument("--eval-every", type=int, default=10)
@@ -352,9 +349,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--report-only", action="store_true",
                    help="re-read OUT/compare.json and rewrite its summary, report and plot")
-    args = p.parse_args(argv)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    import json
+    import os
+    import platform
+
+    from fedjax_lm.data import DataError
+    from fedjax_lm.data.sources import resolve_cache_dir, resolve_data_dir
+    from fedjax_lm.io import atomic_savefig, atomic_write_text
+
     if args.report_only and not (args.out / "compare.json").is_file():
-        return _error(p.prog, f"no {args.out / 'compare.json'}: run the comparison first")
+        raise DataError(f"no {args.out / 'compare.json'}: run the comparison first")
     if args.report_only:
         old = json.loads((args.out / "compare.json").read_text())
         w = PflCifar10(**old["workload"])
@@ -367,13 +374,10 @@ def main(argv: list[str] | None = None) -> int:
         atomic_savefig(_plot(result["runs"]), args.out / "curves.png", dpi=90)
         print(render(result))
         return 0
-    try:
-        data_dir = resolve_data_dir(args.data_dir)
-    except DataError as e:
-        return _error(p.prog, str(e))
+    data_dir = resolve_data_dir(args.data_dir)
     if data_dir is None:
-        return _error(p.prog, "no data dir: pass --data-dir (the folder holding "
-                              "cifar10/cifar10_jpeg.tar.gz)")
+        raise DataError("no data dir: pass --data-dir (the folder holding "
+                        "cifar10/cifar10_jpeg.tar.gz)")
     w = PflCifar10(num_clients=args.clients, cohort=args.cohort, eval_every=args.eval_every,
                    seed=args.seed)
     started, load_start, t0 = time.strftime("%Y-%m-%dT%H:%M:%S"), os.getloadavg(), time.time()
@@ -433,12 +437,6 @@ def _result(w: PflCifar10, rounds: int, runs: list[dict[str, Any]], probes: list
             "loadavg_end": os.getloadavg(), "common_accuracy": common,
             "reported_accuracy": REPORTED_ACCURACY, "machine": machine, "probes": probes,
             "summary": summary, "runs": runs}
-
-def _error(prog: str, message: str) -> int:
-    """Bad input: one line naming the cause and the fix, exit status 2 (as `fedjax-lm`)."""
-    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
-    return 2
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -151,6 +151,9 @@ def test_a_global_test_slice_larger_than_a_class_is_a_config_error():
     (["fedjax_lm.bench.pfl_cifar10", "--out", "{tmp}", "--report-only"],
      "python -m fedjax_lm.bench.pfl_cifar10: error: no {tmp}/compare.json: run the comparison "
      "first"),
+    (["fedjax_lm.bench.pfl_cifar10", "--out", "{tmp}", "--data-dir", "{tmp}/none"],
+     "python -m fedjax_lm.bench.pfl_cifar10: error: data directory {tmp}/none does not exist "
+     "(from data_dir / $FEDJAX_LM_DATA_DIR)"),
 ])
 def test_module_entry_points_print_bad_input_as_one_line(argv, message, tmp_path):
     """The commands the experiment configs print (`python -m ...`) answer like `fedjax-lm`."""
