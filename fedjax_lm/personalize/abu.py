@@ -405,7 +405,7 @@ def write_cifar_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, comm
     _plot_accuracy(out_dir / "accuracy.png", ranked, cfg)
     _plot_curves(out_dir / "val_curves.png", recs)
     _plot_blend(out_dir / "blend_weights.png", [r for r in recs if "blend_weights" in r])
-    report.write_results(out_dir, rows, "\n".join(lines) + "\n", cfg, command, wall_s,
+    report.write_results(out_dir, rows, "\n".join(lines) + "\n", cfg, command, wall_s, recs,
                          activations_done=len(recs))
 
 
@@ -600,7 +600,7 @@ def write_federated_report(out_dir: Path, recs: list[dict[str, Any]], cfg: Any, 
                      f"{report.mean_std([r['best_accuracy'] for r in rs])} | "
                      f"{loss.mean():.3f} | {len(rs)} |")
     _plot_federated(out_dir / "plot.png", recs)
-    report.write_results(out_dir, rows, "\n".join(lines) + "\n", cfg, command, wall_s,
+    report.write_results(out_dir, rows, "\n".join(lines) + "\n", cfg, command, wall_s, recs,
                          runs_done=len(recs))
 
 

@@ -53,12 +53,17 @@ def finished_run(out_dir: Path, cells: list[dict[str, Any]]) -> tuple[str, float
 
 
 def write_results(out_dir: Path, rows: list[dict[str, Any]], table: str, cfg: Any, command: str,
-                  wall_s: float, **extra: Any) -> None:
+                  wall_s: float, cells: list[dict[str, Any]], **extra: Any) -> None:
     """What every experiment leaves beside its plots: results.csv (one row per run), table.md
-    and meta.json."""
+    and meta.json.
+
+    meta's `wall_s` is the invocation that wrote it; a resumed run's total is
+    `cells_wall_s`, the finished cells' own wall times summed (a cell resumed from its
+    checkpoint counts its time before the interruption too)."""
     write_csv(out_dir / "results.csv", rows)
     atomic_write_text(out_dir / "table.md", table)
-    write_meta(out_dir, cfg, command, wall_s, **extra)
+    cells_wall_s = round(sum(float(c.get("wall_s", 0.0)) for c in cells), 1)
+    write_meta(out_dir, cfg, command, wall_s, cells_wall_s=cells_wall_s, **extra)
 
 
 # ----------------------------------------------------------------------------- paper 2
@@ -381,5 +386,5 @@ def write_moe(out_dir: Path, cells: list[dict[str, Any]], cfg: Any, command: str
     rows = moe_rows(cells)
     skew_name = "p" if cfg.partition == "majority" else "alpha"
     moe_plot(out_dir / "plot.png", rows, skew_name, f"{cfg.name}: {cfg.task}, {cfg.model}")
-    write_results(out_dir, rows, moe_table(rows, skew_name), cfg, command, wall_s,
+    write_results(out_dir, rows, moe_table(rows, skew_name), cfg, command, wall_s, cells,
                   cells_done=len(cells))

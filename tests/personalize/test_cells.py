@@ -60,7 +60,8 @@ def test_an_experiment_report_writes_results_table_and_the_meta_resume_checks(tm
     cfg = abu.AbuCifarConfig(activations=("relu", "elu"), seeds=(0, 1))
     rec = {"activation": "relu", "seeds": [0, 1], "test_acc": [0.5, 0.6],
            "best_val_acc": [0.5, 0.55], "best_step": [10, 20],
-           "curve": [{"step": 10, "val_acc": [0.5, 0.4]}, {"step": 20, "val_acc": [0.4, 0.55]}]}
+           "curve": [{"step": 10, "val_acc": [0.5, 0.4]}, {"step": 20, "val_acc": [0.4, 0.55]}],
+           "wall_s": 30.25}
     append_cell(tmp_path, rec)
     abu.write_cifar_report(tmp_path, [rec], cfg, "cmd", 1.0)
     assert len((tmp_path / "results.csv").read_text().splitlines()) == 3  # header + 2 seeds
@@ -73,8 +74,10 @@ def test_an_experiment_report_writes_results_table_and_the_meta_resume_checks(tm
     with pytest.raises(ResumeError, match=r"lr: 0\.001 -> 0\.01"):
         resume_grid(tmp_path, dataclasses.replace(cfg, lr=1e-2), {"activation": "activations"})
     # A second activation: its per-seed differences to relu (paired by seed) and wins.
-    elu = dict(rec, activation="elu", test_acc=[0.6, 0.55], best_step=[10, 60_000])
+    elu = dict(rec, activation="elu", test_acc=[0.6, 0.55], best_step=[10, 60_000], wall_s=12.5)
     abu.write_cifar_report(tmp_path, [rec, elu], cfg, "cmd", 1.0)
+    meta = json.loads((tmp_path / "meta.json").read_text())  # this invocation vs every cell's
+    assert meta["wall_s"] == 1.0 and meta["cells_wall_s"] == 42.8  # 30.25 + 12.5, rounded
     assert "| elu | 57.5 ± 3.5 | 2 | 2.5 ± 10.6 | 1/2 | 52.5 | 1/2 |" in (
         tmp_path / "table.md").read_text()
     assert (tmp_path / "accuracy.png").is_file() and (tmp_path / "val_curves.png").is_file()
