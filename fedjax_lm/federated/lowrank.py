@@ -89,11 +89,36 @@ def factor_product_mean(a: str = "lora_a", b: str = "lora_b") -> Aggregator:
     return Aggregator("factor_product_mean", reduce, init, add, finalize)
 
 
+@jax.custom_batching.custom_vmap
+def svd_one_at_a_time(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`jnp.linalg.svd(x, full_matrices=False)`, but a batch (a vmapped federation axis)
+    is decomposed one matrix after another.
+
+    Why: jaxlib's CPU LAPACK kernels (jax 0.10.2) split a batch over XLA:CPU's intra-op
+    thread pool and block a pool thread until the pieces finish; when several such calls
+    run at once (one per LoRA pair, all independent) they can hold every pool thread and
+    wait on each other forever — seen as a vectorized `lora_exact` sweep that hung with both
+    threads of a 2-core machine parked in `sgesdd`. A single matrix runs inline, never in
+    the pool. The R-truncated SVDs are a few d x o matrices a round, so the loop costs
+    little on any backend.
+    """
+    u, s, vt = jnp.linalg.svd(x, full_matrices=False)
+    return u, s, vt
+
+
+@svd_one_at_a_time.def_vmap
+def _svd_batched(axis_size: int, in_batched: list[bool], x: jax.Array):
+    del axis_size
+    if not in_batched[0]:
+        return svd_one_at_a_time(x), (False, False, False)
+    return jax.lax.map(svd_one_at_a_time, x), (True, True, True)
+
+
 def refactor(product: jax.Array, rank: int, a_norm: jax.Array | float = 0.0
              ) -> tuple[jax.Array, jax.Array]:
     """(A [d, R], B [R, o]) with A B the best rank-R approximation of `product`; A has
     orthogonal columns of norm `a_norm / √R` (1 when `a_norm` is 0), B the rest."""
-    u, s, vt = jnp.linalg.svd(product.astype(jnp.float32), full_matrices=False)
+    u, s, vt = svd_one_at_a_time(product.astype(jnp.float32))
     r = min(rank, s.shape[0])
     c = jnp.where(a_norm > 0, a_norm / jnp.sqrt(float(rank)), 1.0)
     a = (u[:, :r] * c).astype(product.dtype)
