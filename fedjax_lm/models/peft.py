@@ -51,6 +51,12 @@ def trainable_predicate(mode: str, *, freeze_layers: int = 0, freeze_lora_a: boo
     return trains
 
 
+def drawn_from_seed(path: tuple[str, ...]) -> bool:
+    """Whether a pretrained model's leaf at `path` is drawn from the run's seed (the head, the
+    LoRA adapters) rather than loaded: the leaves that runs of different seeds do not share."""
+    return path[0] == "head" or path[-1] in (LORA_A, LORA_B)
+
+
 def rank_mask(ranks: np.ndarray) -> Callable[[Any, jax.Array], Any]:
     """Client `i` keeps LoRA components `< ranks[i]` of the padded rank-R adapters: columns of
     `lora_a` [d_in, R], rows of `lora_b` [R, d_out]; every other leaf is kept whole."""

@@ -18,7 +18,10 @@ Programs compile ahead on a host thread (`CompileAhead`), the next one while the
 trains the current: on a CPU a compile keeps one core while the rounds run, and on an
 accelerator the host compiles while the device computes. Planning keeps only the shapes of
 each cell's initial parameters; a group loads its weights when it runs, so a long sweep's
-queued cells do not each hold a model in memory.
+queued cells do not each hold a model in memory, and leaves equal in every cell (a pretrained
+base) are then held once. Parameter-efficient cells share their frozen base inside the program
+too (`FederationRound(shared=...)`): planned from the config (`planned_shared`), checked
+against the loaded values before the first round.
 A group whose cells stopped at different rounds first runs the lagging cells alone up to the
 furthest one, then continues together; every cell's numbers equal its run alone (to float
 tolerance: summation over a padded client axis may reorder).
@@ -40,7 +43,18 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from fedjax_lm import federated as fl
-from fedjax_lm.federated.federations import FederationRound, compiled_bytes, stack, unstack
+from fedjax_lm.federated.federations import (
+    FederationRound,
+    common_leaves,
+    compiled_bytes,
+    join_shared,
+    split_shared,
+    stack,
+    unstack,
+)
+from fedjax_lm.federated.trainable import Trainable, mask_from_predicate
+from fedjax_lm.models.peft import drawn_from_seed
+from fedjax_lm.models.pretrained import PRESET_PREFIX
 from fedjax_lm.runner import peft, privacy
 from fedjax_lm.runner.bookkeeping import RunBook
 from fedjax_lm.runner.config import EXECUTION_FIELDS, RunConfig
@@ -83,8 +97,25 @@ class Group:
         return _names([Path(c.out).name for c in self.cells])
 
     def with_weights(self) -> Group:
-        """This group with every cell's initial params loaded (`without_weights` undone)."""
-        return Group(self.cells, self.line, [_with_weights(e) for e in self.exps])
+        """This group with every cell's initial params loaded (`without_weights` undone), a
+        leaf equal in every cell held once."""
+        exps = [_with_weights(e) for e in self.exps]
+        if all(a is b for a, b in zip(exps, self.exps, strict=True)):
+            return self  # loaded already
+        return Group(self.cells, self.line, _one_copy(exps))
+
+
+def _one_copy(exps: list[Experiment]) -> list[Experiment]:
+    """The cells' params with each leaf that is equal in all of them taken from the first."""
+    params = [e.params for e in exps]
+    same = jax.tree.leaves(common_leaves(params, jax.tree.map(lambda _: True, params[0])))
+    first = jax.tree.leaves(params[0])
+    out = []
+    for e in exps:
+        flat, treedef = jax.tree.flatten(e.params)
+        flat = [a if eq else x for a, eq, x in zip(first, same, flat, strict=True)]
+        out.append(dataclasses.replace(e, params=jax.tree.unflatten(treedef, flat)))
+    return out
 
 
 def without_weights(exp: Experiment) -> Experiment:
@@ -259,12 +290,14 @@ class Compiled:
 def compile_group(group: Group) -> Compiled:
     """Compiled for round 0's cohorts: every round's have the same shapes (padded to `steps`)."""
     program = _program(group)
-    shapes = jax.eval_shape(lambda ps: stack(_initial_states(group, ps)),
-                            [e.params for e in group.exps])
+    own, common = jax.eval_shape(
+        lambda ps: split_shared(program.shared, _initial_states(group, ps)),
+        [e.params for e in group.exps])
     hp = stack([hypers(c) for c in group.cells])
     steps = max(e.steps_per_round for e in group.exps)
     blocks = program.place(_cohorts(group, 0)[1], steps)
-    return Compiled(program, hp, steps, compiled_bytes(program.compile(shapes, blocks, hp)))
+    return Compiled(program, hp, steps,
+                    compiled_bytes(program.compile(own, blocks, hp, common)))
 
 
 class CompileAhead:
@@ -356,8 +389,37 @@ def run_group(group: Group, options: VectorizeOptions, progress: bool,
 
 
 def _program(group: Group) -> FederationRound:
+    """The group's program, its frozen base shared as planned."""
     cfg, exp = group.cells[0], group.exps[0]  # equal but for VARYING: one algorithm of hypers
-    return FederationRound(lambda hp: build_algorithm(cfg, exp, hp), cfg.clients_per_chunk)
+    return FederationRound(lambda hp: build_algorithm(cfg, exp, hp), cfg.clients_per_chunk,
+                           shared=planned_shared(group))
+
+
+def planned_shared(group: Group) -> Trainable | None:
+    """The frozen leaves the group's federations should hold once: all of them when the cells
+    share a seed; otherwise, for a pretrained model, those loaded rather than drawn from the
+    seed (`drawn_from_seed`: FFA-LoRA's frozen A is). None: nothing to share."""
+    mask = group.exps[0].peft.trainable
+    one_seed = len({c.seed for c in group.cells}) == 1
+    if mask is None or not (one_seed or not group.cells[0].model.startswith(PRESET_PREFIX)):
+        return None
+    loaded = mask_from_predicate(mask, lambda path: not drawn_from_seed(path))
+    shared = jax.tree.map(lambda trains, kept: not trains and (one_seed or kept), mask, loaded)
+    return shared if any(jax.tree.leaves(shared)) else None
+
+
+def _checked(program: FederationRound, group: Group, states: list[fl.ServerState]
+             ) -> FederationRound:
+    """`program`, or one sharing fewer leaves if the loaded values say the plan was wrong."""
+    if program.shared is None:
+        return program
+    actual = common_leaves([s.params for s in states], program.shared)
+    if jax.tree.leaves(actual) == jax.tree.leaves(program.shared):
+        return program
+    say(f"{group.names}: some frozen leaves differ between the cells; compiling again with "
+        "those held per cell")
+    return FederationRound(program.algorithm_fn, program.clients_per_chunk,
+                           shared=actual if any(jax.tree.leaves(actual)) else None)
 
 
 def _cohorts(group: Group, r: int) -> tuple[list[privacy.RoundCohort], list[fl.Cohort]]:
@@ -372,13 +434,16 @@ def _cohorts(group: Group, r: int) -> tuple[list[privacy.RoundCohort], list[fl.C
 
 def _initial_states(group: Group, params: list | None = None) -> list[fl.ServerState]:
     """Each cell's round-0 server state (`params`: the cells' initial params, traced when
-    compiling; default the loaded ones)."""
+    compiling; default the loaded ones). Trainable leaves are copied (the program donates
+    them); frozen ones are the loaded arrays, one copy when the cells share them."""
     states = []
     params = [e.params for e in group.exps] if params is None else params
+    mask = group.exps[0].peft.trainable
     for cfg, exp, p in zip(group.cells, group.exps, params, strict=True):
         algorithm = build_algorithm(cfg, exp)
-        params = jax.tree.map(lambda x: jnp.array(x, copy=True), p)  # donated
-        states.append(fl.init_state(algorithm, params, jax.random.key(cfg.seed)))
+        p = jax.tree.map(lambda x: jnp.array(x, copy=True), p) if mask is None else \
+            jax.tree.map(lambda t, x: jnp.array(x, copy=True) if t else x, mask, p)
+        states.append(fl.init_state(algorithm, p, jax.random.key(cfg.seed)))
     return states
 
 
@@ -427,19 +492,21 @@ def _train_group(group: Group, program: FederationRound, hp, steps: int,
         start = books[0].start
         if any(b.start != start for b in books):  # another process moved a cell meanwhile
             raise RuntimeError("the cells of a vectorized group are at different rounds")
-        states = stack([b.state for b in books])
+        program = _checked(program, group, [b.state for b in books])
+        states, common = split_shared(program.shared, [b.state for b in books])
         setup_s = (time.perf_counter() - t_setup) / len(cells)
         bar = tqdm(range(start, rounds), initial=start, total=rounds, unit="round",
                    desc=f"{len(cells)} federations", disable=not progress, leave=False)
         for r in bar:
             t0 = time.perf_counter()
             drawn, cohorts = _cohorts(group, r)
-            states, outputs = program(states, cohorts, hp, steps)
+            states, outputs = program(states, cohorts, hp, steps, common)
             jax.block_until_ready((states, outputs))  # else the first cell's record waits for
-            shared = (time.perf_counter() - t0) / len(cells)  # the round and is charged it
+            per_cell = (time.perf_counter() - t0) / len(cells)  # the round and is charged it
             for book, rc, state, out in zip(books, drawn, unstack(states, len(cells)), outputs,
                                             strict=True):
-                book.record(r, rc, state, out.metrics, None, time.perf_counter() - shared)
+                book.record(r, rc, join_shared(program.shared, state, common), out.metrics,
+                            None, time.perf_counter() - per_cell)
         bar.close()
         for book in books:
             book.close()  # checkpoints committed before final.json says the run is done

@@ -78,6 +78,16 @@ def test_vectorize_options_from_yaml():
         vectorize_options({"padding": 0.5}, "v")
 
 
+def _same_metrics(vec: Path, alone: Path) -> list[dict]:
+    """Each round's metrics of a vectorized cell equal its run alone (1e-6); its rows."""
+    rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in (vec, alone)]
+    for a, b in zip(*rows, strict=True):
+        for key in ("train_loss", "update_norm", "eval_loss", "eval_accuracy"):
+            assert abs(a[key] - b[key]) <= 1e-6, (alone, key)
+    return rows[0]
+
+
 def _params(run_dir: Path, cfg) -> dict:
     """The final server params of a run, restored from its last checkpoint."""
     from fedjax_lm import federated as fl
@@ -113,12 +123,7 @@ def test_vectorized_sweep_equals_each_cell_alone_and_resumes(tmp_path, capsys):
         run = tmp_path / "vec" / Path(cfg.out).name
         vec = json.loads((run / "final.json").read_text())
         assert vec["rounds"] == alone["rounds"] == 3
-        rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-                for d in (run, Path(cfg.out))]
-        assert [r["round"] for r in rows[0]] == [1, 2, 3]
-        for a, b in zip(*rows, strict=True):
-            for key in ("train_loss", "update_norm", "eval_loss", "eval_accuracy"):
-                assert abs(a[key] - b[key]) <= 1e-6, (cfg.out, key)
+        assert [r["round"] for r in _same_metrics(run, Path(cfg.out))] == [1, 2, 3]
         mine, theirs = _params(run, cfg), _params(Path(cfg.out), cfg)
         # Parameters: float32 rounding of a reordered sum, carried through 3 rounds of Adam,
         # which divides by the gradient's own scale, so where a gradient is (nearly) zero its
@@ -200,11 +205,7 @@ def test_vectorized_lora_cells_equal_each_cell_alone(tmp_path, capsys):
     for cfg in expand(Preset("t", base, grid), {"freeze_layers": 1}, tmp_path / "alone"):
         train(cfg, progress=False)
         run = tmp_path / "vec" / Path(cfg.out).name
-        rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-                for d in (run, Path(cfg.out))]
-        for a, b in zip(*rows, strict=True):
-            for key in ("train_loss", "update_norm", "eval_loss", "eval_accuracy"):
-                assert abs(a[key] - b[key]) <= 1e-6, (cfg.out, key)
+        _same_metrics(run, Path(cfg.out))
         for x, y in zip(jax.tree.leaves(_params(run, cfg)),
                         jax.tree.leaves(_params(Path(cfg.out), cfg)), strict=True):
             d = np.abs(np.asarray(x) - np.asarray(y))  # bounds as in the test above
@@ -228,11 +229,57 @@ def test_partitions_share_a_program_and_equal_each_cell_alone(tmp_path, capsys):
         capsys.readouterr().out
     for cfg in expand(Preset("t", base, grid), {}, tmp_path / "alone"):
         train(cfg, progress=False)
-        rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-                for d in (tmp_path / "vec" / Path(cfg.out).name, Path(cfg.out))]
-        assert len(rows[0]) == len(rows[1]) == 1
-        for key in ("train_loss", "update_norm", "eval_loss", "eval_accuracy"):
-            assert abs(rows[0][0][key] - rows[1][0][key]) <= 1e-6, (cfg.out, key)
+        assert len(_same_metrics(tmp_path / "vec" / Path(cfg.out).name, Path(cfg.out))) == 1
     iid, dirichlet = (json.loads((tmp_path / "vec" / f"partition={p},alpha=0.5,seed=0" /
                                   "metrics.jsonl").read_text()) for p in ("iid", "dirichlet"))
     assert iid["train_loss"] != dirichlet["train_loss"]  # the cells did get different data
+
+
+def _group(model, seeds, mask):
+    cells = [SimpleNamespace(model=model, seed=s) for s in seeds]
+    return vectorized.Group(cells, "", [SimpleNamespace(peft=SimpleNamespace(trainable=mask))])
+
+
+def test_the_frozen_base_is_planned_shared_where_no_seed_draws_it():
+    """Seeds draw a preset's every weight, a pretrained model's head and LoRA adapters; what
+    no cell's seed draws is shared. (FFA-LoRA's frozen `lora_a` is drawn, so stays per cell.)"""
+    mask = {"layers": {"0": {"query": {"kernel": False, "lora_a": False, "lora_b": True}}},
+            "head": {"kernel": True}}
+    frozen = {"layers": {"0": {"query": {"kernel": True, "lora_a": True, "lora_b": False}}},
+              "head": {"kernel": False}}
+    assert vectorized.planned_shared(_group("preset:tiny", [0, 1], mask)) is None
+    assert vectorized.planned_shared(_group("preset:tiny", [3, 3], mask)) == frozen
+    assert vectorized.planned_shared(_group("nreimers/MiniLM", [0, 1], mask)) == {
+        "layers": {"0": {"query": {"kernel": True, "lora_a": False, "lora_b": False}}},
+        "head": {"kernel": False}}
+    assert vectorized.planned_shared(_group("nreimers/MiniLM", [0, 1], None)) is None
+
+
+def test_shared_base_cells_equal_each_cell_alone_and_a_wrong_plan_is_caught(tmp_path, capsys):
+    """LoRA cells of one seed (two lrs): the frozen base enters their program once, and each
+    cell's metrics equal its run alone. A plan that names a leaf the cells do not share is
+    corrected from the values before any round."""
+    base = {**TINY, "rounds": 2, "peft": "lora", "freeze_layers": 1}
+    grid = {"lr": [1e-3, 3e-3]}
+    (group,), _ = vectorized.plan(_cells(grid, tmp_path / "plan", **base),
+                                  VectorizeOptions(enabled=True))
+    shared = vectorized.planned_shared(group)
+    mask = group.exps[0].peft.trainable
+    assert jax.tree.leaves(shared) == [not t for t in jax.tree.leaves(mask)]
+    run_sweep(Preset("t", base, grid), {}, tmp_path / "vec", progress=False,
+              vectorize=VectorizeOptions(enabled=True))
+    assert "2 cell(s) as one program" in capsys.readouterr().out
+    for cfg in expand(Preset("t", base, grid), {}, tmp_path / "alone"):
+        train(cfg, progress=False)
+        assert len(_same_metrics(tmp_path / "vec" / Path(cfg.out).name, Path(cfg.out))) == 2
+    loaded = group.with_weights()
+    one, two = (jax.tree.leaves(e.params) for e in loaded.exps)
+    assert all(x is y for x, y in zip(one, two, strict=True))  # one seed: held once
+    program = vectorized._program(loaded)
+    states = vectorized._initial_states(loaded)
+    flat, treedef = jax.tree.flatten(states[1].params)
+    flat[0] = flat[0] + 1  # the first (frozen) leaf now differs between the cells
+    states[1] = states[1].replace(params=jax.tree.unflatten(treedef, flat))
+    checked = vectorized._checked(program, loaded, states)
+    assert jax.tree.leaves(checked.shared) == [False] + jax.tree.leaves(shared)[1:]
+    assert "some frozen leaves differ between the cells" in capsys.readouterr().out
