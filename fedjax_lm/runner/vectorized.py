@@ -108,14 +108,9 @@ class Group:
 def _one_copy(exps: list[Experiment]) -> list[Experiment]:
     """The cells' params with each leaf that is equal in all of them taken from the first."""
     params = [e.params for e in exps]
-    same = jax.tree.leaves(common_leaves(params, jax.tree.map(lambda _: True, params[0])))
-    first = jax.tree.leaves(params[0])
-    out = []
-    for e in exps:
-        flat, treedef = jax.tree.flatten(e.params)
-        flat = [a if eq else x for a, eq, x in zip(first, same, flat, strict=True)]
-        out.append(dataclasses.replace(e, params=jax.tree.unflatten(treedef, flat)))
-    return out
+    same = common_leaves(params, jax.tree.map(lambda _: True, params[0]))
+    return [dataclasses.replace(e, params=jax.tree.map(
+        lambda eq, first, x: first if eq else x, same, params[0], e.params)) for e in exps]
 
 
 def without_weights(exp: Experiment) -> Experiment:
@@ -401,7 +396,8 @@ def planned_shared(group: Group) -> Trainable | None:
     seed (`drawn_from_seed`: FFA-LoRA's frozen A is). None: nothing to share."""
     mask = group.exps[0].peft.trainable
     one_seed = len({c.seed for c in group.cells}) == 1
-    if mask is None or not (one_seed or not group.cells[0].model.startswith(PRESET_PREFIX)):
+    seeded_base = group.cells[0].model.startswith(PRESET_PREFIX)  # every weight from the seed
+    if mask is None or (seeded_base and not one_seed):
         return None
     loaded = mask_from_predicate(mask, lambda path: not drawn_from_seed(path))
     shared = jax.tree.map(lambda trains, kept: not trains and (one_seed or kept), mask, loaded)
@@ -441,8 +437,8 @@ def _initial_states(group: Group, params: list | None = None) -> list[fl.ServerS
     mask = group.exps[0].peft.trainable
     for cfg, exp, p in zip(group.cells, group.exps, params, strict=True):
         algorithm = build_algorithm(cfg, exp)
-        p = jax.tree.map(lambda x: jnp.array(x, copy=True), p) if mask is None else \
-            jax.tree.map(lambda t, x: jnp.array(x, copy=True) if t else x, mask, p)
+        trains = jax.tree.map(lambda _: True, p) if mask is None else mask
+        p = jax.tree.map(lambda t, x: jnp.array(x, copy=True) if t else x, trains, p)
         states.append(fl.init_state(algorithm, p, jax.random.key(cfg.seed)))
     return states
 
